@@ -1,0 +1,43 @@
+"""Built-in architectures behind a small registry that plugins extend.
+
+Each entry is an :class:`ArchSpec`: a factory taking ``num_classes``, the state-dict key of the
+final layer's weight (its first dimension is the number of classes), and default preprocessing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    factory: Callable[[int], nn.Module]
+    classifier_key: str
+    input_size: tuple[int, int] = (32, 32)
+    channels: int = 3
+    description: str = ""
+    defaults: dict = field(default_factory=dict)
+
+    def build(self, num_classes: int) -> nn.Module:
+        return self.factory(num_classes)
+
+
+ARCHS: Registry[ArchSpec] = Registry("architecture")
+
+
+def register_arch(spec: ArchSpec, *, origin: str = "builtin") -> ArchSpec:
+    """Register an architecture (used by the built-ins and by plugins)."""
+    return ARCHS.register(spec.name, spec, origin=origin)
+
+
+def _load_builtins() -> None:
+    from . import preact_resnet, resnet, small_cnn, vgg  # noqa: F401
+
+
+_load_builtins()

@@ -1,0 +1,59 @@
+"""The one error hierarchy. Only the CLI turns these into output and an exit code."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_GATE_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_RUNTIME = 3
+
+
+class IbauError(Exception):
+    """Base error: a one-line message for the user and an exit code."""
+
+    exit_code = EXIT_RUNTIME
+    category = "runtime"
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = self.message.rstrip(".")
+        if self.hint:
+            text += f"; {self.hint.rstrip('.')}"
+        return " ".join(text.split("\n"))
+
+
+class UsageError(IbauError):
+    """Bad flags or options."""
+
+    exit_code = EXIT_BAD_INPUT
+    category = "usage"
+
+
+class InputError(IbauError):
+    """A bad input file or folder (model, clean data, trigger, config)."""
+
+    exit_code = EXIT_BAD_INPUT
+    category = "input"
+
+
+class ConfigError(InputError):
+    """An invalid configuration key or value."""
+
+    category = "config"
+
+
+class ModelMismatchError(InputError):
+    """The model and the data or preprocessing do not fit each other."""
+
+    category = "model"
+
+
+class RuntimeFailure(IbauError):
+    """Something failed while running (device, numerics, writing output)."""
+
+    exit_code = EXIT_RUNTIME
+    category = "runtime"

@@ -1,0 +1,46 @@
+"""One small generic registry, used for formats, architectures and reporters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A name -> object mapping that remembers where each entry came from."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._origin: dict[str, str] = {}
+
+    def register(self, name: str, item: T, *, origin: str = "builtin") -> T:
+        key = name.lower()
+        if key in self._items:
+            raise ValueError(f"{self.kind} {name!r} is already registered (from {self._origin[key]})")
+        self._items[key] = item
+        self._origin[key] = origin
+        return item
+
+    def decorator(self, name: str, *, origin: str = "builtin") -> Callable[[T], T]:
+        def wrap(item: T) -> T:
+            return self.register(name, item, origin=origin)
+
+        return wrap
+
+    def get(self, name: str) -> T | None:
+        return self._items.get(name.lower())
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def origin(self, name: str) -> str:
+        return self._origin[name.lower()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
