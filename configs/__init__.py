@@ -1,0 +1,1 @@
+"""Configuration presets shipped with ibau (installed as ``ibau_cli.configs``)."""

@@ -1,0 +1,62 @@
+"""Turn an ``--arch`` value into a model: a registry name or ``path/to/file.py:Factory``."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import InputError
+from . import ARCHS, ArchSpec
+
+
+def is_user_code(arch: str) -> bool:
+    return ":" in arch and arch.rsplit(":", 1)[0].endswith(".py")
+
+
+def builtin_spec(arch: str) -> ArchSpec:
+    spec = ARCHS.get(arch)
+    if spec is None:
+        raise InputError(
+            f"unknown architecture {arch!r}",
+            hint=f"use one of {', '.join(ARCHS.names())} or --arch path/to/file.py:ClassOrFactory",
+        )
+    return spec
+
+
+def build_user_model(arch: str, num_classes: int | None) -> nn.Module:
+    """Import the user's file and call the class or factory (with ``num_classes`` if it takes it)."""
+    file_part, _, attr = arch.rpartition(":")
+    path = Path(file_part)
+    if not path.is_file():
+        raise InputError(f"--arch {arch}: file not found: {path}")
+    mod_name = f"ibau_user_arch_{abs(hash(str(path.resolve())))}"
+    try:
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError("not a Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code can raise anything
+        raise InputError(f"--arch {arch}: importing {path} failed ({type(exc).__name__}: {exc})") from exc
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise InputError(f"--arch {arch}: {path} has no class or function named {attr!r}")
+    kwargs = {}
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if num_classes is not None and "num_classes" in params:
+        kwargs["num_classes"] = num_classes
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise InputError(f"--arch {arch}: calling {attr}({', '.join(kwargs)}) failed ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(model, nn.Module):
+        raise InputError(f"--arch {arch}: {attr}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model

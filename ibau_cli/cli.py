@@ -1,0 +1,315 @@
+"""The command line: parse -> library call -> render -> exit code. Nothing else lives here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from . import __version__
+from .errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_RUNTIME, IbauError, UsageError
+
+EXIT_CODES_HELP = f"""
+\b
+Exit codes:
+  {EXIT_OK}  passed: every evaluated gate is within its limit
+  {EXIT_GATE_FAILED}  gate failed: ASR or accuracy drop past the limit
+  {EXIT_BAD_INPUT}  bad usage or bad input (one line says which file and what to do)
+  {EXIT_RUNTIME}  runtime failure (device, numerics, writing the output)
+"""
+
+
+class _RichProgress:
+    """Progress bars on stderr, one task per phase, with a time estimate."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.enabled = enabled
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+            disable=not enabled,
+        )
+        self.task = None
+
+    def __enter__(self) -> _RichProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def start(self, phase: str, total: int) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, completed=self.bar.tasks[self.task].total)
+        self.task = self.bar.add_task(phase, total=total)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.task is not None:
+            self.bar.advance(self.task, steps)
+
+    def finish(self) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, completed=self.bar.tasks[self.task].total)
+        self.task = None
+
+
+def _fail(exc: IbauError, debug: bool) -> None:
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {exc.one_line()}", markup=True)
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    sys.exit(exc.exit_code)
+
+
+def _run(debug: bool, fn) -> Any:
+    """Run ``fn`` mapping every failure to one line and a documented exit code."""
+    try:
+        return fn()
+    except IbauError as exc:
+        _fail(exc, debug)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)
+    except click.exceptions.Exit:
+        raise
+    except Exception as exc:  # anything unexpected is a runtime failure, not a traceback
+        from .errors import RuntimeFailure
+
+        failure = RuntimeFailure(f"unexpected {type(exc).__name__}: {exc}", hint="rerun with --debug for the traceback")
+        failure.__cause__ = exc
+        _fail(failure, debug)
+
+
+def _parse_size(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise UsageError(f"--input-size {text!r}: expected HxW or a single size, e.g. 32x32") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise UsageError(f"--input-size {text!r}: expected HxW")
+    return values
+
+
+def _parse_floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ibau")
+def main() -> None:
+    """Find and remove backdoors in image classifiers with I-BAU, and gate on the result."""
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--clean", "clean_dir", required=True, type=click.Path(path_type=Path), help="Clean images, DIR/<class>/<image>.")
+@click.option("--out", type=click.Path(path_type=Path), help="Repaired model path [default: MODEL.sanitized.EXT].")
+@click.option("--arch", help="Architecture: a built-in name (see `ibau archs`) or file.py:ClassOrFactory.")
+@click.option("--classes", "classes_file", type=click.Path(path_type=Path), help="Class names, one per line, in the model's output order.")
+@click.option("--preset", help="Preprocessing/config preset: cifar10, gtsrb, mnist, imagenet.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--set", "assignments", multiple=True, metavar="SECTION.KEY=VALUE", help="Override any config key, e.g. unlearn.rounds=3.")
+@click.option("--input-size", help="Model input size, HxW.")
+@click.option("--mean", help="Normalisation mean, comma-separated per channel.")
+@click.option("--std", help="Normalisation std, comma-separated per channel.")
+@click.option("--holdout", type=float, help="Fraction of the clean set held out for evaluation [0.2].")
+@click.option("--rounds", type=int, help="I-BAU rounds [5].")
+@click.option("--batch-size", type=int, help="Batch size [64].")
+@click.option("--seed", type=int, help="Seed for the split and the unlearning [0].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--trigger", type=click.Path(path_type=Path), help="Known trigger image (a patch, or a full-size image).")
+@click.option("--trigger-mask", type=click.Path(path_type=Path), help="Grey-scale mask for a full-size trigger.")
+@click.option("--trigger-blend", type=float, help="Blend a full-size trigger at this opacity.")
+@click.option("--trigger-additive", is_flag=True, help="Full-size trigger is an additive offset around mid-grey.")
+@click.option("--trigger-pos", default="br", show_default=True, help="Patch position: br, bl, tr, tl, center or X,Y.")
+@click.option("--target", type=int, help="The trigger's target class index (required with --trigger).")
+@click.option("--max-asr", type=float, help="Gate: highest ASR after repair, fraction [0.2].")
+@click.option("--max-acc-drop", type=float, help="Gate: largest clean-accuracy drop, fraction [0.05].")
+@click.option("--force", is_flag=True, help="Continue even if clean accuracy before repair is near chance.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--json", "json_stdout", is_flag=True, help="Print the JSON report on stdout (and nothing else).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary (errors still go to stderr).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def sanitize(**opts: Any) -> None:
+    """Repair MODEL with I-BAU on the clean images, report before/after figures and gate.
+
+    Every figure is measured on clean images held out from unlearning.
+    """
+    _run(opts["debug"], lambda: _sanitize(opts))
+
+
+def _overrides(opts: dict[str, Any]) -> dict[str, Any]:
+    from .settings_resolve import parse_assignment
+
+    layer: dict[str, Any] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            layer.setdefault(section, {})[key] = value
+
+    for text in opts.get("assignments", ()):
+        section, key, value = parse_assignment(text)
+        put(section, key, value)
+    put("preprocess", "input_size", _parse_size(opts.get("input_size")))
+    mean = _parse_floats(opts.get("mean"), "--mean")
+    std = _parse_floats(opts.get("std"), "--std")
+    put("preprocess", "mean", mean)
+    put("preprocess", "std", std)
+    put("split", "holdout", opts.get("holdout"))
+    put("unlearn", "rounds", opts.get("rounds"))
+    put("unlearn", "batch_size", opts.get("batch_size"))
+    put("gate", "max_asr", opts.get("max_asr"))
+    put("gate", "max_acc_drop", opts.get("max_acc_drop"))
+    if opts.get("seed") is not None:
+        layer["seed"] = opts["seed"]
+    return layer
+
+
+def _sanitize(opts: dict[str, Any]) -> None:
+    from .pipeline import SanitizeRequest, TriggerSpec
+    from .pipeline import sanitize as run_sanitize
+
+    trigger = None
+    if opts["trigger"] is not None:
+        if opts["target"] is None:
+            raise UsageError("--trigger needs --target N (the class the trigger flips to)")
+        trigger = TriggerSpec(
+            image=opts["trigger"],
+            target=opts["target"],
+            mask=opts["trigger_mask"],
+            blend=opts["trigger_blend"],
+            additive=opts["trigger_additive"],
+            position=opts["trigger_pos"],
+        )
+    elif opts["target"] is not None or opts["trigger_mask"] is not None:
+        raise UsageError("--target and --trigger-mask need --trigger IMAGE")
+    if opts["max_asr"] is not None and trigger is None:
+        raise UsageError(
+            "--max-asr needs --trigger: without a known trigger the ASR is not measured",
+            hint="pass --trigger IMAGE --target N",
+        )
+    request = SanitizeRequest(
+        model=opts["model"],
+        clean=opts["clean_dir"],
+        out=opts["out"],
+        arch=opts["arch"],
+        classes_file=opts["classes_file"],
+        preset=opts["preset"],
+        config_file=opts["config_file"],
+        overrides=_overrides(opts),
+        device=opts["device"],
+        trigger=trigger,
+        force=opts["force"],
+    )
+    err = Console(stderr=True)
+    show = not opts["quiet"]
+    with _RichProgress(err, enabled=show and err.is_terminal) as progress:
+        report = run_sanitize(request, progress=progress).to_dict()
+    _emit(report, opts, err)
+
+
+def _emit(report: dict[str, Any], opts: dict[str, Any], err: Console) -> None:
+    from .formats.base import write_atomically
+    from .reporters.console import render_console
+    from .reporters.json_report import render_json
+
+    text = render_json(report)
+    if opts.get("report_path"):
+        path = Path(opts["report_path"])
+        write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    if opts.get("json_stdout"):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        if not opts["quiet"]:
+            render_console(report, err)
+    elif not opts["quiet"]:
+        render_console(report, Console())
+    sys.exit(EXIT_OK if report["verdict"] == "pass" else EXIT_GATE_FAILED)
+
+
+@main.command()
+def archs() -> None:
+    """List the registered architectures."""
+    from .archs import ARCHS
+
+    console = Console()
+    for name in ARCHS.names():
+        spec = ARCHS.get(name)
+        h, w = spec.input_size
+        console.print(f"[bold]{name}[/]  {h}x{w}  {spec.description}  [dim]({ARCHS.origin(name)})[/]")
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.option("--dir", "workdir", type=click.Path(path_type=Path), default=None, help="Where to build the demo [~/.cache/ibau/demo].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_stdout", is_flag=True, help="Print the JSON report on stdout.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--debug", is_flag=True)
+def demo(workdir: Path | None, device: str, json_stdout: bool, report_path: Path | None, debug: bool) -> None:
+    """Build a small backdoored model and clean folder, then sanitize it with the report shown."""
+    _run(debug, lambda: _demo(workdir, device, json_stdout, report_path))
+
+
+def _demo(workdir: Path | None, device: str, json_stdout: bool, report_path: Path | None) -> None:
+    import os
+
+    from .demo import build_demo
+    from .pipeline import SanitizeRequest, TriggerSpec
+    from .pipeline import sanitize as run_sanitize
+
+    root = workdir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ibau" / "demo"
+    err = Console(stderr=True)
+    if not (root / "model.safetensors").exists() or not (root / "clean").exists():
+        with err.status("building the demo: training a small CNN with a BadNets backdoor (about 20 s on a CPU)"):
+            paths = build_demo(root)
+    else:
+        paths = {"model": root / "model.safetensors", "clean": root / "clean", "trigger": root / "trigger.png"}
+    err.print(
+        f"demo model {paths['model']} (BadNets: 3x3 white patch, target 0)\n"
+        f"running: ibau sanitize {paths['model']} --clean {paths['clean']} --trigger {paths['trigger']} --target 0 "
+        f"--out {root / 'fixed.safetensors'}"
+    )
+    request = SanitizeRequest(
+        model=paths["model"],
+        clean=paths["clean"],
+        out=root / "fixed.safetensors",
+        device=device,
+        trigger=TriggerSpec(image=paths["trigger"], target=0),
+    )
+    with _RichProgress(err, enabled=err.is_terminal) as progress:
+        report = run_sanitize(request, progress=progress).to_dict()
+    _emit(report, {"report_path": report_path, "json_stdout": json_stdout, "quiet": False}, err)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,207 @@
+"""Typed settings, TOML presets and layering. Unknown keys and wrong types are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .errors import ConfigError
+from .preprocess import Preprocess
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """I-BAU hyper-parameters. See docs/algorithm.md for each choice and its measurement."""
+
+    rounds: int = 5
+    batch_size: int = 64
+    min_steps_per_round: int = 10
+    inner_steps: int = 10
+    radius: float | None = None  # L2 bound on delta in pixel space; None: 10 * sqrt(d / 3072)
+    inner_penalty: float = 0.001
+    perturb_fraction: float = 0.02
+    hypergrad: bool = True
+    neumann_terms: int = 5
+    fixed_point_lr: float = 0.1
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    amp: str = "auto"
+
+    def resolved_radius(self, shape: tuple[int, ...]) -> float:
+        if self.radius is not None:
+            return float(self.radius)
+        return 10.0 * math.sqrt(math.prod(shape) / 3072.0)
+
+    def check(self) -> list[str]:
+        p = []
+        for name in ("rounds", "batch_size", "neumann_terms"):
+            if getattr(self, name) < 1:
+                p.append(f"unlearn.{name} must be >= 1")
+        for name in ("inner_steps", "min_steps_per_round"):
+            if getattr(self, name) < 0:
+                p.append(f"unlearn.{name} must be >= 0")
+        if not 0 < self.perturb_fraction <= 1:
+            p.append("unlearn.perturb_fraction must be in (0, 1]")
+        if self.radius is not None and self.radius <= 0:
+            p.append("unlearn.radius must be > 0")
+        if self.lr <= 0 or self.fixed_point_lr <= 0:
+            p.append("unlearn.lr and unlearn.fixed_point_lr must be > 0")
+        if self.optimizer not in ("adam", "sgd"):
+            p.append(f"unlearn.optimizer must be 'adam' or 'sgd', not {self.optimizer!r}")
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            p.append(f"unlearn.amp must be auto, off, bf16 or fp16, not {self.amp!r}")
+        return p
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    holdout: float = 0.2
+
+    def check(self) -> list[str]:
+        return [] if 0 < self.holdout < 1 else ["split.holdout must be in (0, 1)"]
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_asr: float = 0.2
+    max_acc_drop: float = 0.05
+    min_clean_acc: float | None = None  # None: chance + 25 % of the way to 1
+
+    def check(self) -> list[str]:
+        p = []
+        for name in ("max_asr", "max_acc_drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                p.append(f"gate.{name} must be a fraction in [0, 1]")
+        if self.min_clean_acc is not None and not 0 <= self.min_clean_acc <= 1:
+            p.append("gate.min_clean_acc must be a fraction in [0, 1]")
+        return p
+
+    def resolved_min_clean_acc(self, num_classes: int) -> float:
+        if self.min_clean_acc is not None:
+            return self.min_clean_acc
+        chance = 1.0 / max(num_classes, 1)
+        return chance + 0.25 * (1.0 - chance)
+
+
+@dataclass(frozen=True)
+class Settings:
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "preprocess": self.preprocess.to_dict(),
+            "unlearn": dataclasses.asdict(self.unlearn),
+            "split": dataclasses.asdict(self.split),
+            "gate": dataclasses.asdict(self.gate),
+            "seed": self.seed,
+        }
+
+    def check(self) -> None:
+        problems = self.preprocess.check() + self.unlearn.check() + self.split.check() + self.gate.check()
+        if problems:
+            raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+
+_SECTIONS = {"preprocess": Preprocess, "unlearn": UnlearnConfig, "split": SplitConfig, "gate": GateConfig}
+
+
+def _coerce(section: str, f: dataclasses.Field, value: Any, source: str) -> Any:
+    key = f"{section}.{f.name}"
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    type_text = str(f.type)
+    if value is None:
+        if "None" in type_text:
+            return None
+        raise ConfigError(f"{source}: {key} cannot be empty")
+    if isinstance(default, tuple) or "tuple" in type_text:
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{source}: {key} must be a list of numbers, not {value!r}")
+        if "int" in type_text and "float" not in type_text:
+            if not all(float(v).is_integer() for v in value):
+                raise ConfigError(f"{source}: {key} must be a list of integers, not {value!r}")
+            return tuple(int(v) for v in value)
+        return tuple(float(v) for v in value)
+    if "bool" in type_text:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, not {value!r}")
+        return value
+    if "float" in type_text:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: {key} must be a number, not {value!r}")
+        return float(value)
+    if "int" in type_text:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, not {value!r}")
+        return value
+    if "str" in type_text:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, not {value!r}")
+        return value
+    return value
+
+
+def apply_layer(settings: Settings, layer: dict[str, Any], source: str) -> Settings:
+    """Overlay one layer (a parsed TOML table or flag values) onto ``settings``."""
+    updates: dict[str, Any] = {}
+    for section, values in layer.items():
+        if section == "seed":
+            if isinstance(values, bool) or not isinstance(values, int):
+                raise ConfigError(f"{source}: seed must be an integer, not {values!r}")
+            updates["seed"] = values
+            continue
+        if section not in _SECTIONS:
+            raise ConfigError(
+                f"{source}: unknown configuration section or key {section!r}",
+                hint=f"known: {', '.join(sorted([*_SECTIONS, 'seed']))}",
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        cls = _SECTIONS[section]
+        known = {f.name: f for f in fields(cls)}
+        changes = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(
+                    f"{source}: unknown key {section}.{key}",
+                    hint=f"known keys in [{section}]: {', '.join(sorted(known))}",
+                )
+            changes[key] = _coerce(section, known[key], value, source)
+        updates[section] = replace(getattr(settings, section), **changes)
+    return replace(settings, **updates)
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from exc
+
+
+def preset_names() -> list[str]:
+    root = resources.files("ibau_cli.configs")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    root = resources.files("ibau_cli.configs")
+    entry = root / f"{name}.toml"
+    if not entry.is_file():
+        raise ConfigError(f"unknown preset {name!r}", hint=f"known presets: {', '.join(preset_names())}")
+    return tomllib.loads(entry.read_text(encoding="utf-8"))

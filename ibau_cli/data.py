@@ -1,0 +1,163 @@
+"""Clean data: an ImageFolder-layout folder -> pixel tensors, a class mapping, a seeded split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import InputError
+from .preprocess import Preprocess
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp"}
+
+
+@dataclass(frozen=True)
+class ClassMapping:
+    rule: str  # "integer-folders", "classes-file" or "sorted-folders"
+    folder_to_index: dict[str, int]
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule, "folders": dict(sorted(self.folder_to_index.items(), key=lambda kv: kv[1]))}
+
+
+@dataclass(frozen=True)
+class CleanSet:
+    images: Tensor  # float [N, C, H, W] in [0, 1]
+    labels: Tensor  # int64 [N]
+    mapping: ClassMapping
+    files: list[str]
+
+
+@dataclass(frozen=True)
+class Split:
+    unlearn_idx: Tensor
+    holdout_idx: Tensor
+
+
+def _class_folders(root: Path) -> list[Path]:
+    if not root.exists():
+        raise InputError(f"clean data folder not found: {root}", hint="pass --clean DIR with one sub-folder per class")
+    if not root.is_dir():
+        raise InputError(f"--clean {root} is not a folder", hint="pass a folder laid out as DIR/<class>/<image>")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise InputError(
+            f"clean data folder {root} has no class sub-folders",
+            hint="lay it out as DIR/<class>/<image>.png (ImageFolder layout)",
+        )
+    return folders
+
+
+def map_classes(folders: list[Path], num_classes: int, classes_file: Path | None) -> ClassMapping:
+    names = [f.name for f in folders]
+    if classes_file is not None:
+        try:
+            lines = [ln.strip() for ln in classes_file.read_text(encoding="utf-8").splitlines()]
+        except OSError as exc:
+            raise InputError(f"cannot read --classes file {classes_file} ({exc.strerror})") from exc
+        order = [ln for ln in lines if ln]
+        if len(set(order)) != len(order):
+            raise InputError(f"--classes file {classes_file} lists a class name twice")
+        index = {name: i for i, name in enumerate(order)}
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise InputError(
+                f"class folder(s) {', '.join(unknown[:5])} are not listed in {classes_file}",
+                hint="list every folder name, one per line, in the model's output order",
+            )
+        mapping = ClassMapping("classes-file", {n: index[n] for n in names})
+    elif all(n.isdigit() for n in names):
+        mapping = ClassMapping("integer-folders", {n: int(n) for n in names})
+        if len(set(mapping.folder_to_index.values())) != len(names):
+            raise InputError("two class folders name the same integer index (e.g. '7' and '007')")
+    else:
+        mapping = ClassMapping("sorted-folders", {n: i for i, n in enumerate(names)})
+    too_big = [n for n, i in mapping.folder_to_index.items() if i >= num_classes]
+    if too_big:
+        raise InputError(
+            f"class folder(s) {', '.join(too_big[:5])} map to an index >= the model's {num_classes} classes",
+            hint="check the folder names or pass --classes FILE in the model's output order",
+        )
+    return mapping
+
+
+def _load_image(path: Path, pre: Preprocess) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if pre.channels == 1 else "RGB")
+            h, w = pre.input_size
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputError(
+            f"cannot read image {path} ({type(exc).__name__}: {exc})",
+            hint="remove or replace the file",
+        ) from exc
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def load_clean_folder(
+    root: Path, pre: Preprocess, num_classes: int, *, classes_file: Path | None = None
+) -> CleanSet:
+    """Read every image under ``root/<class>/``; unreadable files are errors, never skipped."""
+    folders = _class_folders(root)
+    mapping = map_classes(folders, num_classes, classes_file)
+    arrays, labels, files = [], [], []
+    ignored = []
+    for folder in folders:
+        for path in sorted(folder.iterdir()):
+            if path.is_dir() or path.name.startswith("."):
+                continue
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                ignored.append(path)
+                continue
+            arrays.append(_load_image(path, pre))
+            labels.append(mapping.folder_to_index[folder.name])
+            files.append(str(path.relative_to(root)))
+    if ignored:
+        raise InputError(
+            f"{len(ignored)} file(s) in {root} are not images ibau reads, e.g. {ignored[0]}",
+            hint=f"remove them; readable suffixes: {', '.join(sorted(IMAGE_SUFFIXES))}",
+        )
+    if not arrays:
+        raise InputError(f"clean data folder {root} holds no images", hint="put images in DIR/<class>/")
+    present = sorted(set(labels))
+    if len(present) < 2:
+        raise InputError(
+            f"clean data folder {root} has images of only one class",
+            hint="unlearning and accuracy checks need images of at least two classes",
+        )
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+    return CleanSet(images=x, labels=torch.tensor(labels, dtype=torch.long), mapping=mapping, files=files)
+
+
+def stratified_split(labels: Tensor, holdout: float, seed: int) -> Split:
+    """Per class, a seeded shuffle; ``round(holdout * n_c)`` images (at least one when the class
+    has two or more) go to the held-out part, the rest to unlearning."""
+    gen = torch.Generator().manual_seed(seed)
+    keep, hold = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        k = int(round(holdout * len(idx)))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        else:
+            k = 0
+        hold.append(idx[:k])
+        keep.append(idx[k:])
+    unlearn_idx = torch.cat(keep).sort().values
+    holdout_idx = torch.cat(hold).sort().values
+    if len(unlearn_idx) == 0 or len(holdout_idx) == 0:
+        raise InputError(
+            f"the clean set ({len(labels)} images) is too small to split into unlearning and held-out parts",
+            hint="provide more images per class",
+        )
+    return Split(unlearn_idx=unlearn_idx, holdout_idx=holdout_idx)

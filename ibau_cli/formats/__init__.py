@@ -1,0 +1,109 @@
+"""Model formats behind a registry: detect by content, load, save atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import InputError, UsageError
+from ..preprocess import Preprocess
+from ..registry import Registry
+from .base import LoadedModel, ModelFormat, SaveRequest, sha256_file, write_atomically
+
+FORMATS: Registry[ModelFormat] = Registry("format")
+
+
+def register_format(fmt: ModelFormat, *, origin: str = "builtin") -> ModelFormat:
+    return FORMATS.register(fmt.name, fmt, origin=origin)
+
+
+def _register_builtins() -> None:
+    from .safetensors_format import SafetensorsFormat
+
+    register_format(SafetensorsFormat())
+
+
+_register_builtins()
+
+
+def _read_head(path: Path, n: int = 64) -> bytes:
+    if not path.exists():
+        raise InputError(f"model file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"model path is a folder, not a file: {path}")
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError as exc:
+        raise InputError(f"cannot read model file {path} ({exc.strerror})") from exc
+
+
+def detect_format(path: Path) -> ModelFormat:
+    """Identify the format by content; a disagreeing extension is an error."""
+    head = _read_head(path)
+    if not head:
+        raise InputError(f"model file is empty: {path}")
+    matches = [FORMATS.get(n) for n in FORMATS.names() if FORMATS.get(n).sniff(head, path)]
+    by_suffix = [FORMATS.get(n) for n in FORMATS.names() if path.suffix.lower() in FORMATS.get(n).suffixes]
+    if not matches:
+        known = ", ".join(FORMATS.names())
+        raise InputError(f"{path}: not a model format ibau reads (formats: {known})")
+    fmt = matches[0]
+    if len(matches) > 1 and by_suffix:
+        fmt = next((m for m in matches if m in by_suffix), fmt)
+    if by_suffix and fmt not in by_suffix:
+        raise InputError(
+            f"{path}: the extension {path.suffix!r} says {by_suffix[0].name} but the content is {fmt.name}",
+            hint="rename the file to match its content",
+        )
+    return fmt
+
+
+def format_for_output(path: Path, fallback: str) -> ModelFormat:
+    """The format to write ``path`` in: from its suffix when it has a known one, else ``fallback``."""
+    for name in FORMATS.names():
+        fmt = FORMATS.get(name)
+        if path.suffix.lower() in fmt.suffixes:
+            return fmt
+    fmt = FORMATS.get(fallback)
+    if fmt is None:
+        raise UsageError(f"cannot write format {fallback!r}")
+    return fmt
+
+
+def load_model(path: Path, *, arch: str | None = None, device: str = "cpu") -> LoadedModel:
+    path = Path(path)
+    return detect_format(path).load(path, arch=arch, device=device)
+
+
+def save_model(
+    module: nn.Module,
+    path: Path,
+    *,
+    fmt: str,
+    arch: str | None,
+    num_classes: int,
+    preprocess: Preprocess,
+    extra_metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``module`` to ``path`` in format ``fmt``, atomically."""
+    writer = FORMATS.get(fmt)
+    if writer is None:
+        raise UsageError(f"unknown output format {fmt!r}")
+    request = SaveRequest(arch=arch, num_classes=num_classes, preprocess=preprocess, extra_metadata=extra_metadata or {})
+    write_atomically(Path(path), lambda tmp: writer.save(module, tmp, request))
+
+
+__all__ = [
+    "FORMATS",
+    "LoadedModel",
+    "ModelFormat",
+    "SaveRequest",
+    "detect_format",
+    "format_for_output",
+    "load_model",
+    "register_format",
+    "save_model",
+    "sha256_file",
+]

@@ -1,0 +1,84 @@
+"""The format interface: sniff a file, load a model from it, save a model to it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import InputError, RuntimeFailure
+from ..preprocess import Preprocess
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what is known about it."""
+
+    module: nn.Module
+    fmt: str
+    num_classes: int
+    arch: str | None = None
+    preprocess: Preprocess | None = None  # from the file's own metadata, when it has some
+    metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    arch: str | None
+    num_classes: int
+    preprocess: Preprocess
+    extra_metadata: dict[str, str] = field(default_factory=dict)
+
+
+class ModelFormat(ABC):
+    """One checkpoint format. Subclasses register themselves in ``FORMATS``."""
+
+    name: str = ""
+    suffixes: tuple[str, ...] = ()
+
+    @abstractmethod
+    def sniff(self, head: bytes, path: Path) -> bool:
+        """True when the first bytes of the file look like this format."""
+
+    @abstractmethod
+    def load(self, path: Path, *, arch: str | None, device: str) -> LoadedModel: ...
+
+    @abstractmethod
+    def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
+        """Write ``module`` to ``path`` (the caller makes it atomic)."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    On any failure the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    if not path.parent.exists():
+        raise InputError(f"output folder does not exist: {path.parent}", hint="create it first")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise RuntimeFailure(f"cannot write {path} ({exc.strerror or exc})") from exc
+        raise

@@ -1,0 +1,1 @@
+"""Reporters turn a report dict into text; only the CLI decides where the text goes."""

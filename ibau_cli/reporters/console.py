@@ -1,0 +1,88 @@
+"""The terminal summary (rich)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+
+def _pct(rate: dict | None) -> str:
+    if rate is None or rate.get("value") is None:
+        return "-"
+    lo, hi = rate["ci95"]
+    return f"{rate['value']:.1%}  [{lo:.1%}, {hi:.1%}]  n={rate['n']}"
+
+
+def render_console(report: dict[str, Any], console: Console) -> None:
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    inp = report["input"]
+    head.add_row("model", f"{inp['path']}  ({inp['format']}, {report['model']['architecture']}, {report['model']['num_classes']} classes)")
+    d = report["data"]
+    head.add_row(
+        "clean data",
+        f"{d['clean_dir']}: {d['n_images']} images -> {d['n_unlearn']} unlearning, {d['n_holdout']} held out "
+        f"(classes: {report['class_mapping']['rule']})",
+    )
+    if report.get("trigger"):
+        head.add_row("trigger", f"{report['trigger']['description']} -> class {report['trigger']['target']}")
+    head.add_row("device", report["device"])
+    if report.get("output"):
+        out = report["output"]
+        ver = report.get("verification") or {}
+        head.add_row(
+            "output",
+            f"{out['path']} ({out['format']}; reloaded, max logit diff {ver.get('max_abs_logit_diff', float('nan')):.1e})",
+        )
+
+    figs = Table(title="held-out figures (95 % Wilson interval)", title_justify="left")
+    figs.add_column("")
+    figs.add_column("clean accuracy")
+    figs.add_column("attack success rate")
+    figs.add_row("before", _pct(report["before"]["accuracy"]), _pct(report["before"]["asr"]))
+    if report.get("after"):
+        figs.add_row("after", _pct(report["after"]["accuracy"]), _pct(report["after"]["asr"]))
+
+    rounds = Table(title="I-BAU rounds", title_justify="left")
+    for col in ("round", "|delta|2", "delta fools", "outer loss", "steps", "held-out acc", "held-out ASR", "time"):
+        rounds.add_column(col, justify="right")
+    for r in report.get("rounds", []):
+        rounds.add_row(
+            str(r["round"]),
+            f"{r['delta_l2']:.2f}",
+            f"{r['delta_fooling_rate']:.0%}",
+            f"{r['outer_loss']:.3f}",
+            str(r["outer_steps"]),
+            "-" if r["holdout_accuracy"] is None else f"{r['holdout_accuracy']:.1%}",
+            "-" if r["holdout_asr"] is None else f"{r['holdout_asr']:.1%}",
+            f"{r['seconds']:.1f}s",
+        )
+
+    timing = "  ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())
+    gates = Table.grid(padding=(0, 2))
+    style = {"pass": "green", "fail": "bold red", "not_evaluated": "yellow"}
+    for g in report["gates"]:
+        value = "-" if g["value"] is None else f"{g['value']:.1%}"
+        gates.add_row(
+            Text(g["status"].replace("_", " ").upper(), style=style[g["status"]]),
+            f"{g['name']}: {value} (limit {g['limit']:.1%}) - {g['detail']}",
+        )
+    verdict = report["verdict"].upper()
+    parts: list[Any] = [head, Text(""), figs]
+    if report.get("rounds"):
+        parts += [Text(""), rounds]
+    parts += [Text(""), Text(f"time: {timing}", style="dim"), Text(""), gates]
+    for w in report.get("warnings", []):
+        parts.append(Text(f"warning: {w}", style="yellow"))
+    console.print(
+        Panel(
+            Group(*parts),
+            title=f"ibau {report['command']}",
+            subtitle=Text(f"verdict: {verdict}", style="bold green" if verdict == "PASS" else "bold red"),
+        )
+    )
