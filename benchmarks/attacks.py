@@ -140,11 +140,22 @@ def trigger_params(attack: str, seed: int = 0) -> dict:
     if attack == "blend":
         return {"type": "blend", "alpha": BLEND_ALPHA, "noise": "uniform randint(0,256)/255", "seed": int(seed)}
     if attack == "sig":
-        return {"type": "additive-sinusoid", "amplitude": SIG_AMPLITUDE, "amplitude_255": 20,
-                "frequency": SIG_FREQUENCY, "direction": "horizontal (varies along width)"}
+        return {
+            "type": "additive-sinusoid",
+            "amplitude": SIG_AMPLITUDE,
+            "amplitude_255": 20,
+            "frequency": SIG_FREQUENCY,
+            "direction": "horizontal (varies along width)",
+        }
     if attack == "wanet":
-        return {"type": "warp", "k": WANET_K, "s": WANET_S, "seed": int(seed), "grid_sample":
-                {"mode": "bilinear", "padding_mode": "border", "align_corners": True}, "noise_mode": False}
+        return {
+            "type": "warp",
+            "k": WANET_K,
+            "s": WANET_S,
+            "seed": int(seed),
+            "grid_sample": {"mode": "bilinear", "padding_mode": "border", "align_corners": True},
+            "noise_mode": False,
+        }
     return {"type": "none"}
 
 
@@ -159,8 +170,9 @@ def _save_png(img: Tensor, path: Path) -> None:
     tmp.replace(path)
 
 
-def trigger_files(attack: str, out_dir: str | Path, seed: int = 0, size: tuple[int, int] = (32, 32),
-                  channels: int = 3) -> dict:
+def trigger_files(
+    attack: str, out_dir: str | Path, seed: int = 0, size: tuple[int, int] = (32, 32), channels: int = 3
+) -> dict:
     """Write the CLI-usable trigger PNG(s) into ``out_dir``; return a description for the manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,17 +180,22 @@ def trigger_files(attack: str, out_dir: str | Path, seed: int = 0, size: tuple[i
     h, w = size
     if attack in ("badnets", "all2all"):
         _save_png(torch.ones(channels, BADNETS_SIZE, BADNETS_SIZE), out / "trigger.png")
-        info.update(file="trigger.png", cli_hint=["--trigger", "trigger.png"],
-                    note="patch pasted at the bottom-right corner")
+        info.update(
+            file="trigger.png", cli_hint=["--trigger", "trigger.png"], note="patch pasted at the bottom-right corner"
+        )
     elif attack == "trojan-square":
         _save_png(_trojan_pattern(channels), out / "trigger.png")
-        info.update(file="trigger.png", cli_hint=["--trigger", "trigger.png"],
-                    note="patch pasted at the bottom-right corner")
+        info.update(
+            file="trigger.png", cli_hint=["--trigger", "trigger.png"], note="patch pasted at the bottom-right corner"
+        )
     elif attack == "blend":
         _save_png(_blend_noise(seed, channels, h, w), out / "trigger.png")
-        info.update(file="trigger.png", trigger_blend=BLEND_ALPHA,
-                    cli_hint=["--trigger", "trigger.png", "--trigger-blend", str(BLEND_ALPHA)],
-                    note="x' = (1 - alpha) * x + alpha * trigger")
+        info.update(
+            file="trigger.png",
+            trigger_blend=BLEND_ALPHA,
+            cli_hint=["--trigger", "trigger.png", "--trigger-blend", str(BLEND_ALPHA)],
+            note="x' = (1 - alpha) * x + alpha * trigger",
+        )
     else:
         info.update(file=None, note="no file-based trigger is available for this attack")
     return info

@@ -209,18 +209,24 @@ def cmd_train(args) -> int:
     n_train = len(y_tr)
     poison_idx = np.zeros(0, dtype=np.int64)
     if args.attack != "clean" and args.poison_ratio > 0:
-        candidates = np.flatnonzero(y_tr != args.target) if attacks.is_single_target(args.attack) else np.arange(n_train)
+        candidates = (
+            np.flatnonzero(y_tr != args.target) if attacks.is_single_target(args.attack) else np.arange(n_train)
+        )
         n_poison = min(int(round(args.poison_ratio * n_train)), len(candidates))
         poison_idx = np.sort(np.random.default_rng([args.seed, 1]).choice(candidates, n_poison, replace=False))
         x_tr = x_tr.copy()
         x_tr[poison_idx] = triggered_uint8(args.attack, x_tr[poison_idx], args.trigger_seed)
         y_tr = y_tr.copy()
         y_tr[poison_idx] = attacks.target_labels(
-            args.attack, torch.from_numpy(y_tr[poison_idx]), args.target, num_classes).numpy()
-    log(f"{args.dataset}: {n_train} train images ({len(poison_idx)} poisoned with {args.attack}), "
-        f"{len(y_te)} test images, {num_classes} classes")
-    trigger_info = attacks.trigger_files(args.attack, run_dir, seed=args.trigger_seed, size=(h, w),
-                                         channels=x_tr.shape[3])
+            args.attack, torch.from_numpy(y_tr[poison_idx]), args.target, num_classes
+        ).numpy()
+    log(
+        f"{args.dataset}: {n_train} train images ({len(poison_idx)} poisoned with {args.attack}), "
+        f"{len(y_te)} test images, {num_classes} classes"
+    )
+    trigger_info = attacks.trigger_files(
+        args.attack, run_dir, seed=args.trigger_seed, size=(h, w), channels=x_tr.shape[3]
+    )
 
     # --- model / optimiser / schedule ---
     torch.manual_seed(args.seed)
@@ -243,8 +249,10 @@ def cmd_train(args) -> int:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ck.get("config") != config:
             diff = {k: (ck.get("config", {}).get(k), v) for k, v in config.items() if ck.get("config", {}).get(k) != v}
-            sys.exit(f"error: {ckpt_path} was made with different settings {diff} (old, new); "
-                     f"use another --name or delete the folder")
+            sys.exit(
+                f"error: {ckpt_path} was made with different settings {diff} (old, new); "
+                f"use another --name or delete the folder"
+            )
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -253,8 +261,13 @@ def cmd_train(args) -> int:
         start_epoch, history = ck["epoch"], ck["history"]
         train_seconds, runs = ck["train_seconds"], ck["runs"]
         log(f"resumed from {ckpt_path} at epoch {start_epoch}/{args.epochs}")
-    runs.append({"argv": sys.argv, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "start_epoch": start_epoch})
+    runs.append(
+        {
+            "argv": sys.argv,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "start_epoch": start_epoch,
+        }
+    )
 
     x_tr_t = torch.from_numpy(x_tr)  # uint8 NHWC, shared memory with numpy
     y_tr_t = torch.from_numpy(y_tr)
@@ -277,20 +290,41 @@ def cmd_train(args) -> int:
             tot_correct += (out.argmax(1) == yb).sum().item()
             seen += len(yb)
             if args.log_every and (step + 1) % args.log_every == 0:
-                log(f"  epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {tot_loss / seen:.4f} "
-                    f"acc {tot_correct / seen:.4f} ({time.time() - t0:.0f}s)")
+                log(
+                    f"  epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {tot_loss / seen:.4f} "
+                    f"acc {tot_correct / seen:.4f} ({time.time() - t0:.0f}s)"
+                )
         dt = time.time() - t0
         train_seconds += dt
-        history.append({"epoch": epoch + 1, "loss": tot_loss / seen, "train_acc": tot_correct / seen,
-                        "lr_end": sched.get_last_lr()[0], "seconds": round(dt, 1)})
-        atomic_torch_save({
-            "version": CKPT_VERSION, "config": config, "epoch": epoch + 1, "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "gen_state": gen.get_state(),
-            "torch_rng_state": torch.get_rng_state(), "history": history, "train_seconds": train_seconds,
-            "runs": runs,
-        }, ckpt_path)
-        log(f"epoch {epoch + 1}/{args.epochs} loss {tot_loss / seen:.4f} train acc {tot_correct / seen:.4f} "
-            f"{dt:.1f}s; checkpoint saved")
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": tot_loss / seen,
+                "train_acc": tot_correct / seen,
+                "lr_end": sched.get_last_lr()[0],
+                "seconds": round(dt, 1),
+            }
+        )
+        atomic_torch_save(
+            {
+                "version": CKPT_VERSION,
+                "config": config,
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "gen_state": gen.get_state(),
+                "torch_rng_state": torch.get_rng_state(),
+                "history": history,
+                "train_seconds": train_seconds,
+                "runs": runs,
+            },
+            ckpt_path,
+        )
+        log(
+            f"epoch {epoch + 1}/{args.epochs} loss {tot_loss / seen:.4f} train acc {tot_correct / seen:.4f} "
+            f"{dt:.1f}s; checkpoint saved"
+        )
 
     # --- evaluation on the test split ---
     log("evaluating")
@@ -344,23 +378,35 @@ def cmd_train(args) -> int:
         "train_subset": args.train_subset,
         "n_train": n_train,
         "training": {
-            "optimizer": "SGD", "lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay,
+            "optimizer": "SGD",
+            "lr": args.lr,
+            "momentum": 0.9,
+            "weight_decay": args.weight_decay,
             "schedule": f"per step: linear warm-up over {warmup} steps times cosine from lr to 0 over "
-                        f"{total_steps} steps", "warmup_steps": warmup, "batch_size": args.batch_size,
+            f"{total_steps} steps",
+            "warmup_steps": warmup,
+            "batch_size": args.batch_size,
             "augmentation": "random crop 32 with 4-px zero padding" + (" + horizontal flip" if ds["flip"] else ""),
-            "threads": args.threads, "history": history,
+            "threads": args.threads,
+            "history": history,
         },
         "preprocess": preprocess,
         "metrics": {
-            "clean_acc": clean_acc, "n_clean": int(len(y_te)),
-            "asr": asr, "n_asr": int(n_asr),
-            "asr_definition": (None if asr is None else
-                               "fraction of triggered test images predicted as (label+1)%num_classes"
-                               if args.attack == "all2all" else
-                               "fraction of triggered test images with true label != target predicted as target"),
+            "clean_acc": clean_acc,
+            "n_clean": int(len(y_te)),
+            "asr": asr,
+            "n_asr": int(n_asr),
+            "asr_definition": (
+                None
+                if asr is None
+                else "fraction of triggered test images predicted as (label+1)%num_classes"
+                if args.attack == "all2all"
+                else "fraction of triggered test images with true label != target predicted as target"
+            ),
         },
         "files": {
-            "model": "model.safetensors", "model_sha256": sha256_file(model_path),
+            "model": "model.safetensors",
+            "model_sha256": sha256_file(model_path),
             "trigger": trigger_info.get("file"),
         },
         "safetensors_metadata": metadata,
@@ -377,11 +423,17 @@ def cmd_train(args) -> int:
             "poison_rng": "np.random.default_rng([seed, 1]).choice(candidates, n_poison, replace=False)",
         },
         "env": {
-            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "host": socket.gethostname(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "host": socket.gethostname(),
         },
-        "wall_seconds": {"train": round(train_seconds, 1), "eval": round(eval_seconds, 1),
-                         "this_run": round(time.time() - t_start, 1)},
+        "wall_seconds": {
+            "train": round(train_seconds, 1),
+            "eval": round(eval_seconds, 1),
+            "this_run": round(time.time() - t_start, 1),
+        },
     }
     atomic_write_text(json.dumps(manifest, indent=2) + "\n", run_dir / "manifest.json")
     log(f"wrote {model_path} and {run_dir / 'manifest.json'}")
@@ -406,16 +458,19 @@ def cmd_export_clean(args) -> int:
         Image.fromarray(img).save(d / f"{pos}.png")
         counts[y[i]] += 1
     missing = [c for c in range(len(classes)) if counts[c] == 0]
-    print(f"wrote {args.n} {args.dataset} {args.split} images (permutation seed {args.seed}, positions "
-          f"{args.offset}..{args.offset + args.n - 1}) to {out}")
+    print(
+        f"wrote {args.n} {args.dataset} {args.split} images (permutation seed {args.seed}, positions "
+        f"{args.offset}..{args.offset + args.n - 1}) to {out}"
+    )
     if missing:
         print(f"warning: no images of classes {missing}; folder-based class indices may shift", file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="zoo.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="zoo.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train (or resume) one model")

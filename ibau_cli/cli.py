@@ -132,13 +132,26 @@ def main() -> None:
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--clean", "clean_dir", required=True, type=click.Path(path_type=Path), help="Clean images, DIR/<class>/<image>.")
+@click.option(
+    "--clean", "clean_dir", required=True, type=click.Path(path_type=Path), help="Clean images, DIR/<class>/<image>."
+)
 @click.option("--out", type=click.Path(path_type=Path), help="Repaired model path [default: MODEL.sanitized.EXT].")
 @click.option("--arch", help="Architecture: a built-in name (see `ibau archs`) or file.py:ClassOrFactory.")
-@click.option("--classes", "classes_file", type=click.Path(path_type=Path), help="Class names, one per line, in the model's output order.")
+@click.option(
+    "--classes",
+    "classes_file",
+    type=click.Path(path_type=Path),
+    help="Class names, one per line, in the model's output order.",
+)
 @click.option("--preset", help="Preprocessing/config preset: cifar10, gtsrb, mnist, imagenet.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
-@click.option("--set", "assignments", multiple=True, metavar="SECTION.KEY=VALUE", help="Override any config key, e.g. unlearn.rounds=3.")
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override any config key, e.g. unlearn.rounds=3.",
+)
 @click.option("--input-size", help="Model input size, HxW.")
 @click.option("--mean", help="Normalisation mean, comma-separated per channel.")
 @click.option("--std", help="Normalisation std, comma-separated per channel.")
@@ -270,7 +283,13 @@ def archs() -> None:
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.option("--dir", "workdir", type=click.Path(path_type=Path), default=None, help="Where to build the demo [~/.cache/ibau/demo].")
+@click.option(
+    "--dir",
+    "workdir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to build the demo [~/.cache/ibau/demo].",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_stdout", is_flag=True, help="Print the JSON report on stdout.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")

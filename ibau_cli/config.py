@@ -27,10 +27,11 @@ class UnlearnConfig:
     inner_penalty: float = 0.001
     perturb_fraction: float = 0.02
     hypergrad: bool = True
+    clean_loss: str = "teacher"  # "labels": cross-entropy; "teacher": KL to the input model's outputs
     neumann_terms: int = 5
     fixed_point_lr: float = 0.1
-    optimizer: str = "adam"
-    lr: float = 1e-3
+    optimizer: str = "sgd"
+    lr: float = 0.01
     amp: str = "auto"
 
     def resolved_radius(self, shape: tuple[int, ...]) -> float:
@@ -52,6 +53,8 @@ class UnlearnConfig:
             p.append("unlearn.radius must be > 0")
         if self.lr <= 0 or self.fixed_point_lr <= 0:
             p.append("unlearn.lr and unlearn.fixed_point_lr must be > 0")
+        if self.clean_loss not in ("labels", "teacher"):
+            p.append(f"unlearn.clean_loss must be 'labels' or 'teacher', not {self.clean_loss!r}")
         if self.optimizer not in ("adam", "sgd"):
             p.append(f"unlearn.optimizer must be 'adam' or 'sgd', not {self.optimizer!r}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):

@@ -103,9 +103,7 @@ def _load_image(path: Path, pre: Preprocess) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def load_clean_folder(
-    root: Path, pre: Preprocess, num_classes: int, *, classes_file: Path | None = None
-) -> CleanSet:
+def load_clean_folder(root: Path, pre: Preprocess, num_classes: int, *, classes_file: Path | None = None) -> CleanSet:
     """Read every image under ``root/<class>/``; unreadable files are errors, never skipped."""
     folders = _class_folders(root)
     mapping = map_classes(folders, num_classes, classes_file)

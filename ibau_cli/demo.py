@@ -38,7 +38,7 @@ def synthetic_images(n: int, seed: int, *, num_classes: int = NUM_CLASSES) -> tu
     distract = torch.randint(0, num_classes, (n,), generator=gen)
     x = 0.75 * protos[labels] + 0.25 * protos[distract]
     shifts = torch.randint(-4, 5, (n, 2), generator=gen)
-    x = torch.stack([torch.roll(img, (int(s[0]), int(s[1])), dims=(1, 2)) for img, s in zip(x, shifts)])
+    x = torch.stack([torch.roll(img, (int(s[0]), int(s[1])), dims=(1, 2)) for img, s in zip(x, shifts, strict=True)])
     x = x * (0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=gen))
     x = x + 0.06 * torch.randn(x.shape, generator=gen)
     return x.clamp(0, 1), labels
@@ -109,7 +109,7 @@ def write_image_folder(x: Tensor, y: Tensor, root: Path) -> None:
     """Write images as PNG in the ImageFolder layout ``root/<label>/<i>.png``."""
     from PIL import Image
 
-    for i, (img, label) in enumerate(zip(x, y)):
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
         d = root / str(int(label))
         d.mkdir(parents=True, exist_ok=True)
         arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -26,9 +26,7 @@ def resolve_device(spec: str) -> torch.device:
         index = spec.partition(":")[2]
         if index:
             if not index.isdigit() or int(index) >= torch.cuda.device_count():
-                raise UsageError(
-                    f"--device {spec}: no such GPU (this machine has {torch.cuda.device_count()})"
-                )
+                raise UsageError(f"--device {spec}: no such GPU (this machine has {torch.cuda.device_count()})")
         return torch.device(spec)
     raise UsageError(f"--device {spec!r} is not one of auto, cpu, cuda, cuda:N")
 

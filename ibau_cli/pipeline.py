@@ -155,7 +155,9 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             "does not match the model"
         )
         if not request.force:
-            raise ModelMismatchError(msg, hint="check --classes, --preset/--config (mean, std, input size) or pass --force")
+            raise ModelMismatchError(
+                msg, hint="check --classes, --preset/--config (mean, std, input size) or pass --force"
+            )
         warnings.append(msg + " (continuing because of --force)")
 
     def on_round(r: int, m: torch.nn.Module) -> dict:

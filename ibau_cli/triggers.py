@@ -55,7 +55,13 @@ def _place(size: tuple[int, int], patch_hw: tuple[int, int], position: str) -> t
             raise UsageError(f"--trigger-pos {position!r}: expected X,Y or one of {', '.join(POSITIONS)}") from None
         top, left = y, x
     else:
-        table = {"br": (H - h, W - w), "bl": (H - h, 0), "tr": (0, W - w), "tl": (0, 0), "center": ((H - h) // 2, (W - w) // 2)}
+        table = {
+            "br": (H - h, W - w),
+            "bl": (H - h, 0),
+            "tr": (0, W - w),
+            "tl": (0, 0),
+            "center": ((H - h) // 2, (W - w) // 2),
+        }
         if position not in table:
             raise UsageError(f"--trigger-pos {position!r}: expected X,Y or one of {', '.join(POSITIONS)}")
         top, left = table[position]
@@ -97,7 +103,7 @@ def load_trigger(
         pattern[:] = pat
         if additive:
             desc = f"additive image {path.name}"
-            pattern = (pattern - 128.0 / 255.0)
+            pattern = pattern - 128.0 / 255.0
         elif blend is not None:
             if not 0 < blend <= 1:
                 raise UsageError(f"--trigger-blend {blend}: must be in (0, 1]")
@@ -119,7 +125,9 @@ def load_trigger(
             )
     elif h <= H and w <= W:
         if blend is not None or additive or mask_path is not None:
-            raise UsageError(f"trigger {path} is a {w}x{h} patch; mask, blend and additive options need a full {W}x{H} image")
+            raise UsageError(
+                f"trigger {path} is a {w}x{h} patch; mask, blend and additive options need a full {W}x{H} image"
+            )
         top, left = _place((H, W), (h, w), position)
         pattern[top : top + h, left : left + w] = pat
         mask[top : top + h, left : left + w] = alpha if has_alpha else 1.0

@@ -56,7 +56,9 @@ def build_user_model(arch: str, num_classes: int | None) -> nn.Module:
     try:
         model = factory(**kwargs)
     except Exception as exc:
-        raise InputError(f"--arch {arch}: calling {attr}({', '.join(kwargs)}) failed ({type(exc).__name__}: {exc})") from exc
+        raise InputError(
+            f"--arch {arch}: calling {attr}({', '.join(kwargs)}) failed ({type(exc).__name__}: {exc})"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise InputError(f"--arch {arch}: {attr}() returned {type(model).__name__}, not a torch.nn.Module")
     return model

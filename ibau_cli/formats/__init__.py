@@ -91,7 +91,9 @@ def save_model(
     writer = FORMATS.get(fmt)
     if writer is None:
         raise UsageError(f"unknown output format {fmt!r}")
-    request = SaveRequest(arch=arch, num_classes=num_classes, preprocess=preprocess, extra_metadata=extra_metadata or {})
+    request = SaveRequest(
+        arch=arch, num_classes=num_classes, preprocess=preprocess, extra_metadata=extra_metadata or {}
+    )
     write_atomically(Path(path), lambda tmp: writer.save(module, tmp, request))
 
 

@@ -22,7 +22,10 @@ def render_console(report: dict[str, Any], console: Console) -> None:
     head.add_column(style="bold")
     head.add_column()
     inp = report["input"]
-    head.add_row("model", f"{inp['path']}  ({inp['format']}, {report['model']['architecture']}, {report['model']['num_classes']} classes)")
+    head.add_row(
+        "model",
+        f"{inp['path']}  ({inp['format']}, {report['model']['architecture']}, {report['model']['num_classes']} classes)",
+    )
     d = report["data"]
     head.add_row(
         "clean data",

@@ -62,8 +62,6 @@ def fixed_point_hypergradient(
         term = next_term
         v = v + term
         used += 1
-    grads = torch.autograd.grad(
-        inner_grad, params, grad_outputs=v, retain_graph=False, allow_unused=True
-    )
+    grads = torch.autograd.grad(inner_grad, params, grad_outputs=v, retain_graph=False, allow_unused=True)
     implicit = [None if g is None else -eta * g for g in grads]
     return implicit, HypergradInfo(terms_used=used, stopped_diverging=diverging, v_norm=float(v.norm()))

@@ -119,6 +119,12 @@ def unlearn(
     alpha = 2.5 * radius / max(config.inner_steps, 1)
     steps_per_round = max(math.ceil(n / bs), config.min_steps_per_round)
     batch_stream = _batches(n, bs, gen)
+    teacher = None
+    if config.clean_loss == "teacher":
+        with torch.no_grad():
+            teacher = torch.cat(
+                [model(x_all[s : s + bs].to(dev)).float().log_softmax(1).cpu() for s in range(0, n, bs)]
+            )
 
     rounds: list[RoundLog] = []
     t_start = time.perf_counter()
@@ -158,12 +164,19 @@ def unlearn(
             m = max(1, round(config.perturb_fraction * len(idx)))
             d = delta.clone().requires_grad_(config.hypergrad)
             logits_adv = model((xb[:m] + d).clamp(0, 1))
-            logits = logits_adv if m == len(idx) else torch.cat([logits_adv, model(xb[m:])])
-            loss_out = F.cross_entropy(logits, yb)
+            if m == len(idx):
+                loss_out = F.cross_entropy(logits_adv, yb)
+            else:
+                logits_clean = model(xb[m:])
+                if teacher is None:
+                    loss_out = F.cross_entropy(torch.cat([logits_adv, logits_clean]), yb)
+                else:
+                    kl = F.kl_div(
+                        logits_clean.log_softmax(1), teacher[idx[m:]].to(dev), log_target=True, reduction="sum"
+                    )
+                    loss_out = (F.cross_entropy(logits_adv, yb[:m], reduction="sum") + kl) / len(idx)
             if config.hypergrad:
-                *direct, g_delta = torch.autograd.grad(
-                    loss_out, params + [d], retain_graph=True, allow_unused=True
-                )
+                *direct, g_delta = torch.autograd.grad(loss_out, params + [d], retain_graph=True, allow_unused=True)
                 loss_in = -F.cross_entropy(logits_adv, yb[:m]) + config.inner_penalty * d.pow(2).sum()
                 (inner_grad,) = torch.autograd.grad(loss_in, d, create_graph=True)
                 implicit, info = fixed_point_hypergradient(

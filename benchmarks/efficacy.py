@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Efficacy and cost of `ibau sanitize` on a zoo model, with two baselines, measured in one run.
+
+For each clean-set size and seed: a clean folder is drawn from the first half of a fixed
+permutation of the test split and written as PNGs; the real pipeline (`ibau_cli.sanitize`) runs on
+it (its own 20 % hold-out included); the written model is then reloaded and evaluated
+independently on the other half of the test split (clean accuracy, and ASR on triggered images
+whose label is not the target). Baselines run the same loop with the same optimiser and steps:
+  no-implicit  the implicit hypergradient switched off (delta treated as a constant)
+  finetune     delta forced to zero: plain fine-tuning on the clean set
+Cost: unlearning time per round divided by one plain fine-tuning epoch over the same clean images,
+timed in the same process. Results are appended to a JSON-lines file, so a killed run resumes.
+
+    PYTHONPATH=. python benchmarks/efficacy.py --model-dir ~/.cache/ibau-zoo/cifar10-smallvgg-badnets \
+        --n-clean 5000 100 --seeds 0 1 2 --methods ibau no-implicit finetune
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import attacks  # noqa: E402
+import zoo  # noqa: E402
+
+from ibau_cli.formats import load_model  # noqa: E402
+from ibau_cli.pipeline import SanitizeRequest, sanitize  # noqa: E402
+from ibau_cli.preprocess import Normalized  # noqa: E402
+
+METHODS = {
+    "ibau": {},
+    "no-implicit": {"unlearn": {"hypergrad": False}},
+    "finetune": {"unlearn": {"hypergrad": False, "radius": 1e-9}},
+}
+
+
+def write_folder(x: np.ndarray, y: np.ndarray, root: Path) -> None:
+    from PIL import Image
+
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
+        d = root / f"{int(label):02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i:05d}.png")
+
+
+@torch.no_grad()
+def figures(model, x_eval: np.ndarray, y_eval: np.ndarray, x_trig: np.ndarray, target_of: np.ndarray, keep: np.ndarray):
+    pred = np.concatenate(
+        [model(zoo.to_float(x_eval[i : i + 500])).argmax(1).numpy() for i in range(0, len(x_eval), 500)]
+    )
+    trig = x_trig[keep]
+    pred_t = np.concatenate(
+        [model(zoo.to_float(trig[i : i + 500])).argmax(1).numpy() for i in range(0, len(trig), 500)]
+    )
+    return float((pred == y_eval).mean()), float((pred_t == target_of[keep]).mean()), int(keep.sum())
+
+
+def plain_epoch_seconds(model, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    """One epoch of plain fine-tuning (forward + backward + Adam step) over the same images."""
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)
+    model.eval()
+    t = time.perf_counter()
+    for s in range(0, len(x), batch):
+        loss = F.cross_entropy(model(x[s : s + batch]), y[s : s + batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--model-dir", required=True, type=Path, help="a zoo run folder (model.safetensors + manifest.json)"
+    )
+    ap.add_argument("--data", default=str(zoo.default_data_dir()))
+    ap.add_argument("--n-clean", type=int, nargs="+", default=[5000, 100])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra config, SECTION.KEY=VALUE")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--results", type=Path, default=None, help="JSON-lines file [benchmarks/results/<model>.jsonl]")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    attack, target, dataset = manifest["attack"], manifest.get("target"), manifest["dataset"]
+    trigger_seed = manifest.get("trigger_seed", 0)
+    results = args.results or REPO / "benchmarks" / "results" / f"{args.model_dir.name}.jsonl"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if results.exists():
+        for line in results.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["method"], r["n_clean"], r["seed"], json.dumps(r["extra_config"], sort_keys=True)))
+
+    extra: dict = {}
+    from ibau_cli.settings_resolve import parse_assignment
+
+    for text in args.sets:
+        section, key, value = parse_assignment(text)
+        extra.setdefault(section, {})[key] = value
+
+    x_te, y_te, _, _ = zoo.load_split(Path(args.data), dataset, "test")
+    perm = np.random.default_rng(1000).permutation(len(y_te))
+    half = len(perm) // 2
+    pool, evaluation = perm[:half], perm[half:]
+    x_eval, y_eval = x_te[evaluation], y_te[evaluation]
+    x_trig = zoo.triggered_uint8(attack, x_eval, trigger_seed)
+    num_classes = manifest.get("num_classes") or int(y_te.max()) + 1
+    target_of = attacks.target_labels(attack, torch.as_tensor(y_eval), target or 0, num_classes).numpy()
+    keep = target_of != y_eval
+
+    model_path = args.model_dir / "model.safetensors"
+    base = load_model(model_path)
+    pre = base.preprocess
+    base_wrapped = Normalized(base.module, pre).eval()
+    acc0, asr0, n_asr = figures(base_wrapped, x_eval, y_eval, x_trig, target_of, keep)
+    print(
+        f"{args.model_dir.name}: before acc {acc0:.4f} asr {asr0:.4f} on {len(y_eval)} / {n_asr} evaluation images",
+        flush=True,
+    )
+
+    for n in args.n_clean:
+        for seed in args.seeds:
+            chosen = np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False)
+            tmp = Path(tempfile.mkdtemp(prefix="ibau-eff-"))
+            try:
+                write_folder(x_te[chosen], y_te[chosen], tmp / "clean")
+                for method in args.methods:
+                    overrides = json.loads(json.dumps(METHODS[method]))
+                    for section, values in extra.items():
+                        overrides.setdefault(section, {}).update(values)
+                    key = (method, n, seed, json.dumps(extra, sort_keys=True))
+                    if key in done:
+                        continue
+                    out = tmp / f"{method}.safetensors"
+                    overrides["seed"] = seed
+                    t = time.perf_counter()
+                    report = sanitize(
+                        SanitizeRequest(
+                            model=model_path, clean=tmp / "clean", out=out, overrides=overrides, device="cpu"
+                        )
+                    ).to_dict()
+                    wall = time.perf_counter() - t
+                    fixed = load_model(out)
+                    wrapped = Normalized(fixed.module, pre).eval()
+                    acc1, asr1, _ = figures(wrapped, x_eval, y_eval, x_trig, target_of, keep)
+                    # cost ratio, timed now in this process on the same unlearning images
+                    fresh = Normalized(load_model(model_path).module, pre)
+                    xs = torch.stack([zoo.to_float(x_te[chosen][i : i + 1])[0] for i in range(len(chosen))])
+                    n_unlearn = report["data"]["n_unlearn"]
+                    epoch_s = plain_epoch_seconds(
+                        fresh,
+                        xs[:n_unlearn],
+                        torch.as_tensor(y_te[chosen][:n_unlearn]),
+                        report["config"]["unlearn"]["batch_size"],
+                    )
+                    rounds = report["config"]["unlearn"]["rounds"]
+                    row = {
+                        "model": args.model_dir.name,
+                        "attack": attack,
+                        "method": method,
+                        "n_clean": n,
+                        "n_unlearn": n_unlearn,
+                        "seed": seed,
+                        "extra_config": extra,
+                        "acc_before": acc0,
+                        "asr_before": asr0,
+                        "acc_after": acc1,
+                        "asr_after": asr1,
+                        "n_eval": len(y_eval),
+                        "n_eval_asr": n_asr,
+                        "holdout_acc_after": report["after"]["accuracy"]["value"],
+                        "unlearn_seconds": report["unlearning"]["seconds"],
+                        "round_over_epoch": report["unlearning"]["seconds"] / rounds / epoch_s,
+                        "plain_epoch_seconds": epoch_s,
+                        "wall_seconds": wall,
+                        "threads": torch.get_num_threads(),
+                        "torch": torch.__version__,
+                    }
+                    with open(results, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    print(
+                        f"{method:12s} n={n:5d} seed={seed}: acc {acc0:.4f}->{acc1:.4f}  asr {asr0:.4f}->{asr1:.4f}  "
+                        f"unlearn {row['unlearn_seconds']:.0f}s  round/epoch {row['round_over_epoch']:.1f}",
+                        flush=True,
+                    )
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""Shared fixtures: a real small CNN with a real BadNets backdoor, trained once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ibau_cli.demo import (
+    NUM_CLASSES,
+    TARGET,
+    add_badnets_trigger,
+    synthetic_images,
+    train_backdoored,
+    write_image_folder,
+    write_trigger,
+)
+from ibau_cli.formats import save_model
+from ibau_cli.preprocess import Preprocess
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("IBAU_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def backdoored(tmp_path_factory) -> dict:
+    """A backdoored small-cnn saved as safetensors (with ibau metadata), a clean folder of 500
+    images, one of 100, the trigger patch, and an independent evaluation set."""
+    root = tmp_path_factory.mktemp("backdoored")
+    trained = train_backdoored(seed=0)
+    assert trained.clean_acc > 0.9 and trained.asr > 0.9, (trained.clean_acc, trained.asr)
+    model_path = root / "model.safetensors"
+    save_model(
+        trained.model, model_path, fmt="safetensors", arch="small-cnn", num_classes=NUM_CLASSES, preprocess=Preprocess()
+    )
+    x, y = synthetic_images(500, seed=4242)
+    write_image_folder(x, y, root / "clean500")
+    x100, y100 = synthetic_images(100, seed=4343)
+    write_image_folder(x100, y100, root / "clean100")
+    write_trigger(root / "trigger.png")
+    x_eval, y_eval = synthetic_images(1000, seed=9999)  # never seen by ibau
+    return {
+        "root": root,
+        "model": model_path,
+        "module": trained.model,
+        "clean500": root / "clean500",
+        "clean100": root / "clean100",
+        "trigger": root / "trigger.png",
+        "x_eval": x_eval,
+        "y_eval": y_eval,
+    }
+
+
+def independent_figures(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Clean accuracy and BadNets ASR (non-target images), computed without ibau's evaluator."""
+    module.eval()
+    with torch.no_grad():
+        acc = float((module(x).argmax(1) == y).float().mean())
+        keep = y != TARGET
+        asr = float((module(add_badnets_trigger(x[keep])).argmax(1) == TARGET).float().mean())
+    return acc, asr
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real command line in a subprocess, as a user would."""
+    env = dict(os.environ, COLUMNS="120")
+    return subprocess.run(
+        [sys.executable, "-m", "ibau_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=900,
+    )

@@ -1,0 +1,227 @@
+"""Every bad input ends in one clear line and a documented exit code, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from ibau_cli.cli import main
+
+
+def invoke(*args) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_one_line_error(code: int, err: str, expected_code: int, *needles: str) -> None:
+    assert code == expected_code, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture()
+def bare_weights(backdoored, tmp_path):
+    """The backdoored weights without ibau metadata, as a third party would ship them."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "third_party.safetensors"
+    save_file(load_file(str(backdoored["model"])), str(path))
+    return path
+
+
+def test_missing_architecture(bare_weights, backdoored):
+    code, _, err = invoke("sanitize", bare_weights, "--clean", backdoored["clean100"])
+    assert_one_line_error(code, err, 2, "architecture is unknown", "--arch")
+
+
+def test_unknown_architecture(bare_weights, backdoored):
+    code, _, err = invoke("sanitize", bare_weights, "--clean", backdoored["clean100"], "--arch", "nope")
+    assert_one_line_error(code, err, 2, "unknown architecture 'nope'", "small-vgg")
+
+
+def test_mismatched_keys_are_listed(bare_weights, backdoored):
+    code, _, err = invoke("sanitize", bare_weights, "--clean", backdoored["clean100"], "--arch", "small-vgg")
+    assert_one_line_error(code, err, 2, "do not fit the architecture", "missing", "unexpected")
+
+
+def test_misshaped_tensor_is_listed(backdoored, tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(backdoored["model"]))
+    tensors["features.0.weight"] = torch.zeros(8, 3, 3, 3)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata={"ibau.arch": "small-cnn"})
+    code, _, err = invoke("sanitize", path, "--clean", backdoored["clean100"])
+    assert_one_line_error(code, err, 2, "mis-shaped", "features.0.weight")
+
+
+def test_empty_clean_folder(backdoored, tmp_path):
+    (tmp_path / "empty" / "3").mkdir(parents=True)
+    code, _, err = invoke(
+        "sanitize", backdoored["model"], "--clean", tmp_path / "empty", "--out", tmp_path / "o.safetensors"
+    )
+    assert_one_line_error(code, err, 2, "holds no images")
+
+
+def test_no_class_folders(backdoored, tmp_path):
+    (tmp_path / "flat").mkdir()
+    code, _, err = invoke(
+        "sanitize", backdoored["model"], "--clean", tmp_path / "flat", "--out", tmp_path / "o.safetensors"
+    )
+    assert_one_line_error(code, err, 2, "no class sub-folders")
+
+
+def test_one_class_folder(backdoored, tmp_path):
+    shutil.copytree(backdoored["clean100"] / "3", tmp_path / "one" / "3")
+    code, _, err = invoke(
+        "sanitize", backdoored["model"], "--clean", tmp_path / "one", "--out", tmp_path / "o.safetensors"
+    )
+    assert_one_line_error(code, err, 2, "only one class")
+
+
+def test_unreadable_image(backdoored, tmp_path):
+    clean = tmp_path / "clean"
+    shutil.copytree(backdoored["clean100"], clean)
+    (clean / "2" / "broken.png").write_bytes(b"not a png at all")
+    out = tmp_path / "o.safetensors"
+    code, _, err = invoke("sanitize", backdoored["model"], "--clean", clean, "--out", out)
+    assert_one_line_error(code, err, 2, "cannot read image", "broken.png")
+    assert not out.exists()
+
+
+def test_non_image_file_is_not_silently_skipped(backdoored, tmp_path):
+    clean = tmp_path / "clean"
+    shutil.copytree(backdoored["clean100"], clean)
+    (clean / "2" / "notes.txt").write_text("hello")
+    code, _, err = invoke("sanitize", backdoored["model"], "--clean", clean, "--out", tmp_path / "o.safetensors")
+    assert_one_line_error(code, err, 2, "not images", "notes.txt")
+
+
+def test_output_equal_to_input_is_refused(backdoored, tmp_path):
+    model = tmp_path / "m.safetensors"
+    shutil.copy(backdoored["model"], model)
+    before = model.read_bytes()
+    code, _, err = invoke("sanitize", model, "--clean", backdoored["clean100"], "--out", model)
+    assert_one_line_error(code, err, 2, "is the input model")
+    assert model.read_bytes() == before
+
+
+def test_missing_model_file(backdoored, tmp_path):
+    code, _, err = invoke("sanitize", tmp_path / "nope.safetensors", "--clean", backdoored["clean100"])
+    assert_one_line_error(code, err, 2, "model file not found")
+
+
+def test_garbage_model_file(backdoored, tmp_path):
+    bad = tmp_path / "junk.safetensors"
+    bad.write_bytes(b"\x00\x01garbage" * 10)
+    code, _, err = invoke("sanitize", bad, "--clean", backdoored["clean100"])
+    assert_one_line_error(code, err, 2, "not a model format")
+
+
+def test_wrong_preprocessing_is_caught_before_repair(backdoored, tmp_path):
+    out = tmp_path / "o.safetensors"
+    args = [
+        "sanitize",
+        backdoored["model"],
+        "--clean",
+        backdoored["clean100"],
+        "--out",
+        out,
+        "--mean",
+        "0.9,0.9,0.9",
+        "--std",
+        "0.05,0.05,0.05",
+    ]
+    code, _, err = invoke(*args)
+    assert_one_line_error(code, err, 2, "near chance" if False else "does not match the model", "--force")
+    assert not out.exists()
+
+
+def test_unknown_config_key(backdoored, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[unlearn]\nroundz = 3\n")
+    code, _, err = invoke("sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--config", cfg)
+    assert_one_line_error(code, err, 2, "unknown key unlearn.roundz", "rounds")
+
+
+def test_wrong_config_type(backdoored, tmp_path):
+    code, _, err = invoke(
+        "sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--set", "unlearn.rounds=many"
+    )
+    assert_one_line_error(code, err, 2, "unlearn.rounds must be an integer")
+
+
+def test_trigger_without_target(backdoored):
+    code, _, err = invoke(
+        "sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--trigger", backdoored["trigger"]
+    )
+    assert_one_line_error(code, err, 2, "--target")
+
+
+def test_max_asr_without_trigger_is_refused(backdoored):
+    code, _, err = invoke("sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--max-asr", "0.1")
+    assert_one_line_error(code, err, 2, "--max-asr needs --trigger")
+
+
+def test_cuda_requested_without_cuda(backdoored):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = invoke("sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--device", "cuda")
+    assert_one_line_error(code, err, 2, "CUDA is not available")
+
+
+def test_runtime_failure_in_user_model_code_exits_3(backdoored, tmp_path):
+    code_file = tmp_path / "arch.py"
+    code_file.write_text(
+        "import torch\n"
+        "from ibau_cli.archs.small_cnn import SmallCNN\n"
+        "class Flaky(SmallCNN):\n"
+        "    calls = 0\n"
+        "    def forward(self, x):\n"
+        "        Flaky.calls += 1\n"
+        "        if Flaky.calls > 3:\n"
+        "            raise RuntimeError('device lost')\n"
+        "        return super().forward(x)\n"
+    )
+    out = tmp_path / "o.safetensors"
+    code, _, err = invoke(
+        "sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--arch", f"{code_file}:Flaky", "--out", out
+    )
+    assert_one_line_error(code, err, 3, "device lost", "--debug")
+    assert not out.exists()
+
+
+def test_user_model_code_via_arch_flag(backdoored, tmp_path):
+    code_file = tmp_path / "mynet.py"
+    code_file.write_text(
+        "from ibau_cli.archs.small_cnn import SmallCNN\ndef build(num_classes=10):\n    return SmallCNN(num_classes)\n"
+    )
+    out = tmp_path / "o.safetensors"
+    code, stdout, err = invoke(
+        "sanitize",
+        backdoored["model"],
+        "--clean",
+        backdoored["clean100"],
+        "--arch",
+        f"{code_file}:build",
+        "--out",
+        out,
+        "--rounds",
+        "1",
+        "--json",
+        "--quiet",
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["model"]["num_classes"] == 10
+    # Metadata names user code, which is never run on the file's say-so.
+    code, _, err = invoke("sanitize", out, "--clean", backdoored["clean100"], "--out", tmp_path / "o2.safetensors")
+    assert_one_line_error(code, err, 2, "never runs", "--arch")

@@ -1,0 +1,131 @@
+"""End to end through the real command line: a real backdoor, removed, checked independently."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import independent_figures, run_cli
+from safetensors.torch import load_file
+
+from ibau_cli.archs import ARCHS
+
+
+def _load_independently(path):
+    """Load the written file with plain safetensors + the architecture, no ibau loader."""
+    tensors = load_file(str(path))
+    model = ARCHS.get("small-cnn").build(tensors["classifier.weight"].shape[0])
+    model.load_state_dict(tensors)
+    return model.eval()
+
+
+@pytest.mark.parametrize("clean_key", ["clean500", "clean100"])
+def test_sanitize_removes_backdoor(backdoored, tmp_path, clean_key):
+    out = tmp_path / "fixed.safetensors"
+    report_path = tmp_path / "report.json"
+    before_bytes = backdoored["model"].read_bytes()
+    res = run_cli(
+        "sanitize",
+        backdoored["model"],
+        "--clean",
+        backdoored[clean_key],
+        "--out",
+        out,
+        "--trigger",
+        backdoored["trigger"],
+        "--target",
+        "0",
+        "--report",
+        report_path,
+    )
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert backdoored["model"].read_bytes() == before_bytes  # input never modified
+
+    acc0, asr0 = independent_figures(backdoored["module"], backdoored["x_eval"], backdoored["y_eval"])
+    acc1, asr1 = independent_figures(_load_independently(out), backdoored["x_eval"], backdoored["y_eval"])
+    assert asr0 >= 0.9
+    assert asr1 < 0.20, (asr0, asr1)
+    assert acc0 - acc1 < 0.05, (acc0, acc1)
+
+    report = json.loads(report_path.read_text())
+    assert report["schema_version"] == "1.0"
+    assert report["verdict"] == "pass"
+    n = 500 if clean_key == "clean500" else 100
+    assert report["data"]["n_images"] == n
+    assert report["data"]["n_unlearn"] + report["data"]["n_holdout"] == n
+    assert report["data"]["n_holdout"] == round(0.2 * n)
+    assert report["before"]["asr"]["value"] > 0.8
+    assert report["after"]["asr"]["value"] < report["before"]["asr"]["value"]
+    assert report["output"]["sha256"] and report["input"]["sha256"] != report["output"]["sha256"]
+    assert report["verification"]["argmax_agreement"] == 1.0
+    assert len(report["rounds"]) == report["config"]["unlearn"]["rounds"]
+    assert report["class_mapping"]["rule"] == "integer-folders"
+
+
+def test_json_stdout_is_only_json_and_output_reloads_without_flags(backdoored, tmp_path):
+    out = tmp_path / "fixed.safetensors"
+    res = run_cli(
+        "sanitize",
+        backdoored["model"],
+        "--clean",
+        backdoored["clean100"],
+        "--out",
+        out,
+        "--rounds",
+        "1",
+        "--json",
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)  # nothing else on stdout
+    assert report["gates"][1] == {
+        "name": "asr",
+        "status": "not_evaluated",
+        "limit": 0.2,
+        "value": None,
+        "detail": "no trigger supplied",
+    }
+    assert any("not measured" in w for w in report["warnings"])
+    # The written file carries its architecture and preprocessing: no --arch needed to reuse it.
+    res2 = run_cli(
+        "sanitize",
+        out,
+        "--clean",
+        backdoored["clean100"],
+        "--out",
+        tmp_path / "again.safetensors",
+        "--rounds",
+        "1",
+        "--json",
+        "--quiet",
+    )
+    assert res2.returncode == 0, res2.stderr
+    meta = json.loads(res2.stdout)
+    assert meta["model"]["architecture"] == "small-cnn"
+    assert "model metadata" in meta["config_layers"]
+
+
+def test_gate_failure_exits_1(backdoored, tmp_path):
+    # A learning rate too small to change anything leaves the backdoor in place.
+    res = run_cli(
+        "sanitize",
+        backdoored["model"],
+        "--clean",
+        backdoored["clean100"],
+        "--out",
+        tmp_path / "o.safetensors",
+        "--trigger",
+        backdoored["trigger"],
+        "--target",
+        "0",
+        "--rounds",
+        "1",
+        "--set",
+        "unlearn.lr=1e-12",
+        "--report",
+        tmp_path / "r.json",
+    )
+    assert res.returncode == 1, res.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verdict"] == "fail"
+    asr_gate = next(g for g in report["gates"] if g["name"] == "asr")
+    assert asr_gate["status"] == "fail" and asr_gate["value"] > 0.2

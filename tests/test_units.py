@@ -1,0 +1,188 @@
+"""Unit tests for the small parts: metrics, config, data mapping and split, triggers, formats."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ibau_cli.archs import ARCHS
+from ibau_cli.config import Settings, apply_layer, load_preset, preset_names
+from ibau_cli.data import load_clean_folder, map_classes, stratified_split
+from ibau_cli.errors import ConfigError, InputError
+from ibau_cli.formats import detect_format, load_model, save_model
+from ibau_cli.metrics import Rate, wilson_interval
+from ibau_cli.preprocess import Normalized, Preprocess
+from ibau_cli.settings_resolve import resolve_settings
+from ibau_cli.triggers import load_trigger
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(8, 10)
+    assert math.isclose(lo, 0.4901624, abs_tol=1e-6) and math.isclose(hi, 0.9433178, abs_tol=1e-6)
+    assert wilson_interval(0, 0) is None
+    lo, hi = wilson_interval(0, 50)
+    assert lo < 1e-12 and 0.06 < hi < 0.08
+    assert Rate(3, 4).to_dict()["value"] == 0.75
+
+
+@pytest.mark.parametrize("name", ["cifar10", "gtsrb", "mnist", "imagenet"])
+def test_presets_load_and_validate(name):
+    assert name in preset_names()
+    s = apply_layer(Settings(), load_preset(name), name)
+    s.check()
+    assert len(s.preprocess.mean) == s.preprocess.channels
+
+
+def test_config_rejects_unknown_and_mistyped():
+    with pytest.raises(ConfigError, match="unknown key preprocess.scale"):
+        apply_layer(Settings(), {"preprocess": {"scale": 2}}, "x")
+    with pytest.raises(ConfigError, match="unknown configuration section"):
+        apply_layer(Settings(), {"training": {}}, "x")
+    with pytest.raises(ConfigError, match="must be a number"):
+        apply_layer(Settings(), {"unlearn": {"lr": "fast"}}, "x")
+    with pytest.raises(ConfigError, match="must be true or false"):
+        apply_layer(Settings(), {"unlearn": {"hypergrad": 1}}, "x")
+    s = apply_layer(Settings(), {"unlearn": {"lr": 1, "radius": 4}}, "x")
+    assert s.unlearn.lr == 1.0 and isinstance(s.unlearn.lr, float) and s.unlearn.radius == 4.0
+    with pytest.raises(ConfigError, match="perturb_fraction"):
+        apply_layer(Settings(), {"unlearn": {"perturb_fraction": 0}}, "x").check()
+
+
+def test_settings_layering_order(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[preprocess]\nmean = [0.1, 0.2, 0.3]\n[unlearn]\nrounds = 2\n")
+    s, src = resolve_settings(
+        arch="small-vgg", model_preprocess=None, preset="cifar10", config_file=cfg, overrides={"unlearn": {"rounds": 7}}
+    )
+    assert s.preprocess.mean == (0.1, 0.2, 0.3)  # config file beats preset
+    assert s.preprocess.std == (0.2470, 0.2435, 0.2616)  # preset beats defaults
+    assert s.unlearn.rounds == 7  # flags beat config file
+    assert src.layers == ["defaults", "architecture small-vgg", "preset cifar10", f"config {cfg}", "command line"]
+
+
+def test_radius_scales_with_input_size():
+    s = Settings().unlearn
+    assert math.isclose(s.resolved_radius((3, 32, 32)), 10.0)
+    assert math.isclose(s.resolved_radius((3, 224, 224)), 70.0)
+
+
+def _folder(tmp_path, names, per_class=5, size=8):
+    for n in names:
+        d = tmp_path / n
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((size, size, 3), i * 10, np.uint8)).save(d / f"{i}.png")
+    return tmp_path
+
+
+def test_class_mapping_rules(tmp_path):
+    folders = sorted(_folder(tmp_path / "a", ["00007", "00002"]).iterdir())
+    m = map_classes(folders, 43, None)
+    assert m.rule == "integer-folders" and m.folder_to_index == {"00002": 2, "00007": 7}
+    folders = sorted(_folder(tmp_path / "b", ["dog", "cat"]).iterdir())
+    assert map_classes(folders, 10, None).folder_to_index == {"cat": 0, "dog": 1}
+    classes = tmp_path / "classes.txt"
+    classes.write_text("dog\ncat\n")
+    m = map_classes(folders, 10, classes)
+    assert m.rule == "classes-file" and m.folder_to_index == {"dog": 0, "cat": 1}
+    with pytest.raises(InputError, match="index >= the model's 5 classes"):
+        map_classes(sorted(_folder(tmp_path / "c", ["1", "9"]).iterdir()), 5, None)
+
+
+def test_clean_folder_resizes_and_scales(tmp_path):
+    root = _folder(tmp_path / "d", ["0", "1"], per_class=3, size=10)
+    cs = load_clean_folder(root, Preprocess(input_size=(16, 16)), 10)
+    assert cs.images.shape == (6, 3, 16, 16) and cs.images.max() <= 1.0
+    assert cs.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    grey = load_clean_folder(root, Preprocess(input_size=(10, 10), channels=1, mean=(0.0,), std=(1.0,)), 10)
+    assert grey.images.shape == (6, 1, 10, 10)
+
+
+def test_stratified_split_is_seeded_and_stratified():
+    labels = torch.arange(10).repeat_interleave(10)  # 100 samples, 10 per class
+    a = stratified_split(labels, 0.2, seed=3)
+    b = stratified_split(labels, 0.2, seed=3)
+    c = stratified_split(labels, 0.2, seed=4)
+    assert torch.equal(a.holdout_idx, b.holdout_idx) and not torch.equal(a.holdout_idx, c.holdout_idx)
+    assert len(a.holdout_idx) == 20 and len(a.unlearn_idx) == 80
+    assert torch.bincount(labels[a.holdout_idx]).tolist() == [2] * 10
+    assert not set(a.holdout_idx.tolist()) & set(a.unlearn_idx.tolist())
+
+
+def test_trigger_patch_and_blend(tmp_path):
+    pre = Preprocess(input_size=(8, 8))
+    Image.fromarray(np.full((2, 2, 3), 255, np.uint8)).save(tmp_path / "p.png")
+    t = load_trigger(tmp_path / "p.png", target=1, pre=pre, position="tl")
+    x = torch.zeros(1, 3, 8, 8)
+    y = t.apply(x)
+    assert y[0, :, :2, :2].eq(1).all() and y[0, :, 2:, :].eq(0).all() and y[0, :, :, 2:].eq(0).all()
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(tmp_path / "full.png")
+    t = load_trigger(tmp_path / "full.png", target=1, pre=pre, blend=0.25)
+    assert torch.allclose(t.apply(x), torch.full_like(x, 0.25))
+    from ibau_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="how to apply it"):
+        load_trigger(tmp_path / "full.png", target=1, pre=pre)
+
+
+def test_normalized_wrapper_matches_manual_normalisation():
+    base = ARCHS.get("small-cnn").build(10).eval()
+    pre = Preprocess(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    x = torch.rand(4, 3, 32, 32)
+    manual = base((x - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1))
+    torch.testing.assert_close(Normalized(base, pre)(x), manual)
+
+
+@pytest.mark.parametrize("arch", ARCHS.names())
+def test_every_builtin_arch_round_trips_through_safetensors(arch, tmp_path):
+    spec = ARCHS.get(arch)
+    model = spec.build(7).eval()
+    path = tmp_path / f"{arch}.safetensors"
+    save_model(
+        model, path, fmt="safetensors", arch=arch, num_classes=7, preprocess=Preprocess(input_size=spec.input_size)
+    )
+    assert detect_format(path).name == "safetensors"
+    loaded = load_model(path)  # no flags: architecture and classes from the file
+    assert loaded.arch == arch and loaded.num_classes == 7
+    assert loaded.preprocess.input_size == spec.input_size
+    x = torch.rand(2, 3, *spec.input_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), model(x))
+
+
+def test_torchvision_style_names_load(tmp_path):
+    # A state dict with torchvision's ResNet-18 names and shapes (fc for 1000 classes).
+    from safetensors.torch import save_file
+
+    sd = ARCHS.get("resnet18").build(1000).state_dict()
+    assert "layer1.0.conv1.weight" in sd and "layer2.0.downsample.1.running_mean" in sd and "fc.weight" in sd
+    path = tmp_path / "tv.safetensors"
+    save_file({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, str(path))
+    loaded = load_model(path, arch="resnet18")
+    assert loaded.num_classes == 1000
+
+
+def test_extension_content_disagreement(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"PK\x03\x04" + b"\x00" * 60)
+    with pytest.raises(InputError, match="not a model format"):
+        detect_format(path)
+
+
+def test_metadata_preprocess_is_json(tmp_path):
+    from safetensors import safe_open
+
+    model = ARCHS.get("small-cnn").build(3)
+    path = tmp_path / "m.safetensors"
+    save_model(
+        model, path, fmt="safetensors", arch="small-cnn", num_classes=3, preprocess=Preprocess(mean=(0.1, 0.2, 0.3))
+    )
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    assert json.loads(meta["ibau.preprocess"])["mean"] == [0.1, 0.2, 0.3]
+    assert meta["ibau.arch"] == "small-cnn" and meta["ibau.num_classes"] == "3"
