@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,42 @@ def _emit(report: dict[str, Any], opts: dict[str, Any], err: Console) -> None:
     elif not opts["quiet"]:
         render_console(report, Console())
     sys.exit(EXIT_OK if report["verdict"] == "pass" else EXIT_GATE_FAILED)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "json_stdout", is_flag=True, help="Print JSON on stdout.")
+@click.option("--debug", is_flag=True)
+def inspect(model: Path, json_stdout: bool, debug: bool) -> None:
+    """Describe MODEL: format, architecture, parameters, classes, input shape, metadata, sha256."""
+    _run(debug, lambda: _inspect(model, json_stdout))
+
+
+def _inspect(model: Path, json_stdout: bool) -> None:
+    from .inspect_model import inspect_file
+
+    info = inspect_file(model)
+    if json_stdout:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    console = Console()
+    for key in (
+        "path",
+        "format",
+        "architecture",
+        "graph",
+        "num_classes",
+        "input_shape",
+        "parameters",
+        "tensors",
+        "dtypes",
+        "size_bytes",
+        "sha256",
+    ):
+        if key in info:
+            console.print(f"[bold]{key:13s}[/] {info[key]}")
+    for k, v in info["metadata"].items():
+        console.print(f"[bold]metadata[/]      {k} = {v}")
 
 
 @main.command()

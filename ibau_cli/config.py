@@ -31,7 +31,8 @@ class UnlearnConfig:
     neumann_terms: int = 5
     fixed_point_lr: float = 0.1
     optimizer: str = "sgd"
-    lr: float = 0.01
+    lr: float = 0.03
+    max_grad_norm: float | None = 1.0  # clip the total (direct + implicit) gradient norm
     amp: str = "auto"
 
     def resolved_radius(self, shape: tuple[int, ...]) -> float:
@@ -51,6 +52,8 @@ class UnlearnConfig:
             p.append("unlearn.perturb_fraction must be in (0, 1]")
         if self.radius is not None and self.radius <= 0:
             p.append("unlearn.radius must be > 0")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            p.append("unlearn.max_grad_norm must be > 0 (or unset for no clipping)")
         if self.lr <= 0 or self.fixed_point_lr <= 0:
             p.append("unlearn.lr and unlearn.fixed_point_lr must be > 0")
         if self.clean_loss not in ("labels", "teacher"):

@@ -195,7 +195,9 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
                 extra_metadata=extra,
             )
         with timer.phase("verify"):
-            verification = _verify(out_path, request.arch, model, pre, x_h, eval_kw)
+            verification = _verify(
+                out_path, request.arch if fmt.name != "torchscript" else None, model, pre, x_h, eval_kw
+            )
         output_info = {"path": str(out_path), "format": fmt.name, "sha256": sha256_file(out_path)}
 
     gates = _gates(settings.gate, before, after)

@@ -19,9 +19,12 @@ def register_format(fmt: ModelFormat, *, origin: str = "builtin") -> ModelFormat
 
 
 def _register_builtins() -> None:
+    from .checkpoint_format import CheckpointFormat
     from .safetensors_format import SafetensorsFormat
+    from .torchscript_format import TorchScriptFormat
 
-    register_format(SafetensorsFormat())
+    for fmt in (SafetensorsFormat(), TorchScriptFormat(), CheckpointFormat()):
+        register_format(fmt)
 
 
 _register_builtins()
@@ -39,6 +42,20 @@ def _read_head(path: Path, n: int = 64) -> bytes:
         raise InputError(f"cannot read model file {path} ({exc.strerror})") from exc
 
 
+# Extensions of formats other tools use, so a mislabelled file is caught even when ibau
+# has no reader registered for the format the extension claims.
+OTHER_SUFFIXES = {
+    ".onnx": "onnx",
+    ".h5": "keras/hdf5",
+    ".keras": "keras",
+    ".pb": "tensorflow",
+    ".tflite": "tflite",
+    ".gguf": "gguf",
+    ".pkl": "pickle",
+    ".joblib": "joblib",
+}
+
+
 def detect_format(path: Path) -> ModelFormat:
     """Identify the format by content; a disagreeing extension is an error."""
     head = _read_head(path)
@@ -52,16 +69,21 @@ def detect_format(path: Path) -> ModelFormat:
     fmt = matches[0]
     if len(matches) > 1 and by_suffix:
         fmt = next((m for m in matches if m in by_suffix), fmt)
-    if by_suffix and fmt not in by_suffix:
+    claimed = by_suffix[0].name if by_suffix else OTHER_SUFFIXES.get(path.suffix.lower())
+    if claimed is not None and fmt not in by_suffix:
         raise InputError(
-            f"{path}: the extension {path.suffix!r} says {by_suffix[0].name} but the content is {fmt.name}",
+            f"{path}: the extension {path.suffix!r} says {claimed} but the content is {fmt.name}",
             hint="rename the file to match its content",
         )
     return fmt
 
 
 def format_for_output(path: Path, fallback: str) -> ModelFormat:
-    """The format to write ``path`` in: from its suffix when it has a known one, else ``fallback``."""
+    """The format to write ``path`` in: ``fallback`` (the input's) when the suffix allows it, else
+    the first format that claims the suffix, else ``fallback``."""
+    preferred = FORMATS.get(fallback)
+    if preferred is not None and path.suffix.lower() in preferred.suffixes:
+        return preferred
     for name in FORMATS.names():
         fmt = FORMATS.get(name)
         if path.suffix.lower() in fmt.suffixes:

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..archs.resolve import build_user_model, builtin_spec, is_user_code
 from ..errors import InputError
+from .metadata import META_ARCH, META_CLASSES
 
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 
@@ -40,3 +42,44 @@ def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path)
         )
     present = {k: v for k, v in tensors.items() if k in expected}
     module.load_state_dict(present, strict=False)
+
+
+def build_from_state_dict(
+    tensors: dict[str, torch.Tensor], arch: str | None, meta: dict[str, str], path: Path
+) -> tuple[nn.Module, int, str, list[str]]:
+    """Build the architecture (from ``--arch`` or the file's metadata) and load the tensors.
+
+    Returns the module, the number of classes (0 when only a forward pass can tell), the
+    architecture and notes for the report. Never guesses an architecture from tensor names.
+    """
+    source = "--arch"
+    if arch is None:
+        arch = meta.get(META_ARCH)
+        source = "file metadata"
+        if arch is None:
+            raise InputError(
+                f"{path}: the architecture is unknown (the file holds only tensors)",
+                hint="pass --arch NAME (see `ibau archs`) or --arch path/to/file.py:ClassOrFactory",
+            )
+        if is_user_code(arch):
+            raise InputError(
+                f"{path}: its metadata names user code {arch!r}, which ibau never runs on a file's say-so",
+                hint=f"pass --arch {arch} to allow it",
+            )
+    notes = [f"architecture {arch!r} from {source}"]
+    if is_user_code(arch):
+        meta_classes = meta.get(META_CLASSES, "")
+        module = build_user_model(arch, int(meta_classes) if meta_classes.isdigit() else None)
+        num_classes = 0
+    else:
+        spec = builtin_spec(arch)
+        weight = tensors.get(spec.classifier_key)
+        if weight is None or weight.ndim < 1:
+            raise InputError(
+                f"{path}: no tensor {spec.classifier_key!r}, which architecture {arch!r} needs for its final layer",
+                hint="check --arch; `ibau inspect` lists the file's tensors",
+            )
+        num_classes = int(weight.shape[0])
+        module = spec.build(num_classes)
+    load_strict(module, tensors, path)
+    return module, num_classes, arch, notes

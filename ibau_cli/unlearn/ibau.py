@@ -194,6 +194,10 @@ def unlearn(
                 ]
             else:
                 total = list(torch.autograd.grad(loss_out, params, allow_unused=True))
+            if config.max_grad_norm is not None:
+                norm = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in total if g is not None))
+                if norm > config.max_grad_norm:
+                    total = [None if g is None else g * (config.max_grad_norm / norm) for g in total]
             for p, g in zip(params, total, strict=True):
                 p.grad = None if g is None else g.detach()
             opt.step()

@@ -1,0 +1,96 @@
+"""Plain PyTorch checkpoints (``torch.save`` of a state dict), loaded with ``weights_only=True``.
+
+A file that needs full unpickling could run arbitrary code when loaded; ibau refuses it and
+never falls back to an unsafe load.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from .base import LoadedModel, ModelFormat, SaveRequest
+from .metadata import ibau_metadata, preprocess_from_metadata
+from .state_dict import build_from_state_dict
+from .zipped import is_torch_save_zip
+
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "weights")
+META_KEY = "ibau_metadata"
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def find_state_dict(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict itself, or one nested under a usual key; ``module.`` prefixes removed."""
+    where = "top level"
+    if not _is_state_dict(obj) and isinstance(obj, dict):
+        for key in NESTED_KEYS:
+            if _is_state_dict(obj.get(key)):
+                obj, where = obj[key], f"key {key!r}"
+                break
+    if not _is_state_dict(obj):
+        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise InputError(
+            f"{path}: no state dict found (top-level keys: {keys})",
+            hint=f"save a dict of tensors, possibly under one of {', '.join(NESTED_KEYS)}",
+        )
+    sd = dict(obj)
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd, where
+
+
+def safe_load(path: Path) -> object:
+    """``torch.load(weights_only=True)``; anything that needs more is refused, never retried."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "refused by the safe loader"
+        raise InputError(
+            f"{path}: refused: loading it needs full unpickling, which can run arbitrary code ({first})",
+            hint="ask the publisher for a safetensors or state-dict file, or convert it in a sandbox",
+        ) from exc
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+class CheckpointFormat(ModelFormat):
+    name = "checkpoint"
+    suffixes = (".pt", ".pth", ".bin", ".ckpt")
+
+    def sniff(self, head: bytes, path: Path) -> bool:
+        if head[:4] == b"PK\x03\x04":
+            return is_torch_save_zip(path)
+        return head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # legacy pickle
+
+    def load(self, path: Path, *, arch: str | None, device: str) -> LoadedModel:
+        obj = safe_load(path)
+        sd, where = find_state_dict(obj, path)
+        meta = {}
+        if isinstance(obj, dict) and isinstance(obj.get(META_KEY), dict):
+            meta = {str(k): str(v) for k, v in obj[META_KEY].items()}
+        module, num_classes, arch, notes = build_from_state_dict(sd, arch, meta, path)
+        notes.append(f"state dict at {where}")
+        return LoadedModel(
+            module=module.to(device).eval(),
+            fmt=self.name,
+            num_classes=num_classes,
+            arch=arch,
+            preprocess=preprocess_from_metadata(meta, path),
+            metadata=meta,
+            notes=notes,
+        )
+
+    def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
+        sd = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+        torch.save({"state_dict": sd, META_KEY: ibau_metadata(request)}, str(path))

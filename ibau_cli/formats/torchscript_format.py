@@ -1,0 +1,71 @@
+"""TorchScript archives (``torch.jit.save``): the graph travels with the weights.
+
+Loaded with ``torch.jit.load`` (TorchScript code is a restricted language, not arbitrary Python),
+unlearned like any module (ScriptModules support double backward), saved back with
+``torch.jit.save`` so a plain ``torch.jit.load`` runs it with no ibau installed. ibau's metadata
+rides along as the archive's extra file ``ibau.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from .base import LoadedModel, ModelFormat, SaveRequest
+from .metadata import META_ARCH, ibau_metadata, preprocess_from_metadata
+from .zipped import is_torchscript_zip
+
+EXTRA = "ibau.json"
+
+
+class TorchScriptFormat(ModelFormat):
+    name = "torchscript"
+    suffixes = (".pt", ".pth", ".ts", ".torchscript", ".jit")
+
+    def sniff(self, head: bytes, path: Path) -> bool:
+        return head[:4] == b"PK\x03\x04" and is_torchscript_zip(path)
+
+    def load(self, path: Path, *, arch: str | None, device: str) -> LoadedModel:
+        extra = {EXTRA: ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except Exception as exc:  # torch raises RuntimeError and friends for bad archives
+            raise InputError(f"{path}: not a loadable TorchScript archive ({type(exc).__name__}: {exc})") from exc
+        meta: dict[str, str] = {}
+        raw = extra.get(EXTRA) or b""
+        if raw:
+            try:
+                meta = {str(k): str(v) for k, v in json.loads(raw).items()}
+            except (ValueError, AttributeError) as exc:
+                raise InputError(f"{path}: its extra file {EXTRA} is not valid JSON ({exc})") from exc
+        if arch is not None:
+            raise InputError(f"{path}: a TorchScript file carries its own graph; drop --arch")
+        params = list(module.parameters())
+        if not params:
+            raise InputError(f"{path}: the TorchScript module has no parameters to repair")
+        return LoadedModel(
+            module=module.to(device).eval(),
+            fmt=self.name,
+            num_classes=int(meta.get("ibau.num_classes", "0") or 0),
+            arch=meta.get(META_ARCH, "torchscript"),
+            preprocess=preprocess_from_metadata(meta, path),
+            metadata=meta,
+            notes=["graph from the TorchScript archive (BatchNorm mode as traced or scripted)"],
+        )
+
+    def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
+        if not isinstance(module, torch.jit.ScriptModule):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = torch.jit.script(module)
+        meta = ibau_metadata(request)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(module.cpu(), str(path), _extra_files={EXTRA: json.dumps(meta)})

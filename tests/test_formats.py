@@ -1,0 +1,170 @@
+"""TorchScript and PyTorch-checkpoint formats end to end, and the malicious-pickle refusal."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+
+import torch
+from conftest import independent_figures, run_cli
+from test_cli_errors import assert_one_line_error, invoke
+
+from ibau_cli.archs import ARCHS
+from ibau_cli.formats import detect_format, load_model
+
+
+def _jit(module, traced: bool):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = module.eval()
+        return torch.jit.trace(module, torch.rand(2, 3, 32, 32)) if traced else torch.jit.script(module)
+
+
+def test_torchscript_sanitize_round_trip(backdoored, tmp_path):
+    src = tmp_path / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(_jit(backdoored["module"], traced=True), str(src))
+    assert detect_format(src).name == "torchscript"
+    out = tmp_path / "fixed.pt"
+    res = run_cli(
+        "sanitize",
+        src,
+        "--clean",
+        backdoored["clean100"],
+        "--out",
+        out,
+        "--trigger",
+        backdoored["trigger"],
+        "--target",
+        "0",
+        "--json",
+        "--quiet",
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["output"]["format"] == "torchscript" and report["model"]["num_classes"] == 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = torch.jit.load(str(out))  # a plain runtime, no ibau
+    acc0, asr0 = independent_figures(backdoored["module"], backdoored["x_eval"], backdoored["y_eval"])
+    acc1, asr1 = independent_figures(plain, backdoored["x_eval"], backdoored["y_eval"])
+    assert asr0 > 0.9 and asr1 < 0.2 and acc0 - acc1 < 0.05, (acc0, acc1, asr0, asr1)
+
+
+def test_scripted_module_trains_through_double_backward(backdoored, tmp_path):
+    from ibau_cli.config import UnlearnConfig
+    from ibau_cli.unlearn import unlearn
+
+    scripted = _jit(ARCHS.get("small-cnn").build(10), traced=False)
+    scripted.load_state_dict(backdoored["module"].state_dict())
+    before = [p.detach().clone() for p in scripted.parameters()]
+    x, y = backdoored["x_eval"][:64], backdoored["y_eval"][:64]
+    _, log = unlearn(scripted, x, y, UnlearnConfig(rounds=1, min_steps_per_round=2, inner_steps=2), seed=0)
+    assert log.rounds[0].neumann_terms_mean >= 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, scripted.parameters(), strict=True))
+
+
+def test_checkpoint_nested_state_dict_with_module_prefix(backdoored, tmp_path):
+    sd = {f"module.{k}": v for k, v in backdoored["module"].state_dict().items()}
+    src = tmp_path / "ckpt.pth"
+    torch.save({"epoch": 50, "model": sd, "best_acc": 0.9}, src)
+    loaded = load_model(src, arch="small-cnn")
+    assert loaded.fmt == "checkpoint" and loaded.num_classes == 10
+    assert any("key 'model'" in n for n in loaded.notes)
+    out = tmp_path / "fixed.pth"
+    code, stdout, err = invoke(
+        "sanitize",
+        src,
+        "--clean",
+        backdoored["clean100"],
+        "--arch",
+        "small-cnn",
+        "--out",
+        out,
+        "--trigger",
+        backdoored["trigger"],
+        "--target",
+        "0",
+        "--json",
+        "--quiet",
+    )
+    assert code == 0, err
+    # The output is a plain state dict that torch's safe loader reads, with ibau's metadata beside it.
+    obj = torch.load(out, weights_only=True)
+    model = ARCHS.get("small-cnn").build(10)
+    model.load_state_dict(obj["state_dict"])
+    acc1, asr1 = independent_figures(model, backdoored["x_eval"], backdoored["y_eval"])
+    assert asr1 < 0.2 and obj["ibau_metadata"]["ibau.arch"] == "small-cnn"
+    # ... and ibau reloads it with no flags.
+    assert load_model(out).arch == "small-cnn"
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_never_runs(backdoored, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": backdoored["module"].state_dict(), "extra": _Payload(marker)}, evil)
+    legacy = tmp_path / "evil_legacy.pth"
+    with open(legacy, "wb") as fh:
+        pickle.dump({"net": _Payload(marker)}, fh, protocol=2)
+    for path in (evil, legacy):
+        code, _, err = invoke("sanitize", path, "--clean", backdoored["clean100"], "--arch", "small-cnn")
+        assert_one_line_error(code, err, 2, "refused", "arbitrary code")
+        assert not marker.exists()
+
+
+def test_extension_disagreeing_with_content(backdoored, tmp_path):
+    wrong = tmp_path / "model.onnx"
+    wrong.write_bytes(backdoored["model"].read_bytes())
+    code, _, err = invoke("sanitize", wrong, "--clean", backdoored["clean100"])
+    assert_one_line_error(code, err, 2, "extension", "safetensors")
+
+
+def test_safetensors_to_checkpoint_conversion(backdoored, tmp_path):
+    out = tmp_path / "fixed.pt"
+    code, stdout, err = invoke(
+        "sanitize",
+        backdoored["model"],
+        "--clean",
+        backdoored["clean100"],
+        "--out",
+        out,
+        "--rounds",
+        "1",
+        "--json",
+        "--quiet",
+    )
+    assert code == 0, err
+    assert json.loads(stdout)["output"]["format"] == "checkpoint"
+
+
+def test_inspect_reads_safetensors_header_only(backdoored, tmp_path):
+    code, stdout, err = invoke("inspect", backdoored["model"], "--json")
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert info["format"] == "safetensors" and info["architecture"] == "small-cnn"
+    assert info["num_classes"] == 10 and info["input_shape"] == [3, 32, 32]
+    n_params = sum(v.numel() for v in backdoored["module"].state_dict().values())
+    assert info["parameters"] == n_params
+    code, _, err = invoke("inspect", tmp_path / "missing.safetensors")
+    assert_one_line_error(code, err, 2, "not found")
+
+
+def test_inspect_refuses_malicious_pickle(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"extra": _Payload(marker)}, evil)
+    code, _, err = invoke("inspect", evil)
+    assert_one_line_error(code, err, 2, "refused")
+    assert not marker.exists()
