@@ -42,10 +42,10 @@ class UnlearnConfig:
 
     def check(self) -> list[str]:
         p = []
-        for name in ("rounds", "batch_size", "neumann_terms"):
+        for name in ("batch_size", "neumann_terms"):
             if getattr(self, name) < 1:
                 p.append(f"unlearn.{name} must be >= 1")
-        for name in ("inner_steps", "min_steps_per_round"):
+        for name in ("rounds", "inner_steps", "min_steps_per_round"):
             if getattr(self, name) < 0:
                 p.append(f"unlearn.{name} must be >= 0")
         if not 0 < self.perturb_fraction <= 1:

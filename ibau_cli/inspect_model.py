@@ -53,6 +53,34 @@ def inspect_file(path: Path) -> dict[str, Any]:
         shapes = {k: (list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in sd.items()}
         if isinstance(obj, dict) and isinstance(obj.get(META_KEY), dict):
             meta = {str(k): str(v) for k, v in obj[META_KEY].items()}
+    elif fmt.name == "onnx":
+        import onnx
+        from onnx import numpy_helper
+
+        from .formats.onnx_format import _dims
+        from .formats.onnx_graph import unsupported_ops
+
+        model = onnx.load(str(path))
+        meta = {p.key: p.value for p in model.metadata_props}
+        for t in model.graph.initializer:
+            arr = numpy_helper.to_array(t)
+            shapes[t.name] = (list(arr.shape), str(arr.dtype))
+        inits = set(shapes)
+        info["graph"] = {
+            "opset": [f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import],
+            "inputs": {v.name: _dims(v) for v in model.graph.input if v.name not in inits},
+            "outputs": {v.name: _dims(v) for v in model.graph.output},
+            "nodes": len(model.graph.node),
+            "ops": sorted({n.op_type for n in model.graph.node}),
+            "unsupported_ops": unsupported_ops(model),
+            "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        }
+        out_dims = next(iter(info["graph"]["outputs"].values()), [])
+        if META_CLASSES not in meta and len(out_dims) == 2 and out_dims[1]:
+            info["num_classes_from_graph"] = out_dims[1]
+        in_dims = next(iter(info["graph"]["inputs"].values()), [])
+        if len(in_dims) == 4:
+            info["input_shape_from_graph"] = in_dims[1:]
     else:
         loaded = fmt.load(path, arch=None, device="cpu")
         meta = loaded.metadata
@@ -68,6 +96,8 @@ def inspect_file(path: Path) -> dict[str, Any]:
     num_classes = meta.get(META_CLASSES)
     if num_classes is None and arch and ARCHS.get(arch) and ARCHS.get(arch).classifier_key in shapes:
         num_classes = shapes[ARCHS.get(arch).classifier_key][0][0]
+    if num_classes is None:
+        num_classes = info.pop("num_classes_from_graph", None)
     info["num_classes"] = int(num_classes) if num_classes is not None else None
     if META_PRE in meta:
         import json
@@ -75,6 +105,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
         pre = json.loads(meta[META_PRE])
         info["input_shape"] = [pre.get("channels"), *pre.get("input_size", [])]
     else:
-        info["input_shape"] = None
+        info["input_shape"] = info.pop("input_shape_from_graph", None)
+    info.pop("input_shape_from_graph", None)
     info["metadata"] = meta
     return info

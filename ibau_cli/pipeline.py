@@ -95,9 +95,18 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
     with timer.phase("load"):
         loaded = load_model(Path(request.model), arch=request.arch, device="cpu")
         input_sha = sha256_file(Path(request.model))
+    out_fmt = None
+    if out_path is not None:
+        out_fmt = format_for_output(out_path, loaded.fmt)
+        if not out_fmt.can_save_from(loaded.fmt):
+            raise UsageError(
+                f"--out {out_path}: cannot write {out_fmt.name} from a {loaded.fmt} model",
+                hint=f"use a {loaded.fmt} output path (writing ONNX is supported for ONNX input only)",
+            )
     settings, sources = resolve_settings(
         arch=loaded.arch if request.arch is None or ":" not in (request.arch or "") else None,
         model_preprocess=loaded.preprocess,
+        model_input=loaded.input_hint,
         preset=request.preset,
         config_file=request.config_file,
         overrides=request.overrides,
@@ -145,6 +154,18 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         asr = attack_success(model, x_h, y_h, trigger, **eval_kw) if trigger else None
         return Figures(acc, asr)
 
+    parity = None
+    if loaded.reference is not None:
+        with timer.phase("parity"):
+            parity = reference_parity(model, loaded.reference, x_h, eval_kw)
+        if parity["argmax_agreement"] < 0.99 or parity["max_abs_logit_diff"] > PARITY_TOL * max(
+            1.0, parity["max_abs_logit"]
+        ):
+            raise ModelMismatchError(
+                f"{request.model}: ibau's execution of the graph differs from onnxruntime "
+                f"(max logit difference {parity['max_abs_logit_diff']:.2e}, argmax agreement {parity['argmax_agreement']:.1%})",
+                hint="report the model's exporter and opset; repairing it would not be trustworthy",
+            )
     with timer.phase("evaluate_before"):
         before = figures()
     floor = settings.gate.resolved_min_clean_acc(num_classes)
@@ -181,7 +202,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
     output_info = None
     verification = None
     if out_path is not None:
-        fmt = format_for_output(out_path, loaded.fmt)
+        fmt = out_fmt
         extra = {k: v for k, v in loaded.metadata.items() if not k.startswith("ibau.")}
         extra.update({"ibau.source_sha256": input_sha, "ibau.sanitized": "i-bau"})
         with timer.phase("save"):
@@ -250,6 +271,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             "outer_seconds": log.outer_seconds,
         },
         verification=verification,
+        parity_before=parity,
         timings=timer.phases,
         gates=gates,
         verdict=verdict,
@@ -257,26 +279,55 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
     )
 
 
+PARITY_TOL = 1e-3
+
+
+def reference_parity(model: Normalized, reference, x: torch.Tensor, eval_kw) -> dict:
+    """Compare the torch module with an independent runtime on the same (normalised) inputs."""
+    a = logits(model, x, **dict(eval_kw, amp=None))
+    b = torch.from_numpy(reference(model.normalize(x.to(model.scale.device)).cpu().numpy())).float()
+    return {
+        "runtime": "onnxruntime",
+        "max_abs_logit_diff": float((a - b).abs().max()) if len(a) else 0.0,
+        "max_abs_logit": float(a.abs().max()) if len(a) else 0.0,
+        "argmax_agreement": float((a.argmax(1) == b.argmax(1)).float().mean()) if len(a) else 1.0,
+        "n": len(a),
+    }
+
+
 def _verify(out_path: Path, arch_flag: str | None, model, pre, x_h, eval_kw) -> dict:
-    """Reload the written file and compare its predictions with the in-memory model."""
+    """Reload the written file (in an independent runtime where there is one) and compare its
+    predictions with the in-memory repaired model."""
     try:
         reloaded = load_model(out_path, arch=arch_flag if arch_flag and ":" in arch_flag else None, device="cpu")
-        wrapped = Normalized(reloaded.module, pre).to(eval_kw["device"]).eval()
         kw = dict(eval_kw, amp=None)
         a = logits(model, x_h, **kw)
-        b = logits(wrapped, x_h, **kw)
+        if reloaded.reference is not None:
+            b = torch.from_numpy(reloaded.reference(model.normalize(x_h.to(model.scale.device)).cpu().numpy())).float()
+        else:
+            wrapped = Normalized(reloaded.module, pre).to(eval_kw["device"]).eval()
+            b = logits(wrapped, x_h, **kw)
     except Exception as exc:
         out_path.unlink(missing_ok=True)
         raise RuntimeFailure(f"the written model {out_path} could not be reloaded ({exc}); it was removed") from exc
     max_diff = float((a - b).abs().max()) if len(a) else 0.0
     agree = float((a.argmax(1) == b.argmax(1)).float().mean()) if len(a) else 1.0
-    if agree < 1.0 or max_diff > 1e-3:
+    scale = max(1.0, float(a.abs().max())) if len(a) else 1.0
+    need = 0.99 if reloaded.reference is not None else 1.0
+    if agree < need or max_diff > PARITY_TOL * scale:
         out_path.unlink(missing_ok=True)
         raise RuntimeFailure(
             f"the written model {out_path} does not reproduce the repaired model "
             f"(max logit difference {max_diff:.2e}, argmax agreement {agree:.1%}); it was removed"
         )
-    return {"reloaded": True, "max_abs_logit_diff": max_diff, "argmax_agreement": agree, "n": len(a)}
+    runtime = "onnxruntime" if reloaded.reference is not None else reloaded.fmt
+    return {
+        "reloaded": True,
+        "runtime": runtime,
+        "max_abs_logit_diff": max_diff,
+        "argmax_agreement": agree,
+        "n": len(a),
+    }
 
 
 def _gates(gate_cfg, before: Figures, after: Figures) -> list[Gate]:

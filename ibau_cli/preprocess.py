@@ -56,5 +56,8 @@ class Normalized(nn.Module):
         self.register_buffer("scale", (hi - lo) / std, persistent=False)
         self.register_buffer("shift", (lo - mean) / std, persistent=False)
 
+    def normalize(self, x: Tensor) -> Tensor:
+        return x * self.scale + self.shift
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x * self.scale + self.shift)
+        return self.model(self.normalize(x))

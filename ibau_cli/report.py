@@ -54,6 +54,7 @@ class Report:
     rounds: list[dict[str, Any]]
     unlearning: dict[str, Any] | None
     verification: dict[str, Any] | None
+    parity_before: dict[str, Any] | None
     timings: dict[str, float]
     gates: list[Gate]
     verdict: str
@@ -83,6 +84,7 @@ class Report:
             "after": None if self.after is None else self.after.to_dict(),
             "rounds": self.rounds,
             "unlearning": self.unlearning,
+            "parity_before": self.parity_before,
             "verification": self.verification,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "gates": [g.to_dict() for g in self.gates],

@@ -23,10 +23,12 @@ def resolve_settings(
     arch: str | None,
     model_preprocess: Preprocess | None,
     preset: str | None,
+    model_input: tuple[int, int, int] | None = None,
     config_file: Path | None,
     overrides: dict[str, Any],
 ) -> tuple[Settings, SettingsSources]:
-    """defaults < architecture defaults < model file metadata < preset < config file < flags."""
+    """defaults < architecture defaults < the graph's input shape < model file metadata < preset
+    < config file < flags."""
     settings = Settings()
     sources = SettingsSources(["defaults"])
     spec = ARCHS.get(arch) if arch else None
@@ -35,6 +37,14 @@ def resolve_settings(
         pre.update({k: v for k, v in spec.defaults.items() if k in ("mean", "std")})
         settings = apply_layer(settings, {"preprocess": pre}, f"architecture {spec.name}")
         sources.layers.append(f"architecture {spec.name}")
+    if model_input is not None:
+        c, h, w = model_input
+        if h and w:
+            pre = {"channels": c, "input_size": [h, w]}
+            if c == 1:
+                pre.update({"mean": [0.0], "std": [1.0]})
+            settings = apply_layer(settings, {"preprocess": pre}, "model graph")
+            sources.layers.append("model graph input shape")
     if model_preprocess is not None:
         settings = replace(settings, preprocess=model_preprocess)
         sources.layers.append("model metadata")

@@ -20,10 +20,11 @@ def register_format(fmt: ModelFormat, *, origin: str = "builtin") -> ModelFormat
 
 def _register_builtins() -> None:
     from .checkpoint_format import CheckpointFormat
+    from .onnx_format import OnnxFormat
     from .safetensors_format import SafetensorsFormat
     from .torchscript_format import TorchScriptFormat
 
-    for fmt in (SafetensorsFormat(), TorchScriptFormat(), CheckpointFormat()):
+    for fmt in (SafetensorsFormat(), TorchScriptFormat(), CheckpointFormat(), OnnxFormat()):
         register_format(fmt)
 
 
@@ -45,7 +46,6 @@ def _read_head(path: Path, n: int = 64) -> bytes:
 # Extensions of formats other tools use, so a mislabelled file is caught even when ibau
 # has no reader registered for the format the extension claims.
 OTHER_SUFFIXES = {
-    ".onnx": "onnx",
     ".h5": "keras/hdf5",
     ".keras": "keras",
     ".pb": "tensorflow",

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from ..errors import InputError, RuntimeFailure
@@ -27,6 +28,8 @@ class LoadedModel:
     preprocess: Preprocess | None = None  # from the file's own metadata, when it has some
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    input_hint: tuple[int, int, int] | None = None  # (channels, height, width) when the file says
+    reference: Callable[[np.ndarray], np.ndarray] | None = None  # an independent runtime, if any
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class ModelFormat(ABC):
 
     @abstractmethod
     def load(self, path: Path, *, arch: str | None, device: str) -> LoadedModel: ...
+
+    def can_save_from(self, source_format: str) -> bool:
+        """Whether a model loaded from ``source_format`` can be written in this format."""
+        return True
 
     @abstractmethod
     def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:

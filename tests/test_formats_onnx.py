@@ -1,0 +1,165 @@
+"""ONNX in, ONNX out: torch's exporters (opset 17 legacy, opset 18+ default), parity with
+onnxruntime, the repaired file run by plain onnxruntime, graph and names preserved."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import run_cli
+from test_cli_errors import assert_one_line_error, invoke
+
+from ibau_cli.demo import TARGET, add_badnets_trigger
+
+
+def _export(module, path, *, dynamo: bool, channels_last: bool = False):
+    module = module.eval()
+    if channels_last:
+        inner = module
+
+        class NHWC(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return self.inner(x.permute(0, 3, 1, 2))
+
+        module = NHWC().eval()
+    x = torch.rand(2, 32, 32, 3) if channels_last else torch.rand(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(
+                module,
+                (x,),
+                str(path),
+                dynamo=True,
+                input_names=["image"],
+                output_names=["scores"],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+            )
+        else:
+            torch.onnx.export(
+                module,
+                (x,),
+                str(path),
+                dynamo=False,
+                opset_version=17,
+                input_names=["image"],
+                output_names=["scores"],
+                dynamic_axes={"image": {0: "batch"}, "scores": {0: "batch"}},
+            )
+    return path
+
+
+def _ort_figures(path, x, y, channels_last=False):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def predict(batch):
+        arr = batch.numpy().astype(np.float32)
+        if channels_last:
+            arr = np.ascontiguousarray(arr.transpose(0, 2, 3, 1))
+        return sess.run(None, {name: arr})[0].argmax(1)
+
+    acc = float((predict(x) == y.numpy()).mean())
+    keep = y != TARGET
+    asr = float((predict(add_badnets_trigger(x[keep])) == TARGET).mean())
+    return acc, asr
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["opset18plus", "opset17"])
+def test_onnx_sanitize_round_trip(backdoored, tmp_path, dynamo):
+    src = _export(backdoored["module"], tmp_path / "model.onnx", dynamo=dynamo)
+    out = tmp_path / "fixed.onnx"
+    res = run_cli(
+        "sanitize",
+        src,
+        "--clean",
+        backdoored["clean500"],
+        "--out",
+        out,
+        "--trigger",
+        backdoored["trigger"],
+        "--target",
+        "0",
+        "--json",
+        "--quiet",
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["input"]["format"] == "onnx" and report["output"]["format"] == "onnx"
+    assert report["parity_before"]["max_abs_logit_diff"] < 1e-4
+    assert report["parity_before"]["argmax_agreement"] == 1.0
+    assert report["verification"]["runtime"] == "onnxruntime"
+
+    acc0, asr0 = _ort_figures(src, backdoored["x_eval"], backdoored["y_eval"])
+    acc1, asr1 = _ort_figures(out, backdoored["x_eval"], backdoored["y_eval"])
+    assert asr0 > 0.9 and asr1 < 0.2 and acc0 - acc1 < 0.05, (acc0, acc1, asr0, asr1)
+
+    a, b = onnx.load(str(src)), onnx.load(str(out))
+    assert [i.name for i in a.graph.input] == [i.name for i in b.graph.input] == ["image"] or dynamo
+    assert [o.name for o in a.graph.output] == [o.name for o in b.graph.output]
+    assert list(a.opset_import) == list(b.opset_import)
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    batch_dim = b.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # dynamic batch axis kept
+    meta = {p.key: p.value for p in b.metadata_props}
+    assert meta["ibau.source_sha256"] == report["input"]["sha256"]
+
+
+def test_onnx_zero_rounds_keeps_the_graph_bit_for_bit(backdoored, tmp_path):
+    src = _export(backdoored["module"], tmp_path / "model.onnx", dynamo=False)
+    out = tmp_path / "same.onnx"
+    code, _, err = invoke("sanitize", src, "--clean", backdoored["clean100"], "--out", out, "--rounds", "0", "--quiet")
+    assert code == 0, err
+    assert onnx.load(str(src)).graph.SerializeToString() == onnx.load(str(out)).graph.SerializeToString()
+
+
+def test_onnx_channels_last_graph(backdoored, tmp_path):
+    src = _export(backdoored["module"], tmp_path / "nhwc.onnx", dynamo=False, channels_last=True)
+    code, stdout, err = invoke(
+        "sanitize",
+        src,
+        "--clean",
+        backdoored["clean100"],
+        "--out",
+        tmp_path / "o.onnx",
+        "--rounds",
+        "1",
+        "--json",
+        "--quiet",
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert any("NHWC" in n for n in report["model"]["notes"])
+    assert report["parity_before"]["max_abs_logit_diff"] < 1e-4
+
+
+def test_unsupported_operator_is_named(backdoored, tmp_path):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("LpNormalization", ["x"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3, 32, 32])],
+    )
+    path = tmp_path / "odd.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    code, _, err = invoke("sanitize", path, "--clean", backdoored["clean100"])
+    assert_one_line_error(code, err, 2, "unsupported ONNX operator", "LpNormalization")
+
+
+def test_onnx_output_from_other_format_is_a_clear_error(backdoored, tmp_path):
+    code, _, err = invoke(
+        "sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--out", tmp_path / "x.onnx"
+    )
+    assert_one_line_error(code, err, 2, "cannot write onnx from a safetensors model")
