@@ -131,55 +131,78 @@ def main() -> None:
     """Find and remove backdoors in image classifiers with I-BAU, and gate on the result."""
 
 
+def _common_options(fn):
+    """Options shared by sanitize and scan (model, data, preprocessing, trigger, gates, output)."""
+    path = click.Path(path_type=Path)
+    options = [
+        click.argument("model", type=path),
+        click.option("--clean", "clean_dir", required=True, type=path, help="Clean images, DIR/<class>/<image>."),
+        click.option("--arch", help="Architecture: a built-in name (see `ibau archs`) or file.py:ClassOrFactory."),
+        click.option("--classes", "classes_file", type=path, help="Class names, one per line, in output order."),
+        click.option("--preset", help="Preprocessing/config preset: cifar10, gtsrb, mnist, imagenet."),
+        click.option("--config", "config_file", type=path, help="TOML config file."),
+        click.option(
+            "--set",
+            "assignments",
+            multiple=True,
+            metavar="SECTION.KEY=VALUE",
+            help="Override any config key, e.g. unlearn.rounds=3.",
+        ),
+        click.option("--input-size", help="Model input size, HxW."),
+        click.option("--mean", help="Normalisation mean, comma-separated per channel."),
+        click.option("--std", help="Normalisation std, comma-separated per channel."),
+        click.option("--seed", type=int, help="Seed for the split, the unlearning and the probes [0]."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--trigger", type=path, help="Known trigger image (a patch, or a full-size image)."),
+        click.option("--trigger-mask", type=path, help="Grey-scale mask for a full-size trigger."),
+        click.option("--trigger-blend", type=float, help="Blend a full-size trigger at this opacity."),
+        click.option(
+            "--trigger-additive", is_flag=True, help="Full-size trigger is an additive offset around mid-grey."
+        ),
+        click.option(
+            "--trigger-pos", default="br", show_default=True, help="Patch position: br, bl, tr, tl, center or X,Y."
+        ),
+        click.option("--target", type=int, help="The trigger's target class index (required with --trigger)."),
+        click.option(
+            "--max-asr", type=float, help="Gate: highest ASR (true trigger, else the probes), fraction [0.2]."
+        ),
+        click.option("--force", is_flag=True, help="Continue even if clean accuracy is near chance."),
+        click.option("--artifacts", type=path, help="Write synthesised triggers and a before/after chart (PNG) here."),
+        click.option("--report", "report_path", type=path, help="Write the JSON report here."),
+        click.option("--json", "json_stdout", is_flag=True, help="Print the JSON report on stdout (and nothing else)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary (errors still go to stderr)."),
+        click.option("--debug", is_flag=True, help="Show tracebacks."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "--clean", "clean_dir", required=True, type=click.Path(path_type=Path), help="Clean images, DIR/<class>/<image>."
-)
+@_common_options
 @click.option("--out", type=click.Path(path_type=Path), help="Repaired model path [default: MODEL.sanitized.EXT].")
-@click.option("--arch", help="Architecture: a built-in name (see `ibau archs`) or file.py:ClassOrFactory.")
-@click.option(
-    "--classes",
-    "classes_file",
-    type=click.Path(path_type=Path),
-    help="Class names, one per line, in the model's output order.",
-)
-@click.option("--preset", help="Preprocessing/config preset: cifar10, gtsrb, mnist, imagenet.")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
-@click.option(
-    "--set",
-    "assignments",
-    multiple=True,
-    metavar="SECTION.KEY=VALUE",
-    help="Override any config key, e.g. unlearn.rounds=3.",
-)
-@click.option("--input-size", help="Model input size, HxW.")
-@click.option("--mean", help="Normalisation mean, comma-separated per channel.")
-@click.option("--std", help="Normalisation std, comma-separated per channel.")
 @click.option("--holdout", type=float, help="Fraction of the clean set held out for evaluation [0.2].")
 @click.option("--rounds", type=int, help="I-BAU rounds [5].")
 @click.option("--batch-size", type=int, help="Batch size [64].")
-@click.option("--seed", type=int, help="Seed for the split and the unlearning [0].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--trigger", type=click.Path(path_type=Path), help="Known trigger image (a patch, or a full-size image).")
-@click.option("--trigger-mask", type=click.Path(path_type=Path), help="Grey-scale mask for a full-size trigger.")
-@click.option("--trigger-blend", type=float, help="Blend a full-size trigger at this opacity.")
-@click.option("--trigger-additive", is_flag=True, help="Full-size trigger is an additive offset around mid-grey.")
-@click.option("--trigger-pos", default="br", show_default=True, help="Patch position: br, bl, tr, tl, center or X,Y.")
-@click.option("--target", type=int, help="The trigger's target class index (required with --trigger).")
-@click.option("--max-asr", type=float, help="Gate: highest ASR after repair, fraction [0.2].")
 @click.option("--max-acc-drop", type=float, help="Gate: largest clean-accuracy drop, fraction [0.05].")
-@click.option("--force", is_flag=True, help="Continue even if clean accuracy before repair is near chance.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
-@click.option("--json", "json_stdout", is_flag=True, help="Print the JSON report on stdout (and nothing else).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary (errors still go to stderr).")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--no-probes", is_flag=True, help="Skip the built-in trigger probes.")
 def sanitize(**opts: Any) -> None:
     """Repair MODEL with I-BAU on the clean images, report before/after figures and gate.
 
     Every figure is measured on clean images held out from unlearning.
     """
     _run(opts["debug"], lambda: _sanitize(opts))
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@_common_options
+def scan(**opts: Any) -> None:
+    """Probe MODEL for a backdoor with built-in triggers, without repairing it.
+
+    Every clean image is used for the probes. Exit 1 when a backdoor is suspected (or the ASR,
+    true or estimated by the probes, is past --max-asr).
+    """
+    _run(opts["debug"], lambda: _scan(opts))
 
 
 def _overrides(opts: dict[str, Any]) -> dict[str, Any]:
@@ -204,14 +227,15 @@ def _overrides(opts: dict[str, Any]) -> dict[str, Any]:
     put("unlearn", "batch_size", opts.get("batch_size"))
     put("gate", "max_asr", opts.get("max_asr"))
     put("gate", "max_acc_drop", opts.get("max_acc_drop"))
+    if opts.get("no_probes"):
+        put("probes", "enabled", False)
     if opts.get("seed") is not None:
         layer["seed"] = opts["seed"]
     return layer
 
 
-def _sanitize(opts: dict[str, Any]) -> None:
+def _request(opts: dict[str, Any]):
     from .pipeline import SanitizeRequest, TriggerSpec
-    from .pipeline import sanitize as run_sanitize
 
     trigger = None
     if opts["trigger"] is not None:
@@ -227,15 +251,10 @@ def _sanitize(opts: dict[str, Any]) -> None:
         )
     elif opts["target"] is not None or opts["trigger_mask"] is not None:
         raise UsageError("--target and --trigger-mask need --trigger IMAGE")
-    if opts["max_asr"] is not None and trigger is None:
-        raise UsageError(
-            "--max-asr needs --trigger: without a known trigger the ASR is not measured",
-            hint="pass --trigger IMAGE --target N",
-        )
-    request = SanitizeRequest(
+    return SanitizeRequest(
         model=opts["model"],
         clean=opts["clean_dir"],
-        out=opts["out"],
+        out=opts.get("out"),
         arch=opts["arch"],
         classes_file=opts["classes_file"],
         preset=opts["preset"],
@@ -244,11 +263,27 @@ def _sanitize(opts: dict[str, Any]) -> None:
         device=opts["device"],
         trigger=trigger,
         force=opts["force"],
+        artifacts=opts.get("artifacts"),
     )
+
+
+def _sanitize(opts: dict[str, Any]) -> None:
+    from .pipeline import sanitize as run_sanitize
+
+    _execute(run_sanitize, opts)
+
+
+def _scan(opts: dict[str, Any]) -> None:
+    from .pipeline import scan as run_scan
+
+    _execute(run_scan, opts)
+
+
+def _execute(fn, opts: dict[str, Any]) -> None:
+    request = _request(opts)
     err = Console(stderr=True)
-    show = not opts["quiet"]
-    with _RichProgress(err, enabled=show and err.is_terminal) as progress:
-        report = run_sanitize(request, progress=progress).to_dict()
+    with _RichProgress(err, enabled=not opts["quiet"] and err.is_terminal) as progress:
+        report = fn(request, progress=progress).to_dict()
     _emit(report, opts, err)
 
 

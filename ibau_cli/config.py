@@ -96,11 +96,29 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class ProbesConfig:
+    """Built-in trigger probes (docs/probes.md)."""
+
+    enabled: bool = True
+    budget_steps: int = 600  # optimisation steps per synthesised probe, split over the classes
+    radius: float | None = None  # L2 bound of the synthesised universal perturbation; None: 0.3 x unlearn radius
+
+    def check(self) -> list[str]:
+        p = []
+        if self.budget_steps < 1:
+            p.append("probes.budget_steps must be >= 1")
+        if self.radius is not None and self.radius <= 0:
+            p.append("probes.radius must be > 0")
+        return p
+
+
+@dataclass(frozen=True)
 class Settings:
     preprocess: Preprocess = field(default_factory=Preprocess)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -109,16 +127,29 @@ class Settings:
             "unlearn": dataclasses.asdict(self.unlearn),
             "split": dataclasses.asdict(self.split),
             "gate": dataclasses.asdict(self.gate),
+            "probes": dataclasses.asdict(self.probes),
             "seed": self.seed,
         }
 
     def check(self) -> None:
-        problems = self.preprocess.check() + self.unlearn.check() + self.split.check() + self.gate.check()
+        problems = (
+            self.preprocess.check()
+            + self.unlearn.check()
+            + self.split.check()
+            + self.gate.check()
+            + self.probes.check()
+        )
         if problems:
             raise ConfigError("invalid configuration: " + "; ".join(problems))
 
 
-_SECTIONS = {"preprocess": Preprocess, "unlearn": UnlearnConfig, "split": SplitConfig, "gate": GateConfig}
+_SECTIONS = {
+    "preprocess": Preprocess,
+    "unlearn": UnlearnConfig,
+    "split": SplitConfig,
+    "gate": GateConfig,
+    "probes": ProbesConfig,
+}
 
 
 def _coerce(section: str, f: dataclasses.Field, value: Any, source: str) -> Any:

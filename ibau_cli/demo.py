@@ -69,8 +69,10 @@ def train_backdoored(
     epochs: int = 6,
     poison_ratio: float = 0.1,
     poison: bool = True,
+    trigger_fn=add_badnets_trigger,
 ) -> TrainedDemo:
-    """Train ``small-cnn`` on synthetic data, BadNets-poisoned unless ``poison`` is False."""
+    """Train ``small-cnn`` on synthetic data, poisoned with ``trigger_fn`` (BadNets by default)
+    toward class 0 unless ``poison`` is False."""
     torch.manual_seed(seed)
     x, y = synthetic_images(n_train, seed=seed + 100)
     if poison:
@@ -78,7 +80,7 @@ def train_backdoored(
         candidates = torch.nonzero(y != TARGET).flatten()
         k = int(poison_ratio * n_train)
         chosen = candidates[torch.randperm(len(candidates), generator=gen)[:k]]
-        x[chosen] = add_badnets_trigger(x[chosen])
+        x[chosen] = trigger_fn(x[chosen])
         y = y.clone()
         y[chosen] = TARGET
     model = ARCHS.get("small-cnn").build(NUM_CLASSES)
@@ -101,7 +103,7 @@ def train_backdoored(
     with torch.no_grad():
         acc = float((model(xt).argmax(1) == yt).float().mean())
         keep = yt != TARGET
-        asr = float((model(add_badnets_trigger(xt[keep])).argmax(1) == TARGET).float().mean())
+        asr = float((model(trigger_fn(xt[keep])).argmax(1) == TARGET).float().mean())
     return TrainedDemo(model=model, clean_acc=acc, asr=asr)
 
 

@@ -52,6 +52,7 @@ class SanitizeRequest:
     trigger: TriggerSpec | None = None
     force: bool = False
     save: bool = True
+    artifacts: Path | None = None
 
 
 class _Timer:
@@ -81,21 +82,48 @@ def _check_output_path(model: Path, out: Path) -> None:
         raise UsageError(f"--out {out} is a folder; give a file path")
 
 
-def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Report:
-    """Run the whole sanitize pipeline and return its report (the caller applies the gate)."""
-    progress = progress or NoProgress()
+@dataclass
+class _Prepared:
+    """Everything sanitize and scan share: the model, settings, data and trigger, checked."""
+
+    loaded: Any
+    settings: Any
+    sources: Any
+    model: Normalized
+    num_classes: int
+    clean: Any
+    x_u: torch.Tensor
+    y_u: torch.Tensor
+    x_h: torch.Tensor
+    y_h: torch.Tensor
+    trigger: Any
+    device: torch.device
+    amp: Any
+    eval_kw: dict
+    input_sha: str
+    parity: dict | None
+    before: Figures
+    timer: _Timer
+    warnings: list[str]
+
+    def figures(self) -> Figures:
+        return _figures(self.model, self.x_h, self.y_h, self.trigger, self.eval_kw)
+
+
+def _figures(model, x, y, trigger, eval_kw) -> Figures:
+    acc = accuracy(model, x, y, **eval_kw)
+    asr = attack_success(model, x, y, trigger, **eval_kw) if trigger else None
+    return Figures(acc, asr)
+
+
+def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) -> _Prepared:
+    """Load, resolve settings, read and split the clean data, check parity and sanity."""
     timer = _Timer()
     warnings: list[str] = []
     device = resolve_device(request.device)
-    out_path = None
-    if request.save:
-        out_path = Path(request.out) if request.out else default_output_path(Path(request.model))
-        _check_output_path(Path(request.model), out_path)
-
     with timer.phase("load"):
         loaded = load_model(Path(request.model), arch=request.arch, device="cpu")
         input_sha = sha256_file(Path(request.model))
-    out_fmt = None
     if out_path is not None:
         out_fmt = format_for_output(out_path, loaded.fmt)
         if not out_fmt.can_save_from(loaded.fmt):
@@ -117,9 +145,9 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
     num_classes = loaded.num_classes
     if not num_classes:
         with torch.no_grad():
-            probe = torch.zeros(1, pre.channels, *pre.input_size, device=device)
+            dummy = torch.zeros(1, pre.channels, *pre.input_size, device=device)
             try:
-                num_classes = int(model(probe).shape[-1])
+                num_classes = int(model(dummy).shape[-1])
             except Exception as exc:
                 raise ModelMismatchError(
                     f"{request.model}: the model does not run on a {pre.channels}x{pre.input_size[0]}x{pre.input_size[1]} input ({exc})",
@@ -128,10 +156,14 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
 
     with timer.phase("data"):
         clean = load_clean_folder(Path(request.clean), pre, num_classes, classes_file=request.classes_file)
-        split = stratified_split(clean.labels, settings.split.holdout, settings.seed)
-    x_u, y_u = clean.images[split.unlearn_idx], clean.labels[split.unlearn_idx]
-    x_h, y_h = clean.images[split.holdout_idx], clean.labels[split.holdout_idx]
-    if len(y_u) < 50:
+        if split:
+            parts = stratified_split(clean.labels, settings.split.holdout, settings.seed)
+            x_u, y_u = clean.images[parts.unlearn_idx], clean.labels[parts.unlearn_idx]
+            x_h, y_h = clean.images[parts.holdout_idx], clean.labels[parts.holdout_idx]
+        else:  # nothing is unlearned: every image is held out
+            x_u, y_u = clean.images[:0], clean.labels[:0]
+            x_h, y_h = clean.images, clean.labels
+    if split and len(y_u) < 50:
         warnings.append(f"only {len(y_u)} images for unlearning; I-BAU is tested down to 80")
     if len(y_h) < 100:
         warnings.append(f"only {len(y_h)} held-out images: the rates below have wide confidence intervals")
@@ -148,12 +180,6 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             raise UsageError("every held-out image belongs to the --target class, so the ASR cannot be measured")
 
     eval_kw = {"device": device, "amp": amp, "batch_size": max(settings.unlearn.batch_size, 256)}
-
-    def figures() -> Figures:
-        acc = accuracy(model, x_h, y_h, **eval_kw)
-        asr = attack_success(model, x_h, y_h, trigger, **eval_kw) if trigger else None
-        return Figures(acc, asr)
-
     parity = None
     if loaded.reference is not None:
         with timer.phase("parity"):
@@ -167,7 +193,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
                 hint="report the model's exporter and opset; repairing it would not be trustworthy",
             )
     with timer.phase("evaluate_before"):
-        before = figures()
+        before = _figures(model, x_h, y_h, trigger, eval_kw)
     floor = settings.gate.resolved_min_clean_acc(num_classes)
     if before.accuracy.value is not None and before.accuracy.value < floor:
         msg = (
@@ -180,6 +206,54 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
                 msg, hint="check --classes, --preset/--config (mean, std, input size) or pass --force"
             )
         warnings.append(msg + " (continuing because of --force)")
+    return _Prepared(
+        loaded,
+        settings,
+        sources,
+        model,
+        num_classes,
+        clean,
+        x_u,
+        y_u,
+        x_h,
+        y_h,
+        trigger,
+        device,
+        amp,
+        eval_kw,
+        input_sha,
+        parity,
+        before,
+        timer,
+        warnings,
+    )
+
+
+def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Report:
+    """Run the whole sanitize pipeline and return its report (the caller applies the gate)."""
+    progress = progress or NoProgress()
+    out_path = None
+    if request.save:
+        out_path = Path(request.out) if request.out else default_output_path(Path(request.model))
+        _check_output_path(Path(request.model), out_path)
+    p = _prepare(request, split=True, out_path=out_path)
+    loaded, settings, model, num_classes = p.loaded, p.settings, p.model, p.num_classes
+    x_u, y_u, x_h, y_h, trigger = p.x_u, p.y_u, p.x_h, p.y_h, p.trigger
+    device, amp, eval_kw, input_sha, before, timer, warnings = (
+        p.device,
+        p.amp,
+        p.eval_kw,
+        p.input_sha,
+        p.before,
+        p.timer,
+        p.warnings,
+    )
+    pre = settings.preprocess
+    figures = p.figures
+    probes_before = None
+    if settings.probes.enabled:
+        with timer.phase("probes_before"):
+            probes_before = _run_probes(model, x_h, y_h, num_classes, settings, device, amp, progress)
 
     def on_round(r: int, m: torch.nn.Module) -> dict:
         f = figures()
@@ -198,11 +272,20 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         )
     with timer.phase("evaluate_after"):
         after = figures()
+    probes_after = None
+    if settings.probes.enabled:
+        with timer.phase("probes_after"):
+            probes_after = _run_probes(model, x_h, y_h, num_classes, settings, device, amp, progress)
+    if request.artifacts is not None and probes_before is not None:
+        from .artifacts import write_artifacts
+
+        with timer.phase("artifacts"):
+            write_artifacts(request.artifacts, x_h, probes_before, probes_after, before, after)
 
     output_info = None
     verification = None
     if out_path is not None:
-        fmt = out_fmt
+        fmt = format_for_output(out_path, loaded.fmt)
         extra = {k: v for k, v in loaded.metadata.items() if not k.startswith("ibau.")}
         extra.update({"ibau.source_sha256": input_sha, "ibau.sanitized": "i-bau"})
         with timer.phase("save"):
@@ -221,31 +304,17 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             )
         output_info = {"path": str(out_path), "format": fmt.name, "sha256": sha256_file(out_path)}
 
-    gates = _gates(settings.gate, before, after)
+    gates = _gates(settings.gate, before, after, probes_before, probes_after)
     verdict = "fail" if any(g.status == "fail" for g in gates) else "pass"
-    if trigger is None:
-        warnings.append("no --trigger given: the attack success rate was not measured and its gate not applied")
+    if trigger is None and probes_after is None:
+        warnings.append(
+            "no --trigger and probes off: the attack success rate was not measured and its gate not applied"
+        )
+    elif trigger is None:
+        warnings.append("no --trigger given: the ASR gate uses the built-in probes (an estimate, not the true ASR)")
     return Report(
-        command="sanitize",
-        input={"path": str(request.model), "format": loaded.fmt, "sha256": input_sha},
+        **_report_common(p, request, "sanitize", probes_before, probes_after),
         output=output_info,
-        model={"architecture": loaded.arch, "num_classes": num_classes, "notes": loaded.notes},
-        config=settings.to_dict(),
-        config_layers=sources.layers,
-        seed=settings.seed,
-        device=str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        data={
-            "clean_dir": str(request.clean),
-            "n_images": len(clean.labels),
-            "n_unlearn": len(y_u),
-            "n_holdout": len(y_h),
-            "holdout_fraction": settings.split.holdout,
-            "classes_present": len(torch.unique(clean.labels)),
-        },
-        class_mapping=clean.mapping.to_dict(),
-        trigger=None
-        if trigger is None
-        else {"description": trigger.description, "target": trigger.target, "path": str(request.trigger.image)},
         before=before,
         after=after,
         rounds=[
@@ -271,11 +340,90 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             "outer_seconds": log.outer_seconds,
         },
         verification=verification,
-        parity_before=parity,
-        timings=timer.phases,
         gates=gates,
         verdict=verdict,
-        warnings=warnings,
+    )
+
+
+def _report_common(p: _Prepared, request: SanitizeRequest, command: str, probes_before, probes_after) -> dict:
+    """The report fields sanitize and scan share."""
+    device = p.device
+    return {
+        "command": command,
+        "input": {"path": str(request.model), "format": p.loaded.fmt, "sha256": p.input_sha},
+        "model": {"architecture": p.loaded.arch, "num_classes": p.num_classes, "notes": p.loaded.notes},
+        "config": p.settings.to_dict(),
+        "config_layers": p.sources.layers,
+        "seed": p.settings.seed,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "data": {
+            "clean_dir": str(request.clean),
+            "n_images": len(p.clean.labels),
+            "n_unlearn": len(p.y_u),
+            "n_holdout": len(p.y_h),
+            "holdout_fraction": p.settings.split.holdout if len(p.y_u) else 1.0,
+            "classes_present": len(torch.unique(p.clean.labels)),
+        },
+        "class_mapping": p.clean.mapping.to_dict(),
+        "trigger": None
+        if p.trigger is None
+        else {"description": p.trigger.description, "target": p.trigger.target, "path": str(request.trigger.image)},
+        "parity_before": p.parity,
+        "probes": None
+        if probes_before is None and probes_after is None
+        else {
+            "before": None if probes_before is None else probes_before.to_dict(),
+            "after": None if probes_after is None else probes_after.to_dict(),
+        },
+        "timings": p.timer.phases,
+        "warnings": p.warnings,
+    }
+
+
+def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
+    """Probes only, no repair: a verdict (suspected / no evidence / inconclusive) and gates."""
+    progress = progress or NoProgress()
+    p = _prepare(request, split=False, out_path=None)
+    with p.timer.phase("probes"):
+        suite = _run_probes(p.model, p.x_h, p.y_h, p.num_classes, p.settings, p.device, p.amp, progress)
+    if request.artifacts is not None:
+        from .artifacts import write_artifacts
+
+        with p.timer.phase("artifacts"):
+            write_artifacts(request.artifacts, p.x_h, suite, None, p.before, None)
+    gates = [
+        Gate(
+            "probe_verdict",
+            "fail" if suite.verdict == "suspected" else "pass",
+            None,
+            None,
+            f"probes: {suite.verdict.replace('_', ' ')}"
+            + (f" ({'; '.join(suite.evidence['reasons'])})" if suite.evidence["reasons"] else ""),
+        )
+    ]
+    if p.before.asr is not None:
+        v = p.before.asr.value
+        gates.append(
+            Gate(
+                "asr",
+                "pass" if v is not None and v <= p.settings.gate.max_asr else "fail",
+                p.settings.gate.max_asr,
+                v,
+                f"true-trigger attack success rate (n={p.before.asr.n})",
+            )
+        )
+    else:
+        gates.append(_probe_gate(p.settings.gate, None, suite, stage="in the scan"))
+    return Report(
+        **_report_common(p, request, "scan", suite, None),
+        output=None,
+        before=p.before,
+        after=None,
+        rounds=[],
+        unlearning=None,
+        verification=None,
+        gates=gates,
+        verdict="fail" if any(g.status == "fail" for g in gates) else "pass",
     )
 
 
@@ -330,7 +478,56 @@ def _verify(out_path: Path, arch_flag: str | None, model, pre, x_h, eval_kw) -> 
     }
 
 
-def _gates(gate_cfg, before: Figures, after: Figures) -> list[Gate]:
+def _run_probes(model, x, y, num_classes, settings, device, amp, progress):
+    from .probes import run_probes
+
+    radius = settings.probes.radius
+    if radius is None:
+        radius = 0.3 * settings.unlearn.resolved_radius(tuple(x.shape[1:]))
+    return run_probes(
+        model,
+        x,
+        y,
+        num_classes,
+        device=device,
+        amp=amp,
+        seed=settings.seed,
+        budget_steps=settings.probes.budget_steps,
+        radius=radius,
+        progress=progress,
+    )
+
+
+def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repair") -> Gate:
+    """Without a known trigger: the strongest bounded probe toward the class suspected before
+    repair, measured after repair; and the after-repair verdict must not be 'suspected'."""
+    if probes_after is None:
+        return Gate("asr", "not_evaluated", gate_cfg.max_asr, None, "no trigger supplied and probes off")
+    cls = probes_before.evidence.get("suspected_class") if probes_before is not None else None
+    if cls is None:
+        cls = probes_after.evidence.get("suspected_class")
+    if cls is None:
+        ok = probes_after.verdict != "suspected"
+        return Gate(
+            "asr",
+            "pass" if ok else "fail",
+            gate_cfg.max_asr,
+            None,
+            f"no --trigger; probes {stage}: {probes_after.verdict.replace('_', ' ')}",
+        )
+    name, value = probes_after.probe_asr(cls)
+    status = "pass" if value <= gate_cfg.max_asr and probes_after.verdict != "suspected" else "fail"
+    return Gate(
+        "asr",
+        status,
+        gate_cfg.max_asr,
+        value,
+        f"no --trigger; strongest probe toward suspected class {cls} {stage} ({name}, "
+        f"n={probes_after.n_images}); probe verdict {stage}: {probes_after.verdict.replace('_', ' ')}",
+    )
+
+
+def _gates(gate_cfg, before: Figures, after: Figures | None, probes_before=None, probes_after=None) -> list[Gate]:
     gates = []
     drop = None
     if before.accuracy.value is not None and after.accuracy.value is not None:
@@ -345,7 +542,7 @@ def _gates(gate_cfg, before: Figures, after: Figures) -> list[Gate]:
         )
     )
     if after.asr is None:
-        gates.append(Gate("asr", "not_evaluated", gate_cfg.max_asr, None, "no trigger supplied"))
+        gates.append(_probe_gate(gate_cfg, probes_before, probes_after))
     else:
         v = after.asr.value
         gates.append(

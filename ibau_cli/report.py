@@ -28,7 +28,7 @@ class Figures:
 class Gate:
     name: str
     status: str  # "pass", "fail" or "not_evaluated"
-    limit: float
+    limit: float | None
     value: float | None
     detail: str
 
@@ -55,6 +55,7 @@ class Report:
     unlearning: dict[str, Any] | None
     verification: dict[str, Any] | None
     parity_before: dict[str, Any] | None
+    probes: dict[str, Any] | None
     timings: dict[str, float]
     gates: list[Gate]
     verdict: str
@@ -86,6 +87,7 @@ class Report:
             "unlearning": self.unlearning,
             "parity_before": self.parity_before,
             "verification": self.verification,
+            "probes": self.probes,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             "gates": [g.to_dict() for g in self.gates],
             "verdict": self.verdict,

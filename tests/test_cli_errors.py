@@ -8,13 +8,14 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import without_probes
 from safetensors.torch import save_file
 
 from ibau_cli.cli import main
 
 
-def invoke(*args) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+def invoke(*args, probes: bool = False) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, without_probes(args, probes), catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -164,11 +165,6 @@ def test_trigger_without_target(backdoored):
         "sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--trigger", backdoored["trigger"]
     )
     assert_one_line_error(code, err, 2, "--target")
-
-
-def test_max_asr_without_trigger_is_refused(backdoored):
-    code, _, err = invoke("sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--max-asr", "0.1")
-    assert_one_line_error(code, err, 2, "--max-asr needs --trigger")
 
 
 def test_cuda_requested_without_cuda(backdoored):

@@ -66,6 +66,31 @@ def render_console(report: dict[str, Any], console: Console) -> None:
             f"{r['seconds']:.1f}s",
         )
 
+    probes = None
+    if report.get("probes"):
+        probes = Table(title="trigger probes (held-out images)", title_justify="left")
+        for col in ("", "verdict", "suspected class", "worst probe", "flip rate", "mask anomaly index"):
+            probes.add_column(col)
+        for stage in ("before", "after"):
+            suite = report["probes"].get(stage)
+            if not suite:
+                continue
+            ev = suite["evidence"]
+            ai = ev.get("anomaly_index")
+            probes.add_row(
+                stage if report["command"] == "sanitize" else "scan",
+                suite["verdict"].replace("_", " "),
+                "-" if ev.get("suspected_class") is None else str(ev["suspected_class"]),
+                f"{suite['worst_probe']} -> {suite['worst_class']}",
+                _pct(suite["worst_flip_rate"]),
+                "-" if ai is None else f"{ai:.1f}",
+            )
+        reasons = [
+            Text(f"{stage}: {reason}", style="dim")
+            for stage in ("before", "after")
+            for reason in ((report["probes"].get(stage) or {}).get("evidence", {}).get("reasons", []))
+        ]
+
     timing = "  ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())
     gates = Table.grid(padding=(0, 2))
     style = {"pass": "green", "fail": "bold red", "not_evaluated": "yellow"}
@@ -73,12 +98,16 @@ def render_console(report: dict[str, Any], console: Console) -> None:
         value = "-" if g["value"] is None else f"{g['value']:.1%}"
         gates.add_row(
             Text(g["status"].replace("_", " ").upper(), style=style[g["status"]]),
-            f"{g['name']}: {value} (limit {g['limit']:.1%}) - {g['detail']}",
+            f"{g['name']}: {value}"
+            + ("" if g["limit"] is None else f" (limit {g['limit']:.1%})")
+            + f" - {g['detail']}",
         )
     verdict = report["verdict"].upper()
     parts: list[Any] = [head, Text(""), figs]
     if report.get("rounds"):
         parts += [Text(""), rounds]
+    if probes is not None:
+        parts += [Text(""), probes, *reasons]
     parts += [Text(""), Text(f"time: {timing}", style="dim"), Text(""), gates]
     for w in report.get("warnings", []):
         parts.append(Text(f"warning: {w}", style="yellow"))

@@ -1,0 +1,75 @@
+"""Probe interface: how backdoored does a model look, from held-out clean images alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..device import autocast
+from ..metrics import Rate
+
+
+@dataclass
+class ProbeContext:
+    x: Tensor  # held-out clean images, pixel space [0, 1], on the CPU
+    y: Tensor
+    num_classes: int
+    device: torch.device
+    amp: torch.dtype | None
+    seed: int
+    clean_pred: Tensor  # the model's predictions on x (CPU)
+    budget_steps: int  # optimisation steps per synthesised probe, shared by all classes
+    radius: float  # L2 bound for synthesised universal perturbations (pixel space)
+    batch_size: int = 256
+
+
+@dataclass
+class ProbeResult:
+    name: str
+    family: str  # "patch", "blend", "signal", "warp", "colour", "synthesised"
+    worst_class: int
+    flip: Rate  # non-target images, not already predicted as the class, flipped to it
+    details: dict = field(default_factory=dict)
+    per_class: list[float] = field(default_factory=list)  # flip rate toward every class
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "worst_class": self.worst_class,
+            "flip_rate": self.flip.to_dict(),
+            **({"details": self.details} if self.details else {}),
+        }
+
+
+class Probe(Protocol):
+    name: str
+    family: str
+
+    def run(self, model: nn.Module, ctx: ProbeContext) -> ProbeResult: ...
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, ctx: ProbeContext) -> Tensor:
+    out = []
+    for s in range(0, len(x), ctx.batch_size):
+        with autocast(ctx.device, ctx.amp):
+            out.append(model(x[s : s + ctx.batch_size].to(ctx.device)).argmax(1).cpu())
+    return torch.cat(out)
+
+
+def flip_rates(pred: Tensor, y: Tensor, clean_pred: Tensor, num_classes: int) -> tuple[int, Rate, list[float]]:
+    """Per class t: among images with label != t that the model did not already call t, the
+    fraction now called t. Returns the worst class, its rate and every class's rate."""
+    best, best_rate, rates = 0, Rate(0, 0), []
+    for t in range(num_classes):
+        eligible = (y != t) & (clean_pred != t)
+        n = int(eligible.sum())
+        hits = int(((pred == t) & eligible).sum())
+        rates.append(hits / n if n else 0.0)
+        if n and (best_rate.n == 0 or hits / n > best_rate.value):
+            best, best_rate = t, Rate(hits, n)
+    return best, best_rate, rates

@@ -1,0 +1,130 @@
+"""Fixed trigger patterns, not tuned to any one attack: patches, blends, a sinusoidal signal,
+smooth warps and low-frequency colour shifts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import ProbeContext, ProbeResult, flip_rates, predict
+
+Transform = Callable[[Tensor, torch.Generator], Tensor]
+
+
+@dataclass
+class PatternProbe:
+    name: str
+    family: str
+    transform: Transform
+
+    def run(self, model: nn.Module, ctx: ProbeContext) -> ProbeResult:
+        gen = torch.Generator().manual_seed(ctx.seed)
+        pred = predict(model, self.transform(ctx.x, gen), ctx)
+        worst, rate, rates = flip_rates(pred, ctx.y, ctx.clean_pred, ctx.num_classes)
+        return ProbeResult(self.name, self.family, worst, rate, per_class=rates)
+
+
+def _patch(size_frac: float, where: str, colour: str) -> Transform:
+    def apply(x: Tensor, gen: torch.Generator) -> Tensor:
+        _, c, h, w = x.shape
+        s = max(2, round(size_frac * min(h, w)))
+        top = {"t": 1, "b": h - s - 1, "c": (h - s) // 2}[where[0]]
+        left = {"l": 1, "r": w - s - 1, "c": (w - s) // 2}[where[-1]]
+        if colour == "white":
+            patch = torch.ones(c, s, s)
+        elif colour == "black":
+            patch = torch.zeros(c, s, s)
+        elif colour == "checker":
+            ii, jj = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+            patch = ((ii + jj) % 2).float().expand(c, s, s)
+        else:
+            patch = torch.rand(c, 1, 1, generator=gen).expand(c, s, s)
+        out = x.clone()
+        # also the very corner, where many attacks put their patch
+        out[:, :, top : top + s, left : left + s] = patch
+        if where in ("br", "tl", "tr", "bl"):
+            t0 = 0 if where[0] == "t" else h - s
+            l0 = 0 if where[-1] == "l" else w - s
+            out2 = x.clone()
+            out2[:, :, t0 : t0 + s, l0 : l0 + s] = patch
+            return torch.where(torch.arange(len(x)).view(-1, 1, 1, 1) % 2 == 0, out, out2)
+        return out
+
+    return apply
+
+
+def _blend(alpha: float, kind: str) -> Transform:
+    def apply(x: Tensor, gen: torch.Generator) -> Tensor:
+        _, c, h, w = x.shape
+        if kind == "noise":
+            pattern = torch.rand(1, c, h, w, generator=gen)
+        else:  # a smooth random image: low-resolution noise upsampled
+            pattern = F.interpolate(
+                torch.rand(1, c, 4, 4, generator=gen), size=(h, w), mode="bicubic", align_corners=False
+            )
+        return ((1 - alpha) * x + alpha * pattern).clamp(0, 1)
+
+    return apply
+
+
+def _signal(amplitude: float, freq: int, vertical: bool) -> Transform:
+    def apply(x: Tensor, gen: torch.Generator) -> Tensor:
+        _, _, h, w = x.shape
+        if vertical:
+            wave = torch.sin(2 * math.pi * torch.arange(h) * freq / h).view(1, 1, h, 1)
+        else:
+            wave = torch.sin(2 * math.pi * torch.arange(w) * freq / w).view(1, 1, 1, w)
+        return (x + amplitude * wave).clamp(0, 1)
+
+    return apply
+
+
+def _warp(k: int, strength: float) -> Transform:
+    def apply(x: Tensor, gen: torch.Generator) -> Tensor:
+        _, _, h, w = x.shape
+        noise = torch.rand(1, 2, k, k, generator=gen) * 2 - 1
+        noise = noise / noise.abs().mean()
+        flow = F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        grid = torch.stack([xs, ys], dim=-1).unsqueeze(0)
+        grid = (grid + strength * flow / max(h, w)).clamp(-1, 1)
+        return F.grid_sample(x, grid.expand(len(x), -1, -1, -1), align_corners=True)
+
+    return apply
+
+
+def _colour(shift: float) -> Transform:
+    def apply(x: Tensor, gen: torch.Generator) -> Tensor:
+        c = x.shape[1]
+        direction = torch.rand(1, c, 1, 1, generator=gen) * 2 - 1
+        return (x + shift * direction / direction.abs().max()).clamp(0, 1)
+
+    return apply
+
+
+def builtin_patterns() -> list[PatternProbe]:
+    probes = []
+    for frac in (0.1, 0.2):
+        for where in ("br", "bl", "tr", "tl", "cc"):
+            for colour in ("white", "black", "checker", "random"):
+                probes.append(PatternProbe(f"patch-{colour}-{where}-{frac:.0%}", "patch", _patch(frac, where, colour)))
+    for alpha in (0.1, 0.2):
+        for kind in ("noise", "smooth"):
+            probes.append(PatternProbe(f"blend-{kind}-{alpha}", "blend", _blend(alpha, kind)))
+    for freq in (4, 6):
+        for vertical in (False, True):
+            probes.append(
+                PatternProbe(
+                    f"signal-sin{freq}-{'v' if vertical else 'h'}", "signal", _signal(20 / 255, freq, vertical)
+                )
+            )
+    for k, strength in ((4, 0.5), (4, 1.0), (8, 1.0)):
+        probes.append(PatternProbe(f"warp-k{k}-s{strength}", "warp", _warp(k, strength)))
+    for shift in (0.1, 0.2):
+        probes.append(PatternProbe(f"colour-shift-{shift}", "colour", _colour(shift)))
+    return probes

@@ -1,0 +1,179 @@
+"""Triggers synthesised per candidate target class, on one half of the held-out images and
+measured on the other half.
+
+- ``mask-pattern`` (Neural Cleanse-style): a mask m and a pattern p, x' = (1 - m) x + m p,
+  optimised for the target with an L1 penalty on m. A backdoor target needs a much smaller mask
+  than the other classes: the median-absolute-deviation anomaly index of the mask norms says so.
+- ``universal-perturbation``: the object I-BAU's inner problem optimises, made targeted: an
+  L2-bounded delta maximising the target's probability.
+
+Cost: ``budget_steps`` optimisation steps per probe, split evenly over the classes (at least 10
+each), each step one forward and backward pass over a batch of at most 64 images. It grows
+linearly with the number of classes only through that floor.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..metrics import Rate
+from .base import ProbeContext, ProbeResult
+
+BATCH = 64
+
+
+def _halves(ctx: ProbeContext) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(ctx.seed + 17)
+    perm = torch.randperm(len(ctx.y), generator=gen)
+    return perm[: len(perm) // 2], perm[len(perm) // 2 :]
+
+
+def _eligible(ctx: ProbeContext, idx: Tensor, t: int) -> Tensor:
+    keep = (ctx.y[idx] != t) & (ctx.clean_pred[idx] != t)
+    return idx[keep]
+
+
+def anomaly_index(values: list[float], k: int) -> float:
+    """How far below the others value k is, in robust standard deviations (MAD x 1.4826)."""
+    med = statistics.median(values)
+    mad = statistics.median([abs(v - med) for v in values]) * 1.4826
+    return (med - values[k]) / mad if mad > 0 else 0.0
+
+
+@torch.no_grad()
+def _flip(model: nn.Module, x: Tensor, t: int, ctx: ProbeContext) -> Rate:
+    hits = 0
+    for s in range(0, len(x), ctx.batch_size):
+        hits += int((model(x[s : s + ctx.batch_size].to(ctx.device)).argmax(1) == t).sum())
+    return Rate(hits, len(x))
+
+
+class MaskPatternProbe:
+    name = "synth-mask-pattern"
+    family = "synthesised"
+
+    def __init__(self, l1_weight: float = 0.05) -> None:
+        self.l1_weight = l1_weight
+
+    def run(self, model: nn.Module, ctx: ProbeContext) -> ProbeResult:
+        fit_idx, test_idx = _halves(ctx)
+        _, c, h, w = ctx.x.shape
+        steps = max(10, ctx.budget_steps // max(ctx.num_classes, 1))
+        gen = torch.Generator().manual_seed(ctx.seed)
+        norms, flips, masks, patterns = [], [], [], []
+        for t in range(ctx.num_classes):
+            fit = _eligible(ctx, fit_idx, t)
+            test = _eligible(ctx, test_idx, t)
+            if len(fit) == 0 or len(test) == 0:
+                norms.append(float("inf"))
+                flips.append(Rate(0, 0))
+                masks.append(None)
+                patterns.append(None)
+                continue
+            m_logit = torch.full((1, 1, h, w), -3.0, device=ctx.device, requires_grad=True)
+            p_logit = torch.randn((1, c, h, w), generator=gen).to(ctx.device).requires_grad_(True)
+            opt = torch.optim.Adam([m_logit, p_logit], lr=0.1)
+            target = torch.full((BATCH,), t, device=ctx.device)
+            for _ in range(steps):
+                pick = fit[torch.randint(len(fit), (min(BATCH, len(fit)),), generator=gen)]
+                xb = ctx.x[pick].to(ctx.device)
+                m, p = torch.sigmoid(m_logit), torch.sigmoid(p_logit)
+                out = model((1 - m) * xb + m * p)
+                loss = F.cross_entropy(out, target[: len(xb)]) + self.l1_weight * m.sum() / (h * w) * 100
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                m, p = torch.sigmoid(m_logit), torch.sigmoid(p_logit)
+                xt = (1 - m) * ctx.x[test].to(ctx.device) + m * p
+                flips.append(_flip(model, xt.cpu(), t, ctx))
+                norms.append(float(m.sum()) / (h * w))
+                masks.append(m.cpu())
+                patterns.append(p.cpu())
+        finite = [v for v in norms if v != float("inf")]
+        indices = [anomaly_index(finite, finite.index(v)) if v != float("inf") else 0.0 for v in norms]
+        # the class whose working trigger is smallest relative to the others' triggers
+        working = [k for k in range(ctx.num_classes) if (flips[k].value or 0) >= 0.5]
+        if working:
+            worst = max(working, key=lambda k: indices[k])
+        else:
+            worst = max(range(ctx.num_classes), key=lambda k: flips[k].value or 0)
+        result = ProbeResult(
+            self.name,
+            self.family,
+            worst,
+            flips[worst],
+            {
+                "anomaly_index": indices[worst],
+                "mask_l1_fraction": norms[worst],
+                "median_mask_l1_fraction": statistics.median(finite) if finite else None,
+                "steps_per_class": steps,
+                "per_class": [
+                    {
+                        "class": k,
+                        "mask_l1_fraction": None if norms[k] == float("inf") else norms[k],
+                        "anomaly_index": indices[k],
+                        "flip_rate": flips[k].value,
+                    }
+                    for k in range(ctx.num_classes)
+                ],
+            },
+            per_class=[f.value or 0.0 for f in flips],
+        )
+        result.artifacts = {"mask": masks[worst], "pattern": patterns[worst]}  # type: ignore[attr-defined]
+        return result
+
+
+class UniversalPerturbationProbe:
+    name = "synth-universal-perturbation"
+    family = "synthesised"
+
+    def run(self, model: nn.Module, ctx: ProbeContext) -> ProbeResult:
+        fit_idx, test_idx = _halves(ctx)
+        steps = max(10, ctx.budget_steps // max(ctx.num_classes, 1))
+        gen = torch.Generator().manual_seed(ctx.seed + 1)
+        alpha = 2.5 * ctx.radius / steps
+        flips, deltas = [], []
+        for t in range(ctx.num_classes):
+            fit = _eligible(ctx, fit_idx, t)
+            test = _eligible(ctx, test_idx, t)
+            if len(fit) == 0 or len(test) == 0:
+                flips.append(Rate(0, 0))
+                deltas.append(None)
+                continue
+            delta = torch.zeros((1, *ctx.x.shape[1:]), device=ctx.device)
+            for _ in range(steps):
+                pick = fit[torch.randint(len(fit), (min(BATCH, len(fit)),), generator=gen)]
+                xb = ctx.x[pick].to(ctx.device)
+                delta.requires_grad_(True)
+                out = model((xb + delta).clamp(0, 1))
+                loss = F.cross_entropy(out, torch.full((len(xb),), t, device=ctx.device))
+                (g,) = torch.autograd.grad(loss, delta)
+                with torch.no_grad():
+                    delta = delta.detach() - alpha * g / (g.norm() + 1e-12)
+                    n = delta.norm()
+                    if n > ctx.radius:
+                        delta = delta * (ctx.radius / n)
+            flips.append(_flip(model, (ctx.x[test] + delta.cpu()).clamp(0, 1), t, ctx))
+            deltas.append(delta.cpu())
+        rates = [f.value or 0.0 for f in flips]
+        worst = max(range(ctx.num_classes), key=lambda k: rates[k])
+        others = [r for k, r in enumerate(rates) if k != worst]
+        result = ProbeResult(
+            self.name,
+            self.family,
+            worst,
+            flips[worst],
+            {
+                "radius": ctx.radius,
+                "steps_per_class": steps,
+                "median_other_flip_rate": statistics.median(others) if others else None,
+            },
+            per_class=rates,
+        )
+        result.artifacts = {"delta": deltas[worst]}  # type: ignore[attr-defined]
+        return result

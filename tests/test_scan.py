@@ -1,0 +1,115 @@
+"""Probes and `ibau scan`: backdoored models flagged with their target, clean ones not; a trigger
+outside the fixed-pattern list caught by the synthesised probes; probes fall after sanitize."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+from test_cli_errors import invoke
+
+from ibau_cli.demo import NUM_CLASSES, synthetic_images, train_backdoored
+from ibau_cli.formats import save_model
+from ibau_cli.preprocess import Preprocess
+from ibau_cli.probes import PROBES, run_probes
+
+FAST = ["--set", "probes.budget_steps=300"]
+
+
+def _plus_sign(x: torch.Tensor) -> torch.Tensor:
+    """A magenta plus sign, 5x5, off-centre at rows 5-9 / columns 20-24: no fixed probe is like it."""
+    x = x.clone()
+    x[:, :, 7, 20:25] = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1)
+    x[:, :, 5:10, 22] = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1)
+    return x
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    models = {}
+    for name, kwargs in {
+        "clean0": {"seed": 0, "poison": False},
+        "clean1": {"seed": 1, "poison": False},
+        "plus": {"seed": 2, "trigger_fn": _plus_sign},
+    }.items():
+        trained = train_backdoored(**kwargs)
+        path = root / f"{name}.safetensors"
+        save_model(
+            trained.model, path, fmt="safetensors", arch="small-cnn", num_classes=NUM_CLASSES, preprocess=Preprocess()
+        )
+        models[name] = (path, trained)
+    assert models["plus"][1].asr > 0.9
+    return models
+
+
+def test_probe_registry_has_every_family():
+    families = {PROBES.get(n).family for n in PROBES.names()}
+    assert families == {"patch", "blend", "signal", "warp", "colour", "synthesised"}
+
+
+def test_scan_flags_backdoor_with_its_target(backdoored):
+    code, stdout, err = invoke(
+        "scan", backdoored["model"], "--clean", backdoored["clean100"], "--json", "--quiet", *FAST
+    )
+    assert code == 1, err
+    report = json.loads(stdout)
+    suite = report["probes"]["before"]
+    assert suite["verdict"] == "suspected" and suite["evidence"]["suspected_class"] == 0
+    assert report["verdict"] == "fail"
+
+
+@pytest.mark.parametrize("name", ["clean0", "clean1"])
+def test_scan_does_not_flag_clean_models(zoo, backdoored, name):
+    path, _ = zoo[name]
+    code, stdout, err = invoke("scan", path, "--clean", backdoored["clean100"], "--json", "--quiet", *FAST)
+    report = json.loads(stdout)
+    assert code == 0, report["probes"]["before"]["evidence"]
+    assert report["probes"]["before"]["verdict"] in ("no_evidence", "inconclusive")
+
+
+def test_unlisted_trigger_is_caught_by_synthesised_probes(zoo, backdoored, tmp_path):
+    path, trained = zoo["plus"]
+    x, y = synthetic_images(200, seed=31)
+    suite = run_probes(trained.model, x, y, NUM_CLASSES, device=torch.device("cpu"), budget_steps=300, radius=3.0)
+    assert suite.verdict == "suspected" and suite.evidence["suspected_class"] == 0
+    synth = [r for r in suite.results if r.family == "synthesised" and r.worst_class == 0]
+    assert synth and max(r.flip.value for r in synth) >= 0.5
+    fixed_best = max((r for r in suite.results if r.family != "synthesised"), key=lambda r: r.flip.value)
+    assert fixed_best.flip.value < 0.5  # the fixed patterns alone would have missed it
+    art = tmp_path / "art"
+    code, _, err = invoke("scan", path, "--clean", backdoored["clean100"], "--quiet", "--artifacts", art, *FAST)
+    assert code == 1, err
+    assert (art / "before-mask-pattern-applied.png").stat().st_size > 0
+    assert (art / "before-after.png").exists()
+
+
+def test_probe_figures_fall_with_the_true_asr_after_sanitize(backdoored, tmp_path):
+    res = run_cli(
+        "sanitize",
+        backdoored["model"],
+        "--clean",
+        backdoored["clean500"],
+        "--out",
+        tmp_path / "f.safetensors",
+        "--trigger",
+        backdoored["trigger"],
+        "--target",
+        "0",
+        "--json",
+        "--quiet",
+        *FAST,
+        probes=True,
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    before, after = report["probes"]["before"], report["probes"]["after"]
+    assert before["verdict"] == "suspected" and before["evidence"]["suspected_class"] == 0
+    assert after["verdict"] != "suspected", after["evidence"]
+    # the probe figures fall with the true ASR, side by side in the report
+    uap_b = next(p for p in before["probes"] if p["name"] == "synth-universal-perturbation")
+    uap_a = next(p for p in after["probes"] if p["name"] == "synth-universal-perturbation")
+    assert uap_b["flip_rate"]["value"] > 0.9 and uap_a["flip_rate"]["value"] < 0.5
+    assert report["after"]["asr"]["value"] < 0.2
