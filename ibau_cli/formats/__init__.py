@@ -20,11 +20,12 @@ def register_format(fmt: ModelFormat, *, origin: str = "builtin") -> ModelFormat
 
 def _register_builtins() -> None:
     from .checkpoint_format import CheckpointFormat
+    from .exported_format import ExportedProgramFormat
     from .onnx_format import OnnxFormat
     from .safetensors_format import SafetensorsFormat
     from .torchscript_format import TorchScriptFormat
 
-    for fmt in (SafetensorsFormat(), TorchScriptFormat(), CheckpointFormat(), OnnxFormat()):
+    for fmt in (SafetensorsFormat(), TorchScriptFormat(), CheckpointFormat(), OnnxFormat(), ExportedProgramFormat()):
         register_format(fmt)
 
 

@@ -1,0 +1,92 @@
+"""``torch.export`` programs (``.pt2``), the successor torch offers to TorchScript.
+
+Loaded with ``torch.export.load`` (a serialised graph and weights, no Python code), run through
+``ExportedProgram.module()``, which trains and supports double backward; saved by exporting the
+repaired module again with a dynamic batch axis. Such modules refuse ``.train()``/``.eval()``:
+their BatchNorm mode was fixed at export, and ibau keeps it (it unlearns in eval mode anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError
+from .base import LoadedModel, ModelFormat, SaveRequest
+from .metadata import META_ARCH, ibau_metadata, preprocess_from_metadata
+from .zipped import zip_members
+
+EXTRA = "ibau.json"
+
+
+class FixedMode(nn.Module):
+    """Holds an exported module; ``train()``/``eval()`` stop here instead of raising inside it."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def train(self, mode: bool = True) -> FixedMode:
+        self.training = mode
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+
+def is_exported_program(path: Path) -> bool:
+    names = zip_members(path) or []
+    return any(n.endswith("/archive_format") for n in names) and any("/models/" in n for n in names)
+
+
+class ExportedProgramFormat(ModelFormat):
+    name = "torch-export"
+    suffixes = (".pt2",)
+
+    def sniff(self, head: bytes, path: Path) -> bool:
+        return head[:4] == b"PK\x03\x04" and is_exported_program(path)
+
+    def load(self, path: Path, *, arch: str | None, device: str) -> LoadedModel:
+        if arch is not None:
+            raise InputError(f"{path}: a torch.export program carries its own graph; drop --arch")
+        extra = {EXTRA: ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.load(str(path), extra_files=extra)
+                module = program.module()
+        except Exception as exc:
+            raise InputError(f"{path}: not a loadable torch.export program ({type(exc).__name__}: {exc})") from exc
+        meta = {str(k): str(v) for k, v in json.loads(extra.get(EXTRA) or "{}").items()}
+        hint = None
+        example = getattr(program, "example_inputs", None)
+        try:
+            first = example[0][0] if example else None
+            if isinstance(first, Tensor) and first.dim() == 4 and first.shape[1] in (1, 3):
+                hint = (int(first.shape[1]), int(first.shape[2]), int(first.shape[3]))
+        except (TypeError, IndexError):
+            hint = None
+        loaded = LoadedModel(
+            module=FixedMode(module).to(device),
+            fmt=self.name,
+            num_classes=int(meta.get("ibau.num_classes", "0") or 0),
+            arch=meta.get(META_ARCH, "torch-export"),
+            preprocess=preprocess_from_metadata(meta, path),
+            metadata=meta,
+            notes=["graph from the torch.export program (BatchNorm mode fixed at export)"],
+        )
+        loaded.input_hint = hint
+        return loaded
+
+    def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
+        inner = module.inner if isinstance(module, FixedMode) else module.eval()
+        h, w = request.preprocess.input_size
+        example = torch.rand(2, request.preprocess.channels, h, w, device=next(module.parameters()).device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(inner, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+            torch.export.save(program, str(path), extra_files={EXTRA: json.dumps(ibau_metadata(request))})
