@@ -406,7 +406,7 @@ def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
         gates.append(
             Gate(
                 "asr",
-                "pass" if v is not None and v <= p.settings.gate.max_asr else "fail",
+                "pass" if v is not None and v <= p.settings.gate.max_asr + EPS else "fail",
                 p.settings.gate.max_asr,
                 v,
                 f"true-trigger attack success rate (n={p.before.asr.n})",
@@ -428,6 +428,7 @@ def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
 
 
 PARITY_TOL = 1e-3
+EPS = 1e-9  # rates are ratios of counts: gates compare with a tolerance, not bit for bit
 
 
 def reference_parity(model: Normalized, reference, x: torch.Tensor, eval_kw) -> dict:
@@ -516,7 +517,7 @@ def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repai
             f"no --trigger; probes {stage}: {probes_after.verdict.replace('_', ' ')}",
         )
     name, value = probes_after.probe_asr(cls)
-    status = "pass" if value <= gate_cfg.max_asr and probes_after.verdict != "suspected" else "fail"
+    status = "pass" if value <= gate_cfg.max_asr + EPS and probes_after.verdict != "suspected" else "fail"
     return Gate(
         "asr",
         status,
@@ -535,7 +536,7 @@ def _gates(gate_cfg, before: Figures, after: Figures | None, probes_before=None,
     gates.append(
         Gate(
             name="accuracy_drop",
-            status="not_evaluated" if drop is None else ("pass" if drop <= gate_cfg.max_acc_drop else "fail"),
+            status="not_evaluated" if drop is None else ("pass" if drop <= gate_cfg.max_acc_drop + EPS else "fail"),
             limit=gate_cfg.max_acc_drop,
             value=drop,
             detail=f"held-out clean accuracy drop (n={after.accuracy.n})",
@@ -548,7 +549,7 @@ def _gates(gate_cfg, before: Figures, after: Figures | None, probes_before=None,
         gates.append(
             Gate(
                 name="asr",
-                status="pass" if v is not None and v <= gate_cfg.max_asr else "fail",
+                status="pass" if v is not None and v <= gate_cfg.max_asr + EPS else "fail",
                 limit=gate_cfg.max_asr,
                 value=v,
                 detail=f"true-trigger attack success rate after repair (n={after.asr.n})",

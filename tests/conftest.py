@@ -66,10 +66,18 @@ def independent_figures(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
 
 
 def without_probes(args: tuple, probes: bool) -> list[str]:
-    """The probes take a while; tests about something else switch them off."""
+    """The probes take a while; tests about something else switch them off.
+
+    On the 100-image clean sets ibau holds out 20 images, so one image is 5 accuracy points:
+    those runs get a coarse accuracy gate, and the tests assert the accuracy drop themselves on
+    1,000 independent images instead.
+    """
     args = [str(a) for a in args]
-    if args and args[0] == "sanitize" and not probes and "--no-probes" not in args:
-        args.append("--no-probes")
+    if args and args[0] == "sanitize":
+        if not probes and "--no-probes" not in args:
+            args.append("--no-probes")
+        if any(a.endswith("clean100") for a in args) and "--max-acc-drop" not in args:
+            args += ["--max-acc-drop", "0.2"]
     return args
 
 
