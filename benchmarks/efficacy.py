@@ -150,6 +150,7 @@ def main() -> int:
                         continue
                     out = tmp / f"{method}.safetensors"
                     overrides["seed"] = seed
+                    overrides.setdefault("probes", {})["enabled"] = False  # this benchmark measures unlearning
                     t = time.perf_counter()
                     report = sanitize(
                         SanitizeRequest(

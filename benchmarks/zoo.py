@@ -30,7 +30,7 @@ import shlex
 import socket
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -264,7 +264,7 @@ def cmd_train(args) -> int:
     runs.append(
         {
             "argv": sys.argv,
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
             "start_epoch": start_epoch,
         }
     )
@@ -361,7 +361,7 @@ def cmd_train(args) -> int:
     # --- manifest.json ---
     manifest = {
         "name": args.name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset": args.dataset,
         "classes": classes,
         "arch": args.arch,

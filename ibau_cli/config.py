@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .errors import ConfigError
 from .preprocess import Preprocess
@@ -32,6 +31,7 @@ class UnlearnConfig:
     fixed_point_lr: float = 0.1
     optimizer: str = "sgd"
     lr: float = 0.03
+    lr_schedule: str = "cosine"  # "constant" or "cosine" (decays to 0 over all outer steps)
     max_grad_norm: float | None = 1.0  # clip the total (direct + implicit) gradient norm
     amp: str = "auto"
 
@@ -56,6 +56,8 @@ class UnlearnConfig:
             p.append("unlearn.max_grad_norm must be > 0 (or unset for no clipping)")
         if self.lr <= 0 or self.fixed_point_lr <= 0:
             p.append("unlearn.lr and unlearn.fixed_point_lr must be > 0")
+        if self.lr_schedule not in ("constant", "cosine"):
+            p.append(f"unlearn.lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
         if self.clean_loss not in ("labels", "teacher"):
             p.append(f"unlearn.clean_loss must be 'labels' or 'teacher', not {self.clean_loss!r}")
         if self.optimizer not in ("adam", "sgd"):

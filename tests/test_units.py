@@ -186,3 +186,17 @@ def test_metadata_preprocess_is_json(tmp_path):
         meta = fh.metadata()
     assert json.loads(meta["ibau.preprocess"])["mean"] == [0.1, 0.2, 0.3]
     assert meta["ibau.arch"] == "small-cnn" and meta["ibau.num_classes"] == "3"
+
+
+def test_readme_config_block_is_valid_and_complete():
+    import tomllib
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("```toml") + len("```toml")
+    block = tomllib.loads(text[start : text.index("```", start)])
+    settings = apply_layer(Settings(), block, "README")
+    settings.check()
+    for section in ("preprocess", "unlearn", "split", "gate", "probes"):
+        documented = set(block.get(section, {}))
+        assert documented == set(getattr(Settings(), section).__dataclass_fields__), section

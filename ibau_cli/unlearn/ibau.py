@@ -119,6 +119,10 @@ def unlearn(
     alpha = 2.5 * radius / max(config.inner_steps, 1)
     steps_per_round = max(math.ceil(n / bs), config.min_steps_per_round)
     batch_stream = _batches(n, bs, gen)
+    total_steps = steps_per_round * config.rounds
+    scheduler = None
+    if config.lr_schedule == "cosine" and total_steps > 0:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     teacher = None
     if config.clean_loss == "teacher":
         with torch.no_grad():
@@ -202,6 +206,8 @@ def unlearn(
                 p.grad = None if g is None else g.detach()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
             outer_losses.append(float(loss_out.detach()))
             progress.advance()
         t_end = time.perf_counter()
