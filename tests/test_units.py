@@ -200,3 +200,16 @@ def test_readme_config_block_is_valid_and_complete():
     for section in ("preprocess", "unlearn", "split", "gate", "probes"):
         documented = set(block.get(section, {}))
         assert documented == set(getattr(Settings(), section).__dataclass_fields__), section
+
+
+def test_every_subpackage_is_packaged():
+    """A non-editable install ships only the packages pyproject lists: none may be forgotten."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "ibau_cli").rglob("__init__.py")} | {
+        "ibau_cli.configs"
+    }
+    assert found == listed
