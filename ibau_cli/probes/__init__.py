@@ -41,7 +41,10 @@ class ProbeSuite:
     artifacts: dict = field(default_factory=dict)
 
     def worst(self) -> ProbeResult:
-        return max(self.results, key=lambda r: r.flip.value or 0.0)
+        """The strongest bounded probe (the mask-pattern trigger's area is not bounded, so it
+        flips most images of any model; it counts through its anomaly index instead)."""
+        bounded = [r for r in self.results if r.name != "synth-mask-pattern"] or self.results
+        return max(bounded, key=lambda r: r.flip.value or 0.0)
 
     def probe_asr(self, target: int) -> tuple[str, float]:
         """The strongest bounded probe toward ``target``: fixed patterns and the universal
