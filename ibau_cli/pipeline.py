@@ -37,6 +37,17 @@ class TriggerSpec:
     additive: bool = False
     position: str = "br"
 
+    def __post_init__(self) -> None:
+        _as_paths(self, ("image", "mask"))
+
+
+def _as_paths(obj: object, names: tuple[str, ...]) -> None:
+    """Library callers may pass strings; every path field becomes a Path."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not isinstance(value, Path):
+            object.__setattr__(obj, name, Path(value))
+
 
 @dataclass(frozen=True)
 class SanitizeRequest:
@@ -53,6 +64,9 @@ class SanitizeRequest:
     force: bool = False
     save: bool = True
     artifacts: Path | None = None
+
+    def __post_init__(self) -> None:
+        _as_paths(self, ("model", "clean", "out", "classes_file", "config_file", "artifacts"))
 
 
 class _Timer:
