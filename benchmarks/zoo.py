@@ -21,7 +21,6 @@ The trigger, where it has a file form, is written to ``OUT/NAME/trigger.png`` at
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -44,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attacks  # noqa: E402  (benchmarks/attacks.py)
 
+from ibau_cli.formats import sha256_file  # noqa: E402
+
 DATASETS = {
     "cifar10": {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616], "flip": True},
     "gtsrb": {"mean": [0.3403, 0.3121, 0.3214], "std": [0.2724, 0.2608, 0.2669], "flip": False},
@@ -64,14 +65,6 @@ def default_data_dir() -> Path:
 def default_out_dir() -> Path:
     env = os.environ.get("IBAU_ZOO_DIR")
     return Path(env).expanduser() if env else Path("~/.cache/ibau-zoo").expanduser()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_split(data_dir: Path, dataset: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str], Path]:

@@ -117,6 +117,7 @@ class _Prepared:
     input_sha: str
     parity: dict | None
     before: Figures
+    out_fmt: Any  # the output's ModelFormat, None when nothing is written
     timer: _Timer
     warnings: list[str]
 
@@ -138,6 +139,7 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
     with timer.phase("load"):
         loaded = load_model(Path(request.model), arch=request.arch, device="cpu")
         input_sha = sha256_file(Path(request.model))
+    out_fmt = None
     if out_path is not None:
         out_fmt = format_for_output(out_path, loaded.fmt)
         if not out_fmt.can_save_from(loaded.fmt):
@@ -238,6 +240,7 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         input_sha,
         parity,
         before,
+        out_fmt,
         timer,
         warnings,
     )
@@ -299,7 +302,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
     output_info = None
     verification = None
     if out_path is not None:
-        fmt = format_for_output(out_path, loaded.fmt)
+        fmt = p.out_fmt
         extra = {k: v for k, v in loaded.metadata.items() if not k.startswith("ibau.")}
         extra.update({"ibau.source_sha256": input_sha, "ibau.sanitized": "i-bau"})
         with timer.phase("save"):

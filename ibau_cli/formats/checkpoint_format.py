@@ -14,8 +14,8 @@ from torch import nn
 
 from ..errors import InputError
 from .base import LoadedModel, ModelFormat, SaveRequest
-from .metadata import ibau_metadata, preprocess_from_metadata
-from .state_dict import build_from_state_dict
+from .metadata import ibau_metadata
+from .state_dict import loaded_from_state_dict
 from .zipped import is_torch_save_zip
 
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "weights")
@@ -79,17 +79,9 @@ class CheckpointFormat(ModelFormat):
         meta = {}
         if isinstance(obj, dict) and isinstance(obj.get(META_KEY), dict):
             meta = {str(k): str(v) for k, v in obj[META_KEY].items()}
-        module, num_classes, arch, notes = build_from_state_dict(sd, arch, meta, path)
-        notes.append(f"state dict at {where}")
-        return LoadedModel(
-            module=module.to(device).eval(),
-            fmt=self.name,
-            num_classes=num_classes,
-            arch=arch,
-            preprocess=preprocess_from_metadata(meta, path),
-            metadata=meta,
-            notes=notes,
-        )
+        loaded = loaded_from_state_dict(sd, arch, meta, path, fmt=self.name, device=device)
+        loaded.notes.append(f"state dict at {where}")
+        return loaded
 
     def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
         sd = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}

@@ -9,8 +9,8 @@ from torch import nn
 
 from ..errors import InputError
 from .base import LoadedModel, ModelFormat, SaveRequest
-from .metadata import ibau_metadata, preprocess_from_metadata
-from .state_dict import build_from_state_dict
+from .metadata import ibau_metadata
+from .state_dict import loaded_from_state_dict
 
 
 class SafetensorsFormat(ModelFormat):
@@ -33,16 +33,7 @@ class SafetensorsFormat(ModelFormat):
             tensors = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
             raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
-        module, num_classes, arch, notes = build_from_state_dict(tensors, arch, meta, path)
-        return LoadedModel(
-            module=module.to(device).eval(),
-            fmt=self.name,
-            num_classes=num_classes,
-            arch=arch,
-            preprocess=preprocess_from_metadata(meta, path),
-            metadata=meta,
-            notes=notes,
-        )
+        return loaded_from_state_dict(tensors, arch, meta, path, fmt=self.name, device=device)
 
     def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
         from safetensors.torch import save_file

@@ -9,7 +9,8 @@ from torch import nn
 
 from ..archs.resolve import build_user_model, builtin_spec, is_user_code
 from ..errors import InputError
-from .metadata import META_ARCH, META_CLASSES
+from .base import LoadedModel
+from .metadata import META_ARCH, META_CLASSES, preprocess_from_metadata
 
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 
@@ -44,13 +45,12 @@ def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path)
     module.load_state_dict(present, strict=False)
 
 
-def build_from_state_dict(
-    tensors: dict[str, torch.Tensor], arch: str | None, meta: dict[str, str], path: Path
-) -> tuple[nn.Module, int, str, list[str]]:
-    """Build the architecture (from ``--arch`` or the file's metadata) and load the tensors.
-
-    Returns the module, the number of classes (0 when only a forward pass can tell), the
-    architecture and notes for the report. Never guesses an architecture from tensor names.
+def loaded_from_state_dict(
+    tensors: dict[str, torch.Tensor], arch: str | None, meta: dict[str, str], path: Path, *, fmt: str, device: str
+) -> LoadedModel:
+    """Build the architecture (from ``--arch`` or the file's metadata), load the tensors and
+    return the model with what the file says of it. The number of classes is 0 when only a
+    forward pass can tell. Never guesses an architecture from tensor names.
     """
     source = "--arch"
     if arch is None:
@@ -82,4 +82,12 @@ def build_from_state_dict(
         num_classes = int(weight.shape[0])
         module = spec.build(num_classes)
     load_strict(module, tensors, path)
-    return module, num_classes, arch, notes
+    return LoadedModel(
+        module=module.to(device).eval(),
+        fmt=fmt,
+        num_classes=num_classes,
+        arch=arch,
+        preprocess=preprocess_from_metadata(meta, path),
+        metadata=meta,
+        notes=notes,
+    )
