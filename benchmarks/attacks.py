@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ATTACKS = ("badnets", "blend", "trojan-square", "sig", "wanet", "all2all", "clean")
+ATTACKS = ("badnets", "blend", "trojan-square", "watermark", "invisible", "sig", "wanet", "all2all", "clean")
 
 BADNETS_SIZE = 3
 BLEND_ALPHA = 0.1
@@ -34,6 +34,14 @@ SIG_AMPLITUDE = 20 / 255
 SIG_FREQUENCY = 6
 WANET_K = 4
 WANET_S = 0.5
+# Watermark: a yellow 7x7 "X" drawn at opacity 0.8, top half, right of centre (no corner, not the centre):
+# not among the probes' fixed patterns (shape, colour and place all differ).
+WATERMARK_SIZE = 7
+WATERMARK_TOP_LEFT = (5, 19)  # (row, column) on a 32x32 input
+WATERMARK_RGB = (255, 220, 0)
+WATERMARK_ALPHA = 0.8
+# Invisible additive: a seeded +-INVISIBLE_255/255 sign pattern over the whole image.
+INVISIBLE_255 = 6
 
 # Trojan-square pattern: a 4x4 checkerboard of magenta and green (RGB, 0..255).
 _TROJAN_A = (255, 0, 255)
@@ -50,6 +58,28 @@ def _trojan_pattern(channels: int = 3) -> Tensor:
     if channels == 1:
         p = p.mean(0, keepdim=True)
     return p
+
+
+def _watermark(channels: int, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """Full-size (pattern (C, H, W), mask (1, H, W)) of the watermark "X"."""
+    top, left = WATERMARK_TOP_LEFT
+    top, left = top * h // 32, left * w // 32
+    mask = torch.zeros(1, h, w)
+    for i in range(WATERMARK_SIZE):
+        mask[0, top + i, left + i] = WATERMARK_ALPHA
+        mask[0, top + i, left + WATERMARK_SIZE - 1 - i] = WATERMARK_ALPHA
+    colour = torch.tensor(WATERMARK_RGB, dtype=torch.float32) / 255.0
+    pattern = colour.view(3, 1, 1).expand(3, h, w).clone()
+    if channels == 1:
+        pattern = pattern.mean(0, keepdim=True)
+    return pattern, mask
+
+
+def _invisible_offset(seed: int, channels: int, h: int, w: int) -> Tensor:
+    """Seeded sign pattern (C, H, W) with values +-INVISIBLE_255/255."""
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    signs = torch.randint(0, 2, (channels, h, w), generator=g).float() * 2 - 1
+    return signs * INVISIBLE_255 / 255.0
 
 
 def _blend_noise(seed: int, channels: int, h: int, w: int) -> Tensor:
@@ -100,6 +130,11 @@ def apply(attack: str, x: Tensor, seed: int = 0) -> Tensor:
         out = x.clone()
         out[:, :, h - TROJAN_SIZE :, w - TROJAN_SIZE :] = _trojan_pattern(c)
         return out
+    if attack == "watermark":
+        pattern, mask = _watermark(c, h, w)
+        return ((1 - mask) * x + mask * pattern).clamp(0, 1)
+    if attack == "invisible":
+        return (x + _invisible_offset(seed, c, h, w)).clamp(0, 1)
     if attack == "blend":
         noise = _blend_noise(seed, c, h, w)
         return ((1 - BLEND_ALPHA) * x + BLEND_ALPHA * noise).clamp(0, 1)
@@ -137,6 +172,16 @@ def trigger_params(attack: str, seed: int = 0) -> dict:
             "colors_rgb": [list(_TROJAN_A), list(_TROJAN_B)],
             "position": "bottom-right",
         }
+    if attack == "watermark":
+        return {
+            "type": "watermark",
+            "shape": f"X, {WATERMARK_SIZE}x{WATERMARK_SIZE}",
+            "top_left_row_col_on_32x32": list(WATERMARK_TOP_LEFT),
+            "color_rgb": list(WATERMARK_RGB),
+            "alpha": WATERMARK_ALPHA,
+        }
+    if attack == "invisible":
+        return {"type": "additive-sign-noise", "amplitude_255": INVISIBLE_255, "seed": int(seed) + 7919}
     if attack == "blend":
         return {"type": "blend", "alpha": BLEND_ALPHA, "noise": "uniform randint(0,256)/255", "seed": int(seed)}
     if attack == "sig":
@@ -195,6 +240,22 @@ def trigger_files(
             trigger_blend=BLEND_ALPHA,
             cli_hint=["--trigger", "trigger.png", "--trigger-blend", str(BLEND_ALPHA)],
             note="x' = (1 - alpha) * x + alpha * trigger",
+        )
+    elif attack == "watermark":
+        pattern, mask = _watermark(channels, h, w)
+        _save_png(pattern, out / "trigger.png")
+        _save_png(mask, out / "mask.png")
+        info.update(
+            file="trigger.png",
+            cli_hint=["--trigger", "trigger.png", "--trigger-mask", "mask.png"],
+            note="x' = (1 - mask) * x + mask * trigger",
+        )
+    elif attack == "invisible":
+        _save_png(_invisible_offset(seed, channels, h, w) + 128 / 255, out / "trigger.png")
+        info.update(
+            file="trigger.png",
+            cli_hint=["--trigger", "trigger.png", "--trigger-additive"],
+            note="x' = clip(x + (trigger - 128/255))",
         )
     else:
         info.update(file=None, note="no file-based trigger is available for this attack")

@@ -1,7 +1,12 @@
-"""PNG artifacts for a person to look at: synthesised triggers and a before/after chart."""
+"""PNG images for a person to look at: synthesised triggers and a before/after chart.
+
+``render_images`` makes them in memory (the HTML report embeds them); ``write_artifacts`` writes
+them as files (``--artifacts DIR``).
+"""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +14,7 @@ import torch
 from torch import Tensor
 
 
-def _to_png(img: Tensor, path: Path, scale: int = 4) -> None:
+def _to_png(img: Tensor, scale: int = 4) -> bytes:
     from PIL import Image
 
     arr = img.detach().float().clamp(0, 1).cpu()
@@ -20,7 +25,9 @@ def _to_png(img: Tensor, path: Path, scale: int = 4) -> None:
         arr = arr[:, :, 0]
     im = Image.fromarray(arr)
     im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    im.save(path)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _grid(images: Tensor) -> Tensor:
@@ -32,7 +39,7 @@ def _grid(images: Tensor) -> Tensor:
     return torch.cat(parts[:-1], dim=2)
 
 
-def _chart(rows: list[tuple[str, float | None, float | None]], path: Path) -> None:
+def _chart(rows: list[tuple[str, float | None, float | None]]) -> bytes:
     """Horizontal bars, before (grey) and after (green), for each figure in [0, 1]."""
     from PIL import Image, ImageDraw
 
@@ -49,14 +56,14 @@ def _chart(rows: list[tuple[str, float | None, float | None]], path: Path) -> No
             top = y + j * 13
             d.rectangle([250, top, 250 + int(bar_w * v), top + 11], fill=colour)
             d.text((255 + int(bar_w * v), top), f"{v:.0%}", fill="black")
-    im.save(path)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
 
 
-def write_artifacts(root: Path, x: Tensor, probes_before, probes_after, before, after) -> list[Path]:
-    """Write synthesised triggers (mask, pattern, applied to clean images) and a chart."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    written = []
+def render_images(x: Tensor, probes_before, probes_after, before, after) -> dict[str, bytes]:
+    """PNG bytes by file name: synthesised triggers (mask, pattern, applied to clean images) and a chart."""
+    images: dict[str, bytes] = {}
     sample = x[:8]
     for stage, suite in (("before", probes_before), ("after", probes_after)):
         if suite is None:
@@ -69,17 +76,13 @@ def write_artifacts(root: Path, x: Tensor, probes_before, probes_after, before, 
                 ("pattern", p),
                 ("applied", _grid((1 - m) * sample + m * p)),
             ):
-                path = root / f"{stage}-mask-pattern-{name}.png"
-                _to_png(img, path)
-                written.append(path)
+                images[f"{stage}-mask-pattern-{name}.png"] = _to_png(img)
         up = suite.artifacts.get("synth-universal-perturbation")
         if up and up.get("delta") is not None:
             delta = up["delta"]
             vis = (delta - delta.min()) / (delta.max() - delta.min() + 1e-12)
             for name, img in (("delta", vis), ("applied", _grid((sample + delta).clamp(0, 1)))):
-                path = root / f"{stage}-universal-perturbation-{name}.png"
-                _to_png(img, path)
-                written.append(path)
+                images[f"{stage}-universal-perturbation-{name}.png"] = _to_png(img)
     rows = [("clean accuracy", before.accuracy.value, after.accuracy.value if after else None)]
     if before.asr is not None:
         rows.append(("true-trigger ASR", before.asr.value, after.asr.value if after else None))
@@ -89,7 +92,19 @@ def write_artifacts(root: Path, x: Tensor, probes_before, probes_after, before, 
         for r in top:
             a = after_by_name.get(r.name)
             rows.append((f"probe {r.name}", r.flip.value, a.flip.value if a else None))
-    path = root / "before-after.png"
-    _chart(rows, path)
-    written.append(path)
+    images["before-after.png"] = _chart(rows)
+    return images
+
+
+def write_artifacts(root: Path, images: dict[str, bytes]) -> list[Path]:
+    """Write the rendered images into ``root`` (each file atomically)."""
+    from .formats.base import write_atomically
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in images.items():
+        path = root / name
+        write_atomically(path, lambda tmp, data=data: tmp.write_bytes(data))
+        written.append(path)
     return written

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_RUNTIME, IbauError, UsageError
+
+if TYPE_CHECKING:
+    from .report import Report
 
 EXIT_CODES_HELP = f"""
 \b
@@ -74,7 +78,9 @@ class _RichProgress:
 
 def _fail(exc: IbauError, debug: bool) -> None:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    err.print(f"[bold red]error:[/] {exc.one_line()}", markup=True)
+    from rich.text import Text
+
+    err.print(Text.assemble(("error:", "bold red"), " ", exc.one_line()))  # no markup: messages hold [brackets]
     if debug:
         import traceback
 
@@ -168,8 +174,20 @@ def _common_options(fn):
         ),
         click.option("--force", is_flag=True, help="Continue even if clean accuracy is near chance."),
         click.option("--artifacts", type=path, help="Write synthesised triggers and a before/after chart (PNG) here."),
-        click.option("--report", "report_path", type=path, help="Write the JSON report here."),
-        click.option("--json", "json_stdout", is_flag=True, help="Print the JSON report on stdout (and nothing else)."),
+        click.option(
+            "--report",
+            "report_paths",
+            type=path,
+            multiple=True,
+            help="Write the report here; format from the name: .json, .sarif, .xml (JUnit), .html. Repeatable.",
+        ),
+        click.option(
+            "--format",
+            "stdout_format",
+            type=click.Choice(["json", "sarif", "junit", "html"]),
+            help="Print the report on stdout in this format (and nothing else; the summary goes to stderr).",
+        ),
+        click.option("--json", "json_stdout", is_flag=True, help="Same as --format json."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary (errors still go to stderr)."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
     ]
@@ -264,6 +282,7 @@ def _request(opts: dict[str, Any]):
         trigger=trigger,
         force=opts["force"],
         artifacts=opts.get("artifacts"),
+        environment=dict(os.environ),
     )
 
 
@@ -279,31 +298,54 @@ def _scan(opts: dict[str, Any]) -> None:
     _execute(run_scan, opts)
 
 
+def _report_targets(opts: dict[str, Any]) -> tuple[list[tuple[Path, str]], str | None]:
+    """Check the report destinations before any work: (path, format) pairs and the stdout format."""
+    from .reporters import format_for_path
+
+    targets = []
+    for path in opts.get("report_paths") or ():
+        path = Path(path)
+        fmt = format_for_path(path)
+        if not path.parent.exists():
+            raise UsageError(f"--report {path}: folder {path.parent} does not exist", hint="create it first")
+        if path.is_dir():
+            raise UsageError(f"--report {path} is a folder; give a file name")
+        targets.append((path, fmt))
+    stdout_format = opts.get("stdout_format")
+    if opts.get("json_stdout"):
+        if stdout_format not in (None, "json"):
+            raise UsageError(f"--json and --format {stdout_format} both ask for stdout; use one")
+        stdout_format = "json"
+    return targets, stdout_format
+
+
 def _execute(fn, opts: dict[str, Any]) -> None:
     request = _request(opts)
+    targets = _report_targets(opts)
     err = Console(stderr=True)
     with _RichProgress(err, enabled=not opts["quiet"] and err.is_terminal) as progress:
-        report = fn(request, progress=progress).to_dict()
-    _emit(report, opts, err)
+        report = fn(request, progress=progress)
+    _emit(report, targets, opts["quiet"], err)
 
 
-def _emit(report: dict[str, Any], opts: dict[str, Any], err: Console) -> None:
+def _emit(report: Report, targets: tuple[list[tuple[Path, str]], str | None], quiet: bool, err: Console) -> None:
     from .formats.base import write_atomically
+    from .reporters import render
     from .reporters.console import render_console
-    from .reporters.json_report import render_json
 
-    text = render_json(report)
-    if opts.get("report_path"):
-        path = Path(opts["report_path"])
-        write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    if opts.get("json_stdout"):
-        sys.stdout.write(text)
+    data = report.to_dict()
+    files, stdout_format = targets
+    for path, fmt in files:
+        text = render(fmt, data, report.images)
+        write_atomically(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+    if stdout_format is not None:
+        sys.stdout.write(render(stdout_format, data, report.images))
         sys.stdout.flush()
-        if not opts["quiet"]:
-            render_console(report, err)
-    elif not opts["quiet"]:
-        render_console(report, Console())
-    sys.exit(EXIT_OK if report["verdict"] == "pass" else EXIT_GATE_FAILED)
+        if not quiet:
+            render_console(data, err)
+    elif not quiet:
+        render_console(data, Console())
+    sys.exit(EXIT_OK if data["verdict"] == "pass" else EXIT_GATE_FAILED)
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -342,6 +384,73 @@ def _inspect(model: Path, json_stdout: bool) -> None:
         console.print(f"[bold]metadata[/]      {k} = {v}")
 
 
+@main.group()
+def config() -> None:
+    """Configuration: `ibau config show` prints what a run would use."""
+
+
+@config.command("show")
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--arch", help="Architecture (as for sanitize).")
+@click.option("--preset", help="Preset: cifar10, gtsrb, mnist, imagenet.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--set", "assignments", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a key.")
+@click.option("--json", "json_stdout", is_flag=True, help="Print JSON (config, layers, origins) instead of TOML.")
+@click.option("--debug", is_flag=True)
+def config_show(
+    model: Path | None,
+    arch: str | None,
+    preset: str | None,
+    config_file: Path | None,
+    assignments: tuple[str, ...],
+    json_stdout: bool,
+    debug: bool,
+) -> None:
+    """Print the resolved configuration, each key with the layer that set it.
+
+    Layers, lowest first: defaults < architecture < model graph < model metadata < preset < config
+    file (--config, else $IBAU_CONFIG) < environment (IBAU_SECTION__KEY) < command line. With MODEL,
+    the model's own metadata and input shape take part, as in a run.
+    """
+    _run(debug, lambda: _config_show(model, arch, preset, config_file, assignments, json_stdout))
+
+
+def _config_show(model, arch, preset, config_file, assignments, json_stdout) -> None:
+    from .config_show import render_json, render_toml
+    from .pipeline import SanitizeRequest, settings_for
+    from .settings_resolve import resolve_settings
+
+    overrides = _overrides({"assignments": assignments})
+    if arch is not None and ":" not in arch:
+        from .archs import ARCHS
+
+        if arch not in ARCHS:
+            raise UsageError(f"--arch {arch}: unknown architecture", hint=f"known: {', '.join(ARCHS.names())}")
+    if model is not None:
+        from .formats import load_model
+
+        request = SanitizeRequest(
+            model=model,
+            clean=Path("."),
+            arch=arch,
+            preset=preset,
+            config_file=config_file,
+            overrides=overrides,
+            environment=dict(os.environ),
+        )
+        settings, sources = settings_for(load_model(model, arch=arch), request)
+    else:
+        settings, sources = resolve_settings(
+            arch=arch,
+            model_preprocess=None,
+            preset=preset,
+            config_file=config_file,
+            overrides=overrides,
+            environment=dict(os.environ),
+        )
+    sys.stdout.write((render_json if json_stdout else render_toml)(settings, sources))
+
+
 @main.command()
 def archs() -> None:
     """List the registered architectures."""
@@ -364,14 +473,20 @@ def archs() -> None:
 )
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_stdout", is_flag=True, help="Print the JSON report on stdout.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option(
+    "--report",
+    "report_paths",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="Write the report here (.json, .sarif, .xml, .html). Repeatable.",
+)
 @click.option("--debug", is_flag=True)
-def demo(workdir: Path | None, device: str, json_stdout: bool, report_path: Path | None, debug: bool) -> None:
+def demo(workdir: Path | None, device: str, json_stdout: bool, report_paths: tuple[Path, ...], debug: bool) -> None:
     """Build a small backdoored model and clean folder, then sanitize it with the report shown."""
-    _run(debug, lambda: _demo(workdir, device, json_stdout, report_path))
+    _run(debug, lambda: _demo(workdir, device, json_stdout, report_paths))
 
 
-def _demo(workdir: Path | None, device: str, json_stdout: bool, report_path: Path | None) -> None:
+def _demo(workdir: Path | None, device: str, json_stdout: bool, report_paths: tuple[Path, ...]) -> None:
     import os
 
     from .demo import build_demo
@@ -379,6 +494,7 @@ def _demo(workdir: Path | None, device: str, json_stdout: bool, report_path: Pat
     from .pipeline import sanitize as run_sanitize
 
     root = workdir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ibau" / "demo"
+    targets = _report_targets({"report_paths": report_paths, "json_stdout": json_stdout})
     err = Console(stderr=True)
     if not (root / "model.safetensors").exists() or not (root / "clean").exists():
         with err.status("building the demo: training a small CNN with a BadNets backdoor (about 20 s on a CPU)"):
@@ -398,8 +514,8 @@ def _demo(workdir: Path | None, device: str, json_stdout: bool, report_path: Pat
         trigger=TriggerSpec(image=paths["trigger"], target=0),
     )
     with _RichProgress(err, enabled=err.is_terminal) as progress:
-        report = run_sanitize(request, progress=progress).to_dict()
-    _emit(report, {"report_path": report_path, "json_stdout": json_stdout, "quiet": False}, err)
+        report = run_sanitize(request, progress=progress)
+    _emit(report, targets, False, err)
 
 
 if __name__ == "__main__":  # pragma: no cover

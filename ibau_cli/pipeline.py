@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .artifacts import render_images, write_artifacts
+from .config import Settings
 from .data import load_clean_folder, stratified_split
 from .device import amp_dtype, resolve_device
 from .errors import ModelMismatchError, RuntimeFailure, UsageError
@@ -23,7 +25,7 @@ from .formats import format_for_output, load_model, save_model, sha256_file
 from .preprocess import Normalized
 from .progress import NoProgress, Progress
 from .report import Figures, Gate, Report
-from .settings_resolve import resolve_settings
+from .settings_resolve import SettingsSources, resolve_settings
 from .triggers import load_trigger
 from .unlearn import unlearn
 
@@ -64,6 +66,7 @@ class SanitizeRequest:
     force: bool = False
     save: bool = True
     artifacts: Path | None = None
+    environment: Mapping[str, str] | None = None  # IBAU_SECTION__KEY variables (the CLI passes os.environ)
 
     def __post_init__(self) -> None:
         _as_paths(self, ("model", "clean", "out", "classes_file", "config_file", "artifacts"))
@@ -131,6 +134,19 @@ def _figures(model, x, y, trigger, eval_kw) -> Figures:
     return Figures(acc, asr)
 
 
+def settings_for(loaded, request: SanitizeRequest) -> tuple[Settings, SettingsSources]:
+    """The effective settings for a loaded model and a request, with where each key came from."""
+    return resolve_settings(
+        arch=loaded.arch if request.arch is None or ":" not in (request.arch or "") else None,
+        model_preprocess=loaded.preprocess,
+        model_input=loaded.input_hint,
+        preset=request.preset,
+        config_file=request.config_file,
+        overrides=request.overrides,
+        environment=request.environment,
+    )
+
+
 def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) -> _Prepared:
     """Load, resolve settings, read and split the clean data, check parity and sanity."""
     timer = _Timer()
@@ -147,14 +163,7 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
                 f"--out {out_path}: cannot write {out_fmt.name} from a {loaded.fmt} model",
                 hint=f"use a {loaded.fmt} output path (writing ONNX is supported for ONNX input only)",
             )
-    settings, sources = resolve_settings(
-        arch=loaded.arch if request.arch is None or ":" not in (request.arch or "") else None,
-        model_preprocess=loaded.preprocess,
-        model_input=loaded.input_hint,
-        preset=request.preset,
-        config_file=request.config_file,
-        overrides=request.overrides,
-    )
+    settings, sources = settings_for(loaded, request)
     pre = settings.preprocess
     model = Normalized(loaded.module, pre).to(device).eval()
     amp = amp_dtype(device, settings.unlearn.amp)
@@ -293,11 +302,11 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
     if settings.probes.enabled:
         with timer.phase("probes_after"):
             probes_after = _run_probes(model, x_h, y_h, num_classes, settings, device, amp, progress)
-    if request.artifacts is not None and probes_before is not None:
-        from .artifacts import write_artifacts
-
+    with timer.phase("images"):
+        images = render_images(x_h, probes_before, probes_after, before, after)
+    if request.artifacts is not None:
         with timer.phase("artifacts"):
-            write_artifacts(request.artifacts, x_h, probes_before, probes_after, before, after)
+            write_artifacts(request.artifacts, images)
 
     output_info = None
     verification = None
@@ -331,6 +340,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         warnings.append("no --trigger given: the ASR gate uses the built-in probes (an estimate, not the true ASR)")
     return Report(
         **_report_common(p, request, "sanitize", probes_before, probes_after),
+        images=images,
         output=output_info,
         before=before,
         after=after,
@@ -403,11 +413,11 @@ def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
     p = _prepare(request, split=False, out_path=None)
     with p.timer.phase("probes"):
         suite = _run_probes(p.model, p.x_h, p.y_h, p.num_classes, p.settings, p.device, p.amp, progress)
+    with p.timer.phase("images"):
+        images = render_images(p.x_h, suite, None, p.before, None)
     if request.artifacts is not None:
-        from .artifacts import write_artifacts
-
         with p.timer.phase("artifacts"):
-            write_artifacts(request.artifacts, p.x_h, suite, None, p.before, None)
+            write_artifacts(request.artifacts, images)
     gates = [
         Gate(
             "probe_verdict",
@@ -433,6 +443,7 @@ def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
         gates.append(_probe_gate(p.settings.gate, None, suite, stage="in the scan"))
     return Report(
         **_report_common(p, request, "scan", suite, None),
+        images=images,
         output=None,
         before=p.before,
         after=None,

@@ -60,6 +60,7 @@ class Report:
     gates: list[Gate]
     verdict: str
     warnings: list[str] = field(default_factory=list)
+    images: dict[str, bytes] = field(default_factory=dict, repr=False)  # PNGs for the HTML report; not in JSON
 
     def to_dict(self) -> dict:
         return {

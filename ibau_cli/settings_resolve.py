@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,46 @@ from .archs import ARCHS
 from .config import Settings, apply_layer, load_preset, load_toml
 from .preprocess import Preprocess
 
+ENV_PREFIX = "IBAU_"
+
 
 @dataclass
 class SettingsSources:
-    """Each layer's name, in the order applied."""
+    """Each layer's name, in the order applied, and the layer that last set each key."""
 
     layers: list[str] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)  # "section.key" (or "seed") -> layer name
+
+
+def _keys(layer: dict[str, Any]) -> list[str]:
+    """The dotted keys a layer sets: {"gate": {"max_asr": 0.1}, "seed": 3} -> ["gate.max_asr", "seed"]."""
+    keys = []
+    for section, values in layer.items():
+        if isinstance(values, dict):
+            keys += [f"{section}.{k}" for k in values]
+        else:
+            keys.append(section)
+    return keys
+
+
+def environment_layer(environ: Mapping[str, str]) -> list[tuple[str, dict[str, Any]]]:
+    """``IBAU_SECTION__KEY=value`` (TOML value, bare strings allowed) and ``IBAU_SEED``, one layer per
+    variable so an error names it. Other ``IBAU_*`` variables (``IBAU_CONFIG``, ``IBAU_DATA`` ...) are not
+    configuration keys and are left alone."""
+    layers = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        if rest == "SEED":
+            section, key = "seed", None
+        elif "__" in rest:
+            section, key = (part.lower() for part in rest.split("__", 1))
+        else:
+            continue
+        value = _parse_value(environ[name])
+        layers.append((f"environment {name}", {section: value} if key is None else {section: {key: value}}))
+    return layers
 
 
 def resolve_settings(
@@ -26,37 +61,46 @@ def resolve_settings(
     model_input: tuple[int, int, int] | None = None,
     config_file: Path | None,
     overrides: dict[str, Any],
+    environment: Mapping[str, str] | None = None,
 ) -> tuple[Settings, SettingsSources]:
     """defaults < architecture defaults < the graph's input shape < model file metadata < preset
-    < config file < flags."""
+    < config file < environment (IBAU_SECTION__KEY) < flags."""
     settings = Settings()
-    sources = SettingsSources(["defaults"])
+    sources = SettingsSources(["defaults"], {k: "defaults" for k in _keys(settings.to_dict())})
+
+    def overlay(layer: dict[str, Any], name: str, source: str | None = None) -> None:
+        nonlocal settings
+        settings = apply_layer(settings, layer, source or name)
+        sources.layers.append(name)
+        sources.origins.update({k: name for k in _keys(layer)})
+
     spec = ARCHS.get(arch) if arch else None
     if spec is not None:
         pre = {"input_size": list(spec.input_size), "channels": spec.channels}
         pre.update({k: v for k, v in spec.defaults.items() if k in ("mean", "std")})
-        settings = apply_layer(settings, {"preprocess": pre}, f"architecture {spec.name}")
-        sources.layers.append(f"architecture {spec.name}")
+        overlay({"preprocess": pre}, f"architecture {spec.name}")
     if model_input is not None:
         c, h, w = model_input
         if h and w:
             pre = {"channels": c, "input_size": [h, w]}
             if c == 1:
                 pre.update({"mean": [0.0], "std": [1.0]})
-            settings = apply_layer(settings, {"preprocess": pre}, "model graph")
-            sources.layers.append("model graph input shape")
+            overlay({"preprocess": pre}, "model graph input shape")
     if model_preprocess is not None:
         settings = replace(settings, preprocess=model_preprocess)
         sources.layers.append("model metadata")
+        sources.origins.update({k: "model metadata" for k in _keys({"preprocess": model_preprocess.to_dict()})})
     if preset:
-        settings = apply_layer(settings, load_preset(preset), f"preset {preset}")
-        sources.layers.append(f"preset {preset}")
+        overlay(load_preset(preset), f"preset {preset}")
+    environment = environment or {}
+    if config_file is None and environment.get("IBAU_CONFIG"):
+        config_file = Path(environment["IBAU_CONFIG"])
     if config_file is not None:
-        settings = apply_layer(settings, load_toml(config_file), str(config_file))
-        sources.layers.append(f"config {config_file}")
+        overlay(load_toml(config_file), f"config {config_file}", str(config_file))
+    for name, layer in environment_layer(environment):
+        overlay(layer, name)
     if overrides:
-        settings = apply_layer(settings, overrides, "command line")
-        sources.layers.append("command line")
+        overlay(overrides, "command line")
     pre = settings.preprocess
     if len(pre.mean) == 1 and pre.channels > 1:
         settings = replace(settings, preprocess=replace(pre, mean=pre.mean * pre.channels))
@@ -72,16 +116,20 @@ def resolve_settings(
 
 def parse_assignment(text: str) -> tuple[str, str, Any]:
     """``section.key=value`` with a TOML value (strings may be bare)."""
-    import tomllib
-
     from .errors import UsageError
 
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise UsageError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. unlearn.rounds=3")
     lhs, rhs = text.split("=", 1)
     section, key = lhs.strip().split(".", 1)
+    return section, key, _parse_value(rhs)
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (number, boolean, list, quoted string); anything else is a bare string."""
+    import tomllib
+
     try:
-        value = tomllib.loads(f"v = {rhs.strip()}")["v"]
+        return tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
-        value = rhs.strip()
-    return section, key, value
+        return text.strip()

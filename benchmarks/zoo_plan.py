@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""The benchmark zoo's recipes, trained one after another with ``zoo.py train`` (resumable).
+
+    python benchmarks/zoo_plan.py --list
+    python benchmarks/zoo_plan.py [--only SUBSTRING] [--threads 1]
+
+A model whose ``manifest.json`` exists is skipped; a killed run resumes from its checkpoint when the
+same command is run again. Models go to ``$IBAU_ZOO_DIR`` (default ``~/.cache/ibau-zoo``).
+
+The CPU recipe: the small CNN (``small-cnn``, 0.1 M parameters) on GTSRB (25,087 training images,
+about 8 s an epoch on one core) and CIFAR-10, plus the paper's small VGG on CIFAR-10 (35 min on one
+core). Targets differ between models so that a probe naming the right class is not luck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    dataset: str
+    arch: str
+    attack: str
+    target: int = 0
+    poison_ratio: float = 0.1
+    epochs: int = 30
+    seed: int = 0
+
+    def argv(self) -> list[str]:
+        return [
+            "train",
+            "--name", self.name,
+            "--dataset", self.dataset,
+            "--arch", self.arch,
+            "--attack", self.attack,
+            "--target", str(self.target),
+            "--poison-ratio", str(self.poison_ratio),
+            "--epochs", str(self.epochs),
+            "--seed", str(self.seed),
+            "--log-every", "0",
+        ]  # fmt: skip
+
+
+def _gtsrb(
+    attack: str, target: int = 0, *, poison: float = 0.1, epochs: int = 30, seed: int = 0, tag: str = ""
+) -> Recipe:
+    name = f"gtsrb-smallcnn-{attack}{tag}" + (f"-s{seed}" if attack == "clean" else "")
+    return Recipe(name, "gtsrb", "small-cnn", attack, target, poison if attack != "clean" else 0.0, epochs, seed)
+
+
+def _cifar(attack: str, target: int = 0, *, poison: float = 0.1, epochs: int = 30, seed: int = 0) -> Recipe:
+    name = f"cifar10-smallcnn-{attack}" + (f"-s{seed}" if attack == "clean" else "")
+    return Recipe(name, "cifar10", "small-cnn", attack, target, poison if attack != "clean" else 0.0, epochs, seed)
+
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe("cifar10-smallvgg-badnets", "cifar10", "small-vgg", "badnets", 0, 0.1, 12, 0),
+    _gtsrb("badnets", 2),
+    _gtsrb("blend", 5),
+    _gtsrb("trojan-square", 8),
+    _gtsrb("watermark", 12),
+    _gtsrb("invisible", 14),
+    _gtsrb("sig", 17, poison=0.2),
+    _gtsrb("wanet", 25, poison=0.2, epochs=40),
+    _gtsrb("all2all"),
+    _gtsrb("badnets", 33, poison=0.2, tag="-p20"),
+    _gtsrb("clean", seed=0),
+    _gtsrb("clean", seed=1),
+    _gtsrb("clean", seed=2),
+    _cifar("badnets", 3),
+    _cifar("blend", 6),
+    _cifar("watermark", 9),
+    _cifar("wanet", 4, poison=0.2, epochs=40),
+    _cifar("all2all"),
+    _cifar("clean", seed=0),
+    _cifar("clean", seed=1),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--list", action="store_true", help="print the recipes and their state, train nothing")
+    ap.add_argument("--only", default="", help="train only recipes whose name contains this")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out-dir", default=None, help="default: $IBAU_ZOO_DIR or ~/.cache/ibau-zoo")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    import zoo  # noqa: PLC0415  (benchmarks/zoo.py)
+
+    out = Path(args.out_dir).expanduser() if args.out_dir else zoo.default_out_dir()
+    failed = []
+    for r in RECIPES:
+        if args.only not in r.name:
+            continue
+        done = (out / r.name / "manifest.json").is_file()
+        if args.list:
+            print(f"{'done' if done else 'todo':4}  {r.name:34} {' '.join(r.argv()[1:])}")
+            continue
+        if done:
+            continue
+        cmd = [sys.executable, str(HERE / "zoo.py"), *r.argv(), "--threads", str(args.threads), "--out-dir", str(out)]
+        print("+", " ".join(cmd), flush=True)
+        if subprocess.call(cmd) != 0:
+            failed.append(r.name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Configuration: documented presets, the environment layer, `ibau config show`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ibau_cli.config import Settings, preset_names
+from ibau_cli.errors import ConfigError
+from ibau_cli.settings_resolve import resolve_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ibau_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("name", ["cifar10", "gtsrb", "mnist", "imagenet"])
+def test_every_preset_documents_every_key_with_its_real_default(name):
+    text = (REPO / "configs" / f"{name}.toml").read_text()
+    active = tomllib.loads(text)
+    defaults = Settings().to_dict()
+    section = None
+    seen: dict[str, str] = {}
+    for line in text.splitlines():
+        m = re.match(r"^#?\s*\[(\w+)\]", line)
+        if m:
+            section = m.group(1)
+            continue
+        m = re.match(r"^(#\s*)?(\w+) =\s*(.*?)\s+# \S", line)
+        if m:
+            key = m.group(2) if m.group(2) == "seed" else f"{section}.{m.group(2)}"
+            seen[key] = m.group(3)
+            if m.group(1) and m.group(3):  # a commented-out key shows the code's default
+                default = defaults[section][m.group(2)] if key != "seed" else defaults["seed"]
+                assert tomllib.loads(f"v = {m.group(3)}")["v"] == default, (name, key)
+    expected = {"seed"} | {
+        f"{s}.{f.name}"
+        for s in ("unlearn", "split", "gate", "probes", "preprocess")
+        for f in dataclasses.fields(type(getattr(Settings(), s)))
+    }
+    assert expected <= set(seen), expected - set(seen)
+    assert "preprocess" in active
+
+
+def test_presets_are_installed_with_the_package():
+    assert {"cifar10", "gtsrb", "mnist", "imagenet"} <= set(preset_names())
+
+
+def test_environment_sits_between_the_config_file_and_the_flags(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[gate]\nmax_asr = 0.3\nmax_acc_drop = 0.1\n[unlearn]\nrounds = 2\n")
+    env = {"IBAU_GATE__MAX_ASR": "0.15", "IBAU_UNLEARN__ROUNDS": "4", "IBAU_DATA": "/elsewhere"}
+    s, src = resolve_settings(
+        arch=None, model_preprocess=None, preset=None, config_file=cfg,
+        overrides={"unlearn": {"rounds": 7}}, environment=env,
+    )  # fmt: skip
+    assert (s.gate.max_asr, s.gate.max_acc_drop, s.unlearn.rounds) == (0.15, 0.1, 7)
+    assert src.origins["gate.max_asr"] == "environment IBAU_GATE__MAX_ASR"
+    assert src.origins["gate.max_acc_drop"] == f"config {cfg}"
+    assert src.origins["unlearn.rounds"] == "command line"
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "needle"),
+    [("IBAU_GATE__MAX_ASRR", "0.1", "IBAU_GATE__MAX_ASRR"), ("IBAU_UNLEARN__ROUNDS", "many", "integer")],
+)
+def test_bad_environment_variables_are_errors_naming_them(var, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        resolve_settings(
+            arch=None, model_preprocess=None, preset=None, config_file=None, overrides={}, environment={var: value}
+        )
+
+
+def test_config_show_prints_loadable_toml_with_origins(tmp_path, backdoored):
+    res = _cli("config", "show", backdoored["model"], "--preset", "gtsrb", "--set", "unlearn.rounds=3",
+               env={"IBAU_GATE__MAX_ASR": "0.1"})  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "rounds = 3  # command line" in res.stdout
+    assert "max_asr = 0.1  # environment IBAU_GATE__MAX_ASR" in res.stdout
+    assert "mean = [0.3403, 0.3121, 0.3214]  # preset gtsrb" in res.stdout
+    assert "model metadata" in res.stdout.splitlines()[1]
+    saved = tmp_path / "resolved.toml"
+    saved.write_text(res.stdout)
+    again = _cli("config", "show", "--config", saved, "--json")
+    assert again.returncode == 0, again.stderr
+    import json
+
+    data = json.loads(again.stdout)
+    assert data["config"]["unlearn"]["rounds"] == 3 and data["config"]["gate"]["max_asr"] == 0.1
+
+
+def test_config_show_rejects_unknown_keys_and_archs():
+    res = _cli("config", "show", "--set", "unlearn.roundz=3")
+    assert res.returncode == 2 and "unlearn.roundz" in res.stderr and "Traceback" not in res.stderr
+    res = _cli("config", "show", "--arch", "nope")
+    assert res.returncode == 2 and "nope" in res.stderr
