@@ -133,8 +133,20 @@ def _parse_floats(text: str | None, flag: str) -> list[float] | None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ibau")
-def main() -> None:
+@click.option(
+    "--plugin",
+    "plugin_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    envvar="IBAU_PLUGINS",
+    help="Load a plugin file (registers architectures, probes or formats). Repeatable; env IBAU_PLUGINS.",
+)
+@click.option("--no-plugins", is_flag=True, help="Do not load installed plugins (entry points in ibau.plugins).")
+def main(plugin_files: tuple[Path, ...], no_plugins: bool) -> None:
     """Find and remove backdoors in image classifiers with I-BAU, and gate on the result."""
+    from .plugins import load_plugins
+
+    _run(False, lambda: load_plugins(plugin_files, entry_points=not no_plugins))
 
 
 def _common_options(fn):
@@ -223,66 +235,39 @@ def scan(**opts: Any) -> None:
     _run(opts["debug"], lambda: _scan(opts))
 
 
-def _overrides(opts: dict[str, Any]) -> dict[str, Any]:
-    from .settings_resolve import parse_assignment
-
-    layer: dict[str, Any] = {}
-
-    def put(section: str, key: str, value: Any) -> None:
-        if value is not None:
-            layer.setdefault(section, {})[key] = value
-
-    for text in opts.get("assignments", ()):
-        section, key, value = parse_assignment(text)
-        put(section, key, value)
-    put("preprocess", "input_size", _parse_size(opts.get("input_size")))
-    mean = _parse_floats(opts.get("mean"), "--mean")
-    std = _parse_floats(opts.get("std"), "--std")
-    put("preprocess", "mean", mean)
-    put("preprocess", "std", std)
-    put("split", "holdout", opts.get("holdout"))
-    put("unlearn", "rounds", opts.get("rounds"))
-    put("unlearn", "batch_size", opts.get("batch_size"))
-    put("gate", "max_asr", opts.get("max_asr"))
-    put("gate", "max_acc_drop", opts.get("max_acc_drop"))
-    if opts.get("no_probes"):
-        put("probes", "enabled", False)
-    if opts.get("seed") is not None:
-        layer["seed"] = opts["seed"]
-    return layer
-
-
 def _request(opts: dict[str, Any]):
-    from .pipeline import SanitizeRequest, TriggerSpec
+    """The flags -> the library's request (the Python API builds it the same way)."""
+    from .api import make_request
 
-    trigger = None
-    if opts["trigger"] is not None:
-        if opts["target"] is None:
-            raise UsageError("--trigger needs --target N (the class the trigger flips to)")
-        trigger = TriggerSpec(
-            image=opts["trigger"],
-            target=opts["target"],
-            mask=opts["trigger_mask"],
-            blend=opts["trigger_blend"],
-            additive=opts["trigger_additive"],
-            position=opts["trigger_pos"],
-        )
-    elif opts["target"] is not None or opts["trigger_mask"] is not None:
-        raise UsageError("--target and --trigger-mask need --trigger IMAGE")
-    return SanitizeRequest(
-        model=opts["model"],
-        clean=opts["clean_dir"],
+    return make_request(
+        opts["model"],
+        opts["clean_dir"],
         out=opts.get("out"),
         arch=opts["arch"],
-        classes_file=opts["classes_file"],
+        classes=opts["classes_file"],
         preset=opts["preset"],
-        config_file=opts["config_file"],
-        overrides=_overrides(opts),
+        config=opts["config_file"],
+        settings=opts.get("assignments", ()),
+        input_size=_parse_size(opts.get("input_size")),
+        mean=_parse_floats(opts.get("mean"), "--mean"),
+        std=_parse_floats(opts.get("std"), "--std"),
+        seed=opts.get("seed"),
         device=opts["device"],
-        trigger=trigger,
+        trigger=opts["trigger"],
+        trigger_mask=opts["trigger_mask"],
+        trigger_blend=opts["trigger_blend"],
+        trigger_additive=opts["trigger_additive"],
+        trigger_pos=opts["trigger_pos"],
+        target=opts["target"],
+        max_asr=opts.get("max_asr"),
+        max_acc_drop=opts.get("max_acc_drop"),
+        holdout=opts.get("holdout"),
+        rounds=opts.get("rounds"),
+        batch_size=opts.get("batch_size"),
+        probes=not opts.get("no_probes"),
         force=opts["force"],
         artifacts=opts.get("artifacts"),
-        environment=dict(os.environ),
+        environment=os.environ,
     )
 
 
@@ -300,23 +285,14 @@ def _scan(opts: dict[str, Any]) -> None:
 
 def _report_targets(opts: dict[str, Any]) -> tuple[list[tuple[Path, str]], str | None]:
     """Check the report destinations before any work: (path, format) pairs and the stdout format."""
-    from .reporters import format_for_path
+    from .api import report_targets
 
-    targets = []
-    for path in opts.get("report_paths") or ():
-        path = Path(path)
-        fmt = format_for_path(path)
-        if not path.parent.exists():
-            raise UsageError(f"--report {path}: folder {path.parent} does not exist", hint="create it first")
-        if path.is_dir():
-            raise UsageError(f"--report {path} is a folder; give a file name")
-        targets.append((path, fmt))
     stdout_format = opts.get("stdout_format")
     if opts.get("json_stdout"):
         if stdout_format not in (None, "json"):
             raise UsageError(f"--json and --format {stdout_format} both ask for stdout; use one")
         stdout_format = "json"
-    return targets, stdout_format
+    return report_targets(opts.get("report_paths") or ()), stdout_format
 
 
 def _execute(fn, opts: dict[str, Any]) -> None:
@@ -329,15 +305,13 @@ def _execute(fn, opts: dict[str, Any]) -> None:
 
 
 def _emit(report: Report, targets: tuple[list[tuple[Path, str]], str | None], quiet: bool, err: Console) -> None:
-    from .formats.base import write_atomically
+    from .api import write_reports
     from .reporters import render
     from .reporters.console import render_console
 
     data = report.to_dict()
     files, stdout_format = targets
-    for path, fmt in files:
-        text = render(fmt, data, report.images)
-        write_atomically(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+    write_reports(report, files)
     if stdout_format is not None:
         sys.stdout.write(render(stdout_format, data, report.images))
         sys.stdout.flush()
@@ -416,11 +390,12 @@ def config_show(
 
 
 def _config_show(model, arch, preset, config_file, assignments, json_stdout) -> None:
+    from .api import overrides_layer
     from .config_show import render_json, render_toml
     from .pipeline import SanitizeRequest, settings_for
     from .settings_resolve import resolve_settings
 
-    overrides = _overrides({"assignments": assignments})
+    overrides = overrides_layer(assignments)
     if arch is not None and ":" not in arch:
         from .archs import ARCHS
 
@@ -449,6 +424,37 @@ def _config_show(model, arch, preset, config_file, assignments, json_stdout) -> 
             environment=dict(os.environ),
         )
     sys.stdout.write((render_json if json_stdout else render_toml)(settings, sources))
+
+
+@main.command()
+@click.option("--json", "json_stdout", is_flag=True, help="Print JSON on stdout.")
+def plugins(json_stdout: bool) -> None:
+    """List the loaded plugins and every registered architecture, probe and format, with its origin."""
+    from .archs import ARCHS
+    from .formats import FORMATS
+    from .plugins import loaded_plugins
+    from .probes import PROBES
+
+    registries = {"architectures": ARCHS, "probes": PROBES, "formats": FORMATS}
+    data = {
+        "plugins": [{"name": p.name, "origin": p.origin, "target": p.target} for p in loaded_plugins()],
+        **{kind: [{"name": n, "origin": reg.origin(n)} for n in reg.names()] for kind, reg in registries.items()},
+    }
+    if json_stdout:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    console = Console(highlight=False)
+    console.print(f"[bold]plugins[/] ({len(data['plugins'])} loaded)")
+    for p in data["plugins"]:
+        console.print(f"  {p['name']}  [dim]{p['origin']} -> {p['target']}[/]", markup=True)
+    for kind, reg in registries.items():
+        builtin = [n for n in reg.names() if reg.origin(n) == "builtin"]
+        extra = [n for n in reg.names() if reg.origin(n) != "builtin"]
+        console.print(f"[bold]{kind}[/] ({len(builtin)} built in, {len(extra)} from plugins)")
+        for n in reg.names() if kind != "probes" else extra:
+            console.print(f"  {n}  [dim]{reg.origin(n)}[/]")
+        if kind == "probes":
+            console.print(f"  and {len(builtin)} built-in probes (docs/probes.md)")
 
 
 @main.command()

@@ -70,9 +70,10 @@ def train_backdoored(
     poison_ratio: float = 0.1,
     poison: bool = True,
     trigger_fn=add_badnets_trigger,
+    arch: str = "small-cnn",
 ) -> TrainedDemo:
-    """Train ``small-cnn`` on synthetic data, poisoned with ``trigger_fn`` (BadNets by default)
-    toward class 0 unless ``poison`` is False."""
+    """Train ``arch`` (a registered 32x32 RGB architecture) on synthetic data, poisoned with
+    ``trigger_fn`` (BadNets by default) toward class 0 unless ``poison`` is False."""
     torch.manual_seed(seed)
     x, y = synthetic_images(n_train, seed=seed + 100)
     if poison:
@@ -83,7 +84,7 @@ def train_backdoored(
         x[chosen] = trigger_fn(x[chosen])
         y = y.clone()
         y[chosen] = TARGET
-    model = ARCHS.get("small-cnn").build(NUM_CLASSES)
+    model = ARCHS.get(arch).build(NUM_CLASSES)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     steps = epochs * ((n_train + 63) // 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps)

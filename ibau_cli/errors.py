@@ -57,3 +57,9 @@ class RuntimeFailure(IbauError):
 
     exit_code = EXIT_RUNTIME
     category = "runtime"
+
+
+class PluginError(InputError):
+    """A plugin could not be loaded (missing file, import error, registration clash)."""
+
+    category = "plugin"

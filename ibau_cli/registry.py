@@ -1,11 +1,27 @@
-"""One small generic registry, used for formats, architectures and reporters."""
+"""One small generic registry, used for formats, architectures and probes.
+
+Each entry remembers where it came from: ``builtin``, or the plugin being loaded when it was
+registered (``registering_from`` sets that while a plugin's code runs).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+_ORIGINS: list[str] = ["builtin"]
+
+
+@contextmanager
+def registering_from(origin: str) -> Iterator[None]:
+    """Entries registered inside this block are recorded as coming from ``origin``."""
+    _ORIGINS.append(origin)
+    try:
+        yield
+    finally:
+        _ORIGINS.pop()
 
 
 class Registry(Generic[T]):
@@ -16,7 +32,8 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
         self._origin: dict[str, str] = {}
 
-    def register(self, name: str, item: T, *, origin: str = "builtin") -> T:
+    def register(self, name: str, item: T, *, origin: str | None = None) -> T:
+        origin = origin or _ORIGINS[-1]
         key = name.lower()
         if key in self._items:
             raise ValueError(f"{self.kind} {name!r} is already registered (from {self._origin[key]})")
@@ -24,7 +41,7 @@ class Registry(Generic[T]):
         self._origin[key] = origin
         return item
 
-    def decorator(self, name: str, *, origin: str = "builtin") -> Callable[[T], T]:
+    def decorator(self, name: str, *, origin: str | None = None) -> Callable[[T], T]:
         def wrap(item: T) -> T:
             return self.register(name, item, origin=origin)
 

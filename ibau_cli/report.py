@@ -62,6 +62,11 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     images: dict[str, bytes] = field(default_factory=dict, repr=False)  # PNGs for the HTML report; not in JSON
 
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit code for this report: 0 when every gate passed, 1 otherwise."""
+        return 0 if self.verdict == "pass" else 1
+
     def to_dict(self) -> dict:
         return {
             "schema_version": SCHEMA_VERSION,

@@ -129,19 +129,3 @@ def test_gate_failure_exits_1(backdoored, tmp_path):
     assert report["verdict"] == "fail"
     asr_gate = next(g for g in report["gates"] if g["name"] == "asr")
     assert asr_gate["status"] == "fail" and asr_gate["value"] > 0.2
-
-
-def test_library_api_takes_plain_strings(backdoored, tmp_path):
-    from ibau_cli.pipeline import SanitizeRequest, TriggerSpec, sanitize
-
-    report = sanitize(
-        SanitizeRequest(
-            model=str(backdoored["model"]),
-            clean=str(backdoored["clean500"]),
-            out=str(tmp_path / "lib.safetensors"),
-            trigger=TriggerSpec(image=str(backdoored["trigger"]), target=0),
-            overrides={"unlearn": {"rounds": 1}, "probes": {"enabled": False}},
-        )
-    )
-    assert report.before.asr.value > 0.8 and report.after.asr.value < report.before.asr.value
-    assert (tmp_path / "lib.safetensors").exists()

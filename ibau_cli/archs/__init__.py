@@ -31,7 +31,7 @@ class ArchSpec:
 ARCHS: Registry[ArchSpec] = Registry("architecture")
 
 
-def register_arch(spec: ArchSpec, *, origin: str = "builtin") -> ArchSpec:
+def register_arch(spec: ArchSpec, *, origin: str | None = None) -> ArchSpec:
     """Register an architecture (used by the built-ins and by plugins)."""
     return ARCHS.register(spec.name, spec, origin=origin)
 

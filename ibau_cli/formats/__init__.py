@@ -14,7 +14,7 @@ from .base import LoadedModel, ModelFormat, SaveRequest, sha256_file, write_atom
 FORMATS: Registry[ModelFormat] = Registry("format")
 
 
-def register_format(fmt: ModelFormat, *, origin: str = "builtin") -> ModelFormat:
+def register_format(fmt: ModelFormat, *, origin: str | None = None) -> ModelFormat:
     return FORMATS.register(fmt.name, fmt, origin=origin)
 
 

@@ -17,7 +17,7 @@ from .synthesised import MaskPatternProbe, UniversalPerturbationProbe
 PROBES: Registry[Probe] = Registry("probe")
 
 
-def register_probe(probe: Probe, *, origin: str = "builtin") -> Probe:
+def register_probe(probe: Probe, *, origin: str | None = None) -> Probe:
     return PROBES.register(probe.name, probe, origin=origin)
 
 

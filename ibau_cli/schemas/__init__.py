@@ -1,0 +1,1 @@
+"""Published JSON Schemas (the report's contract), installed with the package."""

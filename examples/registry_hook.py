@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Model-registry hook: scan every new model in an incoming folder, move failures to quarantine.
+
+    python examples/registry_hook.py INCOMING --clean CLEAN_DIR [--approved DIR] [--quarantine DIR]
+        [--sanitize] [-- EXTRA IBAU ARGS...]
+
+For each model file in INCOMING (safetensors, TorchScript, .pt2, ONNX, checkpoints), oldest first:
+- ``ibau scan`` (or, with ``--sanitize``, ``ibau sanitize``, whose repaired model goes beside it in
+  the approved folder) runs with a JSON report;
+- exit 0 (passed): the model and its report move to APPROVED (default INCOMING/../approved);
+- exit 1 (gate failed: a backdoor is suspected or the ASR is past the limit), 2 (bad input) or 3
+  (runtime failure): the model and what ibau said move to QUARANTINE (default
+  INCOMING/../quarantine); nothing is ever deleted.
+A ``hook-log.jsonl`` line is appended per model (time, file, sha256, exit code, outcome, verdict).
+The hook's own exit code is 1 when any model was quarantined, else 0 — so it can gate a cron job or
+a CI step too. Everything after ``--`` is passed to ibau unchanged (e.g. ``-- --preset cifar10``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODEL_SUFFIXES = {".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".pt2", ".onnx", ".ts", ".jit"}
+OUTCOMES = {0: "approved", 1: "quarantined: gate failed", 2: "quarantined: bad input", 3: "quarantined: ibau failed"}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _move(src: Path, folder: Path) -> Path:
+    """Move without overwriting: an existing name gets a numbered suffix."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / src.name
+    n = 1
+    while dest.exists():
+        dest = folder / f"{src.stem}.{n}{src.suffix}"
+        n += 1
+    shutil.move(str(src), str(dest))
+    return dest
+
+
+def process(model: Path, args: argparse.Namespace, extra: list[str]) -> dict:
+    work = args.quarantine.parent / ".ibau-hook-work"
+    work.mkdir(parents=True, exist_ok=True)
+    report = work / f"{model.name}.report.json"
+    cmd = [*args.ibau, "sanitize" if args.sanitize else "scan", str(model), "--clean", str(args.clean)]
+    cmd += ["--report", str(report), "--quiet"]
+    repaired = None
+    if args.sanitize:
+        repaired = work / f"{model.stem}.sanitized{model.suffix}"
+        cmd += ["--out", str(repaired)]
+    digest = sha256(model)
+    started = time.time()
+    res = subprocess.run([*cmd, *extra], capture_output=True, text=True)
+    code = res.returncode if res.returncode in OUTCOMES else 3
+    folder = args.approved if code == 0 else args.quarantine
+    dest = _move(model, folder)
+    if report.exists():
+        _move(report, folder)
+    else:  # ibau stopped before a report (exit 2/3): keep what it said instead
+        (folder / f"{dest.name}.error.txt").write_text(res.stderr)
+    if repaired is not None and repaired.exists():
+        _move(repaired, folder)
+    verdict = None
+    moved_report = folder / report.name
+    if moved_report.exists():
+        verdict = json.loads(moved_report.read_text()).get("verdict")
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "file": model.name,
+        "sha256": digest,
+        "exit_code": res.returncode,
+        "outcome": OUTCOMES[code],
+        "verdict": verdict,
+        "moved_to": str(dest),
+        "seconds": round(time.time() - started, 1),
+        "message": res.stderr.strip().splitlines()[-1] if code in (2, 3) and res.stderr.strip() else None,
+    }
+    with open(args.log, "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("incoming", type=Path)
+    ap.add_argument("--clean", type=Path, required=True, help="clean images, DIR/<class>/<image>")
+    ap.add_argument("--approved", type=Path)
+    ap.add_argument("--quarantine", type=Path)
+    ap.add_argument("--log", type=Path, help="default: INCOMING/../hook-log.jsonl")
+    ap.add_argument("--sanitize", action="store_true", help="repair with I-BAU instead of scanning only")
+    ap.add_argument("--ibau", nargs="+", default=[sys.executable, "-m", "ibau_cli"], help="how to run ibau")
+    args = ap.parse_args(argv)
+    if not args.incoming.is_dir():
+        print(f"error: incoming folder not found: {args.incoming}", file=sys.stderr)
+        return 2
+    root = args.incoming.resolve().parent
+    args.approved = args.approved or root / "approved"
+    args.quarantine = args.quarantine or root / "quarantine"
+    args.log = args.log or root / "hook-log.jsonl"
+    models = sorted(
+        (p for p in args.incoming.iterdir() if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES),
+        key=lambda p: p.stat().st_mtime,
+    )
+    quarantined = 0
+    for model in models:
+        entry = process(model, args, extra)
+        quarantined += entry["exit_code"] != 0
+        print(f"{entry['file']}: {entry['outcome']} ({entry['seconds']} s) -> {entry['moved_to']}")
+    print(f"{len(models)} model(s): {len(models) - quarantined} approved, {quarantined} quarantined")
+    return 1 if quarantined else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""The Python API: ``from ibau_cli import sanitize, scan``, with the CLI's behaviour.
+
+Keyword arguments are the CLI's flags (``max_asr=0.05`` is ``--max-asr 0.05``); the same layers
+(preset < config file < IBAU_* environment < arguments), the same checks, the same report, the
+same atomic writes. Failures raise :class:`ibau_cli.errors.IbauError` subclasses whose
+``exit_code`` is the CLI's; a failed gate is not an exception: look at ``report.verdict`` (or
+``report.exit_code``). Installed plugins (entry points) are loaded as the CLI loads them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .pipeline import SanitizeRequest, TriggerSpec
+from .progress import Progress
+from .report import Report
+
+
+def overrides_layer(
+    settings: Mapping[str, Any] | Iterable[str] | None,
+    *,
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    seed: int | None = None,
+    holdout: float | None = None,
+    rounds: int | None = None,
+    batch_size: int | None = None,
+    max_asr: float | None = None,
+    max_acc_drop: float | None = None,
+    probes: bool = True,
+) -> dict[str, Any]:
+    """One override layer from ``--set`` style assignments (or a nested dict) and the flag shortcuts."""
+    from .settings_resolve import parse_assignment
+
+    layer: dict[str, Any] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            layer.setdefault(section, {})[key] = value
+
+    if isinstance(settings, Mapping):
+        for section, values in settings.items():
+            if isinstance(values, Mapping):
+                for key, value in values.items():
+                    put(section, key, value)
+            else:
+                layer[section] = values
+    else:
+        for text in settings or ():
+            section, key, value = parse_assignment(text)
+            put(section, key, value)
+    put("preprocess", "input_size", None if input_size is None else list(input_size))
+    put("preprocess", "mean", None if mean is None else list(mean))
+    put("preprocess", "std", None if std is None else list(std))
+    put("split", "holdout", holdout)
+    put("unlearn", "rounds", rounds)
+    put("unlearn", "batch_size", batch_size)
+    put("gate", "max_asr", max_asr)
+    put("gate", "max_acc_drop", max_acc_drop)
+    if not probes:
+        put("probes", "enabled", False)
+    if seed is not None:
+        layer["seed"] = seed
+    return layer
+
+
+def make_request(
+    model: str | Path,
+    clean: str | Path,
+    *,
+    out: str | Path | None = None,
+    arch: str | None = None,
+    classes: str | Path | None = None,
+    preset: str | None = None,
+    config: str | Path | None = None,
+    settings: Mapping[str, Any] | Iterable[str] | None = None,
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+    trigger: str | Path | None = None,
+    trigger_mask: str | Path | None = None,
+    trigger_blend: float | None = None,
+    trigger_additive: bool = False,
+    trigger_pos: str = "br",
+    target: int | None = None,
+    max_asr: float | None = None,
+    max_acc_drop: float | None = None,
+    holdout: float | None = None,
+    rounds: int | None = None,
+    batch_size: int | None = None,
+    probes: bool = True,
+    force: bool = False,
+    artifacts: str | Path | None = None,
+    environment: Mapping[str, str] | None = os.environ,
+) -> SanitizeRequest:
+    """Build the request the CLI would build from the same flags (``settings`` is ``--set``)."""
+    spec = None
+    if trigger is not None:
+        if target is None:
+            raise UsageError("--trigger needs --target N (the class the trigger flips to)")
+        spec = TriggerSpec(
+            image=trigger,
+            target=target,
+            mask=trigger_mask,
+            blend=trigger_blend,
+            additive=trigger_additive,
+            position=trigger_pos,
+        )
+    elif target is not None or trigger_mask is not None:
+        raise UsageError("--target and --trigger-mask need --trigger IMAGE")
+    overrides = overrides_layer(
+        settings,
+        input_size=input_size,
+        mean=mean,
+        std=std,
+        seed=seed,
+        holdout=holdout,
+        rounds=rounds,
+        batch_size=batch_size,
+        max_asr=max_asr,
+        max_acc_drop=max_acc_drop,
+        probes=probes,
+    )
+    return SanitizeRequest(
+        model=model,
+        clean=clean,
+        out=out,
+        arch=arch,
+        classes_file=classes,
+        preset=preset,
+        config_file=config,
+        overrides=overrides,
+        device=device,
+        trigger=spec,
+        force=force,
+        artifacts=artifacts,
+        environment=None if environment is None else dict(environment),
+    )
+
+
+def report_targets(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
+    """Check report destinations before any work: (path, format) for each; format from the name."""
+    from .reporters import format_for_path
+
+    targets = []
+    for path in paths:
+        path = Path(path)
+        fmt = format_for_path(path)
+        if not path.parent.exists():
+            raise UsageError(f"--report {path}: folder {path.parent} does not exist", hint="create it first")
+        if path.is_dir():
+            raise UsageError(f"--report {path} is a folder; give a file name")
+        targets.append((path, fmt))
+    return targets
+
+
+def write_reports(report: Report, targets: Iterable[tuple[Path, str]]) -> None:
+    """Write the report in each (path, format), each file atomically."""
+    from .formats.base import write_atomically
+    from .reporters import render
+
+    data = report.to_dict()
+    for path, fmt in targets:
+        text = render(fmt, data, report.images)
+        write_atomically(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+
+
+def _run(command: str, model, clean, reports, progress, plugins, options) -> Report:
+    from . import pipeline
+    from .plugins import load_plugins
+
+    load_plugins(tuple(plugins))
+    if command == "scan" and options.get("out") is not None:
+        raise UsageError("scan writes no model: drop out=")
+    request = make_request(model, clean, **options)
+    targets = report_targets(reports)
+    report = getattr(pipeline, command)(request, progress=progress)
+    write_reports(report, targets)
+    return report
+
+
+def sanitize(
+    model: str | Path,
+    clean: str | Path,
+    *,
+    reports: Iterable[str | Path] = (),
+    progress: Progress | None = None,
+    plugins: Iterable[str | Path] = (),
+    **options: Any,
+) -> Report:
+    """Repair ``model`` with I-BAU on the images in ``clean`` and gate; the same as ``ibau sanitize``.
+
+    ``reports``: files to write (.json, .sarif, .xml, .html); ``plugins``: plugin files to load;
+    ``options``: :func:`make_request`'s keywords (the CLI flags). Returns the :class:`Report`.
+    """
+    return _run("sanitize", model, clean, reports, progress, plugins, options)
+
+
+def scan(
+    model: str | Path,
+    clean: str | Path,
+    *,
+    reports: Iterable[str | Path] = (),
+    progress: Progress | None = None,
+    plugins: Iterable[str | Path] = (),
+    **options: Any,
+) -> Report:
+    """Probe ``model`` for a backdoor without repairing it; the same as ``ibau scan``."""
+    return _run("scan", model, clean, reports, progress, plugins, options)
+
+
+__all__ = ["make_request", "report_targets", "sanitize", "scan", "write_reports"]

@@ -1,0 +1,61 @@
+"""`from ibau_cli import sanitize, scan`: the CLI's behaviour as function calls."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+from conftest import independent_figures, run_cli
+
+import ibau_cli
+from ibau_cli.errors import InputError, UsageError
+
+
+def test_sanitize_from_the_package_matches_the_cli(backdoored, tmp_path):
+    common = dict(trigger=str(backdoored["trigger"]), target=0, probes=False)
+    report = ibau_cli.sanitize(
+        str(backdoored["model"]),
+        str(backdoored["clean500"]),
+        out=str(tmp_path / "api.safetensors"),
+        reports=[tmp_path / "api.json", tmp_path / "api.xml"],
+        **common,
+    )
+    assert report.verdict == "pass" and report.exit_code == 0
+    assert report.before.asr.value > 0.9 and report.after.asr.value < 0.2
+    from ibau_cli.formats import load_model
+
+    acc, asr = independent_figures(load_model(tmp_path / "api.safetensors").module, backdoored["x_eval"],
+                                   backdoored["y_eval"])  # fmt: skip
+    assert asr < 0.2 and acc > 0.9
+    written = json.loads((tmp_path / "api.json").read_text())
+    assert written["after"] == report.to_dict()["after"]
+    assert ET.parse(tmp_path / "api.xml").getroot().find("testsuite").get("failures") == "0"
+
+    res = run_cli("sanitize", backdoored["model"], "--clean", backdoored["clean500"], "--out",
+                  tmp_path / "cli.safetensors", "--trigger", backdoored["trigger"], "--target", "0", "--json")  # fmt: skip
+    cli = json.loads(res.stdout)
+    assert res.returncode == report.exit_code
+    assert cli["before"] == written["before"] and cli["config"] == written["config"]
+    assert [g["status"] for g in cli["gates"]] == [g["status"] for g in written["gates"]]
+    assert abs(cli["after"]["asr"]["value"] - written["after"]["asr"]["value"]) <= 0.05
+
+
+def test_scan_from_the_package_flags_the_backdoor(backdoored):
+    report = ibau_cli.scan(backdoored["model"], backdoored["clean500"], settings=["probes.budget_steps=60"])
+    assert report.exit_code == 1 and report.probes["before"]["evidence"]["suspected_class"] == 0
+
+
+def test_api_errors_carry_the_cli_exit_codes(backdoored, tmp_path):
+    with pytest.raises(UsageError, match="--target") as err:
+        ibau_cli.sanitize(backdoored["model"], backdoored["clean100"], trigger=backdoored["trigger"])
+    assert err.value.exit_code == 2
+    with pytest.raises(InputError) as err:
+        ibau_cli.scan(tmp_path / "missing.safetensors", backdoored["clean100"])
+    assert err.value.exit_code == 2 and "missing.safetensors" in err.value.one_line()
+    with pytest.raises(UsageError, match="cannot tell the report format"):
+        ibau_cli.scan(backdoored["model"], backdoored["clean100"], reports=[tmp_path / "r.txt"])
+    with pytest.raises(UsageError, match="scan writes no model"):
+        ibau_cli.scan(backdoored["model"], backdoored["clean100"], out=tmp_path / "x.safetensors")
+    with pytest.raises(TypeError):
+        ibau_cli.scan(backdoored["model"], backdoored["clean100"], max_asrr=0.1)
