@@ -88,5 +88,5 @@ def test_the_image_install_script_works_in_a_clean_venv(tmp_path):
                            env=env, timeout=120)  # fmt: skip
     assert shown.returncode == 0 and "preset gtsrb" in shown.stdout, shown.stderr
     where = subprocess.run([str(bindir / "python"), "-c", "import ibau_cli; print(ibau_cli.__file__)"],
-                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+                           capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
     assert str(env_dir) in where.stdout  # installed into the venv, not picked up from this checkout

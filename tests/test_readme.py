@@ -1,0 +1,60 @@
+"""The README documents every command, option, exit code, config key and report format."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from ibau_cli.cli import main
+from ibau_cli.config import Settings
+from ibau_cli.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_RUNTIME
+from ibau_cli.reporters import REPORT_FORMATS
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def _commands(group: click.Group, prefix: str = "") -> dict[str, click.Command]:
+    out = {}
+    for name, cmd in group.commands.items():
+        out[f"{prefix}{name}"] = cmd
+        if isinstance(cmd, click.Group):
+            out.update(_commands(cmd, f"{prefix}{name} "))
+    return out
+
+
+def test_every_command_and_option_is_in_the_readme():
+    missing = []
+    for name, cmd in {"": main, **_commands(main)}.items():
+        if name and f"ibau {name}" not in README:
+            missing.append(f"command ibau {name}")
+        for param in cmd.params:
+            for opt in getattr(param, "opts", []):
+                documented = re.search(rf"[`\[ ]{re.escape(opt)}(?![\w-])", README)
+                if opt.startswith("--") and opt not in ("--help", "--version") and not documented:
+                    missing.append(f"ibau {name} {opt}")
+    assert not missing, missing
+
+
+def test_exit_codes_config_keys_and_formats_are_in_the_readme():
+    for code in (EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_RUNTIME):
+        assert f"| {code} |" in README
+    for section in ("preprocess", "unlearn", "split", "gate", "probes"):
+        for f in dataclasses.fields(type(getattr(Settings(), section))):
+            assert f"\n{f.name} = " in README or f"\n# {f.name} = " in README, f"{section}.{f.name}"
+    for fmt in REPORT_FORMATS:
+        assert f"`--format {fmt}`" in README, fmt
+
+
+def test_shell_completion_documented_in_the_readme_works():
+    assert "_IBAU_COMPLETE=bash_source ibau" in README
+    env = dict(
+        os.environ, COMP_WORDS="ibau sanitize m.safetensors --for", COMP_CWORD="3", _IBAU_COMPLETE="bash_complete"
+    )
+    res = subprocess.run([sys.executable, "-m", "ibau_cli"], capture_output=True, text=True, env=env, timeout=120)
+    assert "--format" in res.stdout and "--force" in res.stdout
