@@ -11,6 +11,13 @@
 ARG TORCH_VERSION=2.13.0
 ARG ORT_GPU_VERSION=1.31.1
 
+# ---------- the package source, copied once into both images ----------
+FROM scratch AS source
+COPY pyproject.toml README.md /src/
+COPY ibau_cli /src/ibau_cli
+COPY configs /src/configs
+COPY docker/install.sh /src/docker/install.sh
+
 # ---------- CPU: slim Python, CPU wheels of torch and onnxruntime ----------
 FROM python:3.11-slim-bookworm AS cpu
 ARG TORCH_VERSION
@@ -23,10 +30,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     TORCH_VERSION=${TORCH_VERSION} \
     TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN python -m venv /opt/ibau
-COPY pyproject.toml README.md /src/
-COPY ibau_cli /src/ibau_cli
-COPY configs /src/configs
-COPY docker/install.sh /src/docker/install.sh
+COPY --from=source /src /src
 RUN sh /src/docker/install.sh cpu /src && rm -rf /src \
     && groupadd --gid 10001 ibau && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin ibau
 USER 10001:10001
@@ -51,10 +55,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/ibau
-COPY pyproject.toml README.md /src/
-COPY ibau_cli /src/ibau_cli
-COPY configs /src/configs
-COPY docker/install.sh /src/docker/install.sh
+COPY --from=source /src /src
 RUN sh /src/docker/install.sh cuda /src && rm -rf /src \
     && groupadd --gid 10001 ibau && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin ibau
 USER 10001:10001

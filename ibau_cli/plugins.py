@@ -14,14 +14,14 @@ A plugin registers with ``ibau_cli.archs.register_arch``, ``ibau_cli.probes.regi
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
 from .errors import PluginError
 from .registry import registering_from
+from .user_code import import_file
 
 GROUP = "ibau.plugins"
 
@@ -56,7 +56,7 @@ def load_entry_point_plugins() -> list[LoadedPlugin]:
         try:
             with registering_from(origin):
                 obj = ep.load()
-                if callable(obj) and not isinstance(obj, type(sys)):
+                if callable(obj) and not isinstance(obj, ModuleType):
                     obj()
         except Exception as exc:  # a broken plugin is the user's input: say which and why
             raise PluginError(
@@ -78,22 +78,15 @@ def load_plugin_file(path: Path) -> LoadedPlugin:
     if path.suffix != ".py":
         raise PluginError(f"plugin {path} is not a .py file")
     origin = f"file {path}"
-    module_name = f"ibau_plugin_{abs(hash(str(path))):x}"
     try:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:
-            raise ImportError("cannot build an import spec")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
         with registering_from(origin):
-            spec.loader.exec_module(module)
+            module = import_file(path, "ibau_plugin")
             register = getattr(module, "register", None)
             if callable(register):
                 register()
     except PluginError:
         raise
     except Exception as exc:
-        sys.modules.pop(module_name, None)
         raise PluginError(f"plugin {path} failed to load: {type(exc).__name__}: {exc}") from exc
     plugin = LoadedPlugin(path.stem, origin, str(path))
     _LOADED[key] = plugin

@@ -43,7 +43,11 @@ def test_hadolint_passes():
 
 def test_both_images_run_ibau_as_a_non_root_user_in_a_mountable_workdir():
     stages = _stages()
-    assert set(stages) == {"cpu", "cuda"}
+    assert set(stages) == {"source", "cpu", "cuda"}
+    for ln in stages.pop("source")[1:]:
+        assert ln.startswith("COPY ")
+        for src in ln.split()[1:-1]:
+            assert (REPO / src).exists(), f"COPY source {src} missing"
     assert list(stages)[-1] == "cuda"  # the default target is the CUDA image
     assert "nvidia/cuda" in stages["cuda"][0] and "runtime" in stages["cuda"][0]
     for name, lines in stages.items():
@@ -53,10 +57,7 @@ def test_both_images_run_ibau_as_a_non_root_user_in_a_mountable_workdir():
         assert user and user[-1].split(":")[0] not in ("0", "root"), name
         installs = [ln for ln in lines if "docker/install.sh" in ln and ln.startswith("RUN")]
         assert installs and f"install.sh {name} " in installs[0], name
-        for ln in lines:
-            if ln.startswith("COPY"):
-                for src in ln.split()[1:-1]:
-                    assert (REPO / src).exists(), f"{name}: COPY source {src} missing"
+        assert "COPY --from=source /src /src" in lines, name
     assert re.search(r"ARG TORCH_VERSION=\d+\.\d+\.\d+", DOCKERFILE.read_text())  # torch is pinned
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import sys
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import InputError
+from ..user_code import import_file
 from . import ARCHS, ArchSpec
 
 
@@ -33,14 +32,8 @@ def build_user_model(arch: str, num_classes: int | None) -> nn.Module:
     path = Path(file_part)
     if not path.is_file():
         raise InputError(f"--arch {arch}: file not found: {path}")
-    mod_name = f"ibau_user_arch_{abs(hash(str(path.resolve())))}"
     try:
-        spec = importlib.util.spec_from_file_location(mod_name, path)
-        if spec is None or spec.loader is None:
-            raise ImportError("not a Python file")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module
-        spec.loader.exec_module(module)
+        module = import_file(path, "ibau_user_arch")
     except Exception as exc:  # the user's code can raise anything
         raise InputError(f"--arch {arch}: importing {path} failed ({type(exc).__name__}: {exc})") from exc
     factory = getattr(module, attr, None)
