@@ -128,6 +128,9 @@ class MaskPatternProbe:
         return result
 
 
+UAP_SCALES = (1.0, 0.5, 0.25)  # each fitted perturbation is also measured at these fractions of its norm
+
+
 class UniversalPerturbationProbe:
     name = "synth-universal-perturbation"
     family = "synthesised"
@@ -142,7 +145,7 @@ class UniversalPerturbationProbe:
             fit = _eligible(ctx, fit_idx, t)
             test = _eligible(ctx, test_idx, t)
             if len(fit) == 0 or len(test) == 0:
-                flips.append(Rate(0, 0))
+                flips.append([])
                 deltas.append(None)
                 continue
             delta = torch.zeros((1, *ctx.x.shape[1:]), device=ctx.device)
@@ -158,22 +161,38 @@ class UniversalPerturbationProbe:
                     n = delta.norm()
                     if n > ctx.radius:
                         delta = delta * (ctx.radius / n)
-            flips.append(_flip(model, (ctx.x[test] + delta.cpu()).clamp(0, 1), t, ctx))
+            flips.append([_flip(model, (ctx.x[test] + s * delta.cpu()).clamp(0, 1), t, ctx) for s in UAP_SCALES])
             deltas.append(delta.cpu())
-        rates = [f.value or 0.0 for f in flips]
-        worst = max(range(ctx.num_classes), key=lambda k: rates[k])
-        others = [r for k, r in enumerate(rates) if k != worst]
+        # A model that any small perturbation pushes anywhere (common for small, non-robust models)
+        # makes every class reachable at the full radius; the same perturbations scaled down show
+        # whether one class stands out. Report the scale where it stands out most.
+        by_scale = []
+        for i, scale in enumerate(UAP_SCALES):
+            rates = [(f[i].value or 0.0) if f else 0.0 for f in flips]
+            worst = max(range(ctx.num_classes), key=lambda k: rates[k])
+            others = [r for k, r in enumerate(rates) if k != worst]
+            median_other = statistics.median(others) if others else 0.0
+            by_scale.append((rates[worst] / max(median_other, 0.05), -i, scale, worst, median_other, rates))
+        best = max(by_scale)  # the largest separation; on a tie, the larger scale
+        _, _, scale, worst, median_other, rates = best
+        i = UAP_SCALES.index(scale)
         result = ProbeResult(
             self.name,
             self.family,
             worst,
-            flips[worst],
+            flips[worst][i] if flips[worst] else Rate(0, 0),
             {
-                "radius": ctx.radius,
+                "radius": ctx.radius * scale,
+                "fitted_radius": ctx.radius,
+                "scale": scale,
                 "steps_per_class": steps,
-                "median_other_flip_rate": statistics.median(others) if others else None,
+                "median_other_flip_rate": median_other,
+                "by_scale": [
+                    {"scale": sc, "worst_class": w, "flip_rate": r[w], "median_other_flip_rate": m}
+                    for _, _, sc, w, m, r in by_scale
+                ],
             },
             per_class=rates,
         )
-        result.artifacts = {"delta": deltas[worst]}  # type: ignore[attr-defined]
+        result.artifacts = {"delta": None if deltas[worst] is None else scale * deltas[worst]}  # type: ignore[attr-defined]
         return result
