@@ -528,13 +528,15 @@ def _run_probes(model, x, y, num_classes, settings, device, amp, progress):
 
 
 def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repair") -> Gate:
-    """Without a known trigger: the strongest bounded probe toward the class suspected before
-    repair, measured after repair; and the after-repair verdict must not be 'suspected'."""
+    """Without a known trigger: the strongest ASR-estimating probe toward the class the probes
+    suspected (verdict 'suspected') before repair, measured after repair; and the after-repair
+    verdict must not be 'suspected'. Weak evidence (an 'inconclusive' class) does not gate."""
     if probes_after is None:
         return Gate("asr", "not_evaluated", gate_cfg.max_asr, None, "no trigger supplied and probes off")
-    cls = probes_before.evidence.get("suspected_class") if probes_before is not None else None
-    if cls is None:
-        cls = probes_after.evidence.get("suspected_class")
+    cls = None
+    for suite in (probes_before, probes_after):
+        if cls is None and suite is not None and suite.verdict == "suspected":
+            cls = suite.evidence.get("suspected_class")
     if cls is None:
         ok = probes_after.verdict != "suspected"
         return Gate(
