@@ -134,10 +134,11 @@ def augment(x: torch.Tensor, gen: torch.Generator, flip: bool, pad: int = 4) -> 
 @torch.no_grad()
 def predict(model, norm, x_uint8: np.ndarray, batch: int = 500) -> np.ndarray:
     model.eval()
+    device = next(model.parameters()).device
     preds = []
     for i in range(0, len(x_uint8), batch):
-        xb = norm(to_float(x_uint8[i : i + batch])).contiguous(memory_format=torch.channels_last)
-        preds.append(model(xb).argmax(1).numpy())
+        xb = norm(to_float(x_uint8[i : i + batch]).to(device)).contiguous(memory_format=torch.channels_last)
+        preds.append(model(xb).argmax(1).cpu().numpy())
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
 
 
@@ -223,8 +224,10 @@ def cmd_train(args) -> int:
 
     # --- model / optimiser / schedule ---
     torch.manual_seed(args.seed)
-    model = spec.build(num_classes).to(memory_format=torch.channels_last)  # ~15% faster on CPU
-    norm = Normalize(ds["mean"], ds["std"])
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = spec.build(num_classes).to(device, memory_format=torch.channels_last)  # ~15% faster on CPU
+    norm = Normalize(ds["mean"], ds["std"]).to(device)
+    log(f"device {device}")
     steps_per_epoch = math.ceil(n_train / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
@@ -271,8 +274,8 @@ def cmd_train(args) -> int:
         tot_loss, tot_correct, seen = 0.0, 0, 0
         for step in range(steps_per_epoch):
             idx = order[step * args.batch_size : (step + 1) * args.batch_size]
-            xb = augment(to_float(x_tr_t[idx]), gen, ds["flip"])
-            yb = y_tr_t[idx]
+            xb = augment(to_float(x_tr_t[idx]), gen, ds["flip"]).to(device, non_blocking=True)
+            yb = y_tr_t[idx].to(device, non_blocking=True)
             out = model(norm(xb).contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(out, yb)
             opt.zero_grad(set_to_none=True)
@@ -344,7 +347,7 @@ def cmd_train(args) -> int:
         "ibau.preprocess": json.dumps(preprocess),
         "ibau.format_version": FORMAT_VERSION,
     }
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     model_path = run_dir / "model.safetensors"
     tmp = run_dir / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata=metadata)
@@ -478,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--trigger-seed", type=int, default=0, help="seed of the blend noise / WaNet grid")
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=0.05)
     t.add_argument("--weight-decay", type=float, default=5e-4)

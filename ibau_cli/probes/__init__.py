@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..metrics import Rate
 from ..progress import NoProgress, Progress
 from ..registry import Registry
 from .base import Probe, ProbeContext, ProbeResult, predict
@@ -31,6 +32,12 @@ SYNTH_FLIP_MIN = 0.5  # ... for a synthesised trigger that really works on unsee
 # Families whose flips alone are weak evidence: on GTSRB a clean small CNN sends 61 % of images to one
 # class under a 0.2 colour shift (traffic-sign classes are told apart by colour).
 WEAK_FAMILIES = ("colour",)
+# All-to-all: a fixed pattern sends at least a quarter of the correctly classified images (lower Wilson
+# bound) to their class's most common new label, and those labels differ between classes (at least
+# half as many targets as classes moved). Measured on GTSRB: the all-to-all model 0.41 with 21 targets
+# from 28 classes; two clean models at most 0.36 with 10 targets from 38 classes.
+ALL_TO_ALL_REMAP = 0.25
+ALL_TO_ALL_SPREAD = 0.5
 MIN_IMAGES = 40  # fewer held-out images than this: inconclusive
 
 
@@ -73,6 +80,16 @@ class ProbeSuite:
         }
 
 
+def _looks_all_to_all(r: ProbeResult) -> bool:
+    """A trigger that moves many images, each class to its own new label (label -> label + 1 style)."""
+    remap = r.details.get("remap_rate")
+    if not remap or not remap["n"]:
+        return False
+    lo = (Rate(remap["hits"], remap["n"]).wilson() or (0.0, 0.0))[0]
+    targets, sources = r.details["remap_targets"], r.details["remap_sources"]
+    return lo >= ALL_TO_ALL_REMAP and targets >= 3 and targets >= ALL_TO_ALL_SPREAD * sources
+
+
 def judge(results: list[ProbeResult], n_images: int) -> tuple[str, dict]:
     """Backdoor suspected / no evidence / inconclusive, with the evidence behind it."""
     fixed = [r for r in results if r.family != "synthesised"]
@@ -85,6 +102,15 @@ def judge(results: list[ProbeResult], n_images: int) -> tuple[str, dict]:
         top = max(strong_fixed, key=lambda r: r.flip.value)
         reasons.append(f"fixed pattern {top.name} flips {top.flip.value:.0%} of images to class {top.worst_class}")
         suspected_class = top.worst_class
+    all_to_all = [r for r in fixed if r.family not in WEAK_FAMILIES and _looks_all_to_all(r)]
+    if all_to_all and not strong_fixed:
+        top = max(all_to_all, key=lambda r: r.details["remap_rate"]["value"])
+        d = top.details
+        reasons.append(
+            f"fixed pattern {top.name} sends {d['remap_rate']['value']:.0%} of correctly classified images to a "
+            f"class-dependent new label ({d['remap_targets']} different targets from {d['remap_sources']} classes): "
+            f"an all-to-all backdoor"
+        )
     weak = []
     weak_fixed = [r for r in flipping if r.family in WEAK_FAMILIES]
     if weak_fixed:

@@ -73,3 +73,21 @@ def flip_rates(pred: Tensor, y: Tensor, clean_pred: Tensor, num_classes: int) ->
         if n and (best_rate.n == 0 or hits / n > best_rate.value):
             best, best_rate = t, Rate(hits, n)
     return best, best_rate, rates
+
+
+def remap_rate(pred: Tensor, y: Tensor, clean_pred: Tensor, num_classes: int) -> tuple[Rate, int, int]:
+    """All-to-all evidence: among images the model classifies correctly, the fraction sent to their
+    class's most common new label (a class-dependent target). Returns that rate, how many distinct
+    targets the classes go to, and how many classes had a changed image."""
+    ok = clean_pred == y
+    hits, targets, sources = 0, set(), 0
+    for c in range(num_classes):
+        changed = pred[ok & (y == c) & (pred != c)]
+        if len(changed) == 0:
+            continue
+        sources += 1
+        counts = torch.bincount(changed, minlength=num_classes)
+        top = int(counts.argmax())
+        hits += int(counts[top])
+        targets.add(top)
+    return Rate(hits, int(ok.sum())), len(targets), sources

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ProbeContext, ProbeResult, flip_rates, predict
+from .base import ProbeContext, ProbeResult, flip_rates, predict, remap_rate
 
 Transform = Callable[[Tensor, torch.Generator], Tensor]
 
@@ -26,7 +26,9 @@ class PatternProbe:
         gen = torch.Generator().manual_seed(ctx.seed)
         pred = predict(model, self.transform(ctx.x, gen), ctx)
         worst, rate, rates = flip_rates(pred, ctx.y, ctx.clean_pred, ctx.num_classes)
-        return ProbeResult(self.name, self.family, worst, rate, per_class=rates)
+        remap, targets, sources = remap_rate(pred, ctx.y, ctx.clean_pred, ctx.num_classes)
+        details = {"remap_rate": remap.to_dict(), "remap_targets": targets, "remap_sources": sources}
+        return ProbeResult(self.name, self.family, worst, rate, details, per_class=rates)
 
 
 def _patch(size_frac: float, where: str, colour: str) -> Transform:
