@@ -44,12 +44,18 @@ def zoo_models(root: Path, only: str) -> list[Path]:
     return sorted(p.parent for p in root.glob("*/manifest.json") if only in p.parent.name)
 
 
+def scan_indices(n_test: int, n: int, seed: int) -> np.ndarray:
+    """The test images a scan uses: ``n`` drawn (seeded) from the first half of the permutation
+    efficacy.py draws clean sets from; its evaluation half is never used here."""
+    perm = np.random.default_rng(1000).permutation(n_test)
+    pool = perm[: n_test // 2]
+    return np.random.default_rng([seed, 77]).choice(pool, size=min(n, len(pool)), replace=False)
+
+
 def scan_row(model_dir: Path, data: Path, n: int, seed: int) -> dict:
     manifest = json.loads((model_dir / "manifest.json").read_text())
     x_te, y_te, _, _ = zoo.load_split(data, manifest["dataset"], "test")
-    perm = np.random.default_rng(1000).permutation(len(y_te))  # as efficacy.py: first half = clean pool
-    pool = perm[: len(perm) // 2]
-    chosen = np.random.default_rng([seed, 77]).choice(pool, size=min(n, len(pool)), replace=False)
+    chosen = scan_indices(len(y_te), n, seed)
     tmp = Path(tempfile.mkdtemp(prefix="ibau-probe-eval-"))
     try:
         write_folder(x_te[chosen], y_te[chosen], tmp / "clean")

@@ -21,7 +21,7 @@ EXIT_CODES_HELP = f"""
 \b
 Exit codes:
   {EXIT_OK}  passed: every evaluated gate is within its limit
-  {EXIT_GATE_FAILED}  gate failed: ASR or accuracy drop past the limit
+  {EXIT_GATE_FAILED}  gate failed: ASR or accuracy drop past the limit, or (scan) a backdoor suspected
   {EXIT_BAD_INPUT}  bad usage or bad input (one line says which file and what to do)
   {EXIT_RUNTIME}  runtime failure (device, numerics, writing the output)
 """

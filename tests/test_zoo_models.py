@@ -32,11 +32,14 @@ def _split(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 
 
 def _clean_folder(tmp_path: Path, dataset: str, n: int) -> Path:
+    """The images benchmarks/probe_eval.py scans (seed 0), so a test reproduces a PROBES.md row."""
+    import zoo
     from efficacy import write_folder
+    from probe_eval import scan_indices
 
-    x_pool, y_pool, _, _ = _split(dataset)
-    pick = np.random.default_rng(5).choice(len(y_pool), n, replace=False)
-    write_folder(x_pool[pick], y_pool[pick], tmp_path / "clean")
+    x, y, _, _ = zoo.load_split(SHARED_DATA, dataset, "test")
+    pick = scan_indices(len(y), n, 0)
+    write_folder(x[pick], y[pick], tmp_path / "clean")
     return tmp_path / "clean"
 
 
@@ -45,14 +48,14 @@ def _clean_folder(tmp_path: Path, dataset: str, n: int) -> Path:
     [
         "gtsrb-smallcnn-blend",  # blend
         "gtsrb-smallcnn-wanet",  # warp
-        "gtsrb-smallcnn-watermark",  # a yellow X off the corners: not among the fixed probes
+        "gtsrb-smallcnn-trojan-square",  # magenta/green squares: no fixed probe flips it, the synthesised one does
         "gtsrb-smallcnn-all2all",  # all-to-all (label -> label + 1)
-        "gtsrb-smallcnn-clean-s0",  # clean, trained the same way
+        "gtsrb-smallcnn-clean-s0",  # clean, trained the same way (weak colour evidence only: inconclusive)
     ],
 )
 def test_scan_flags_the_backdoored_zoo_models_and_not_the_clean_one(name, tmp_path):
     manifest = json.loads((ZOO / name / "manifest.json").read_text())
-    clean = _clean_folder(tmp_path, "gtsrb", 600)
+    clean = _clean_folder(tmp_path, "gtsrb", 1000)
     res = run_cli("scan", ZOO / name / "model.safetensors", "--clean", clean, "--json", "-q")
     assert res.returncode in (0, 1), res.stderr
     probes = json.loads(res.stdout)["probes"]["before"]
