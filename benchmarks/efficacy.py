@@ -106,7 +106,7 @@ def main() -> int:
     if results.exists():
         for line in results.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["method"], r["n_clean"], r["seed"], json.dumps(r["extra_config"], sort_keys=True)))
+            done.add((r["model"], r["method"], r["n_clean"], r["seed"], json.dumps(r["extra_config"], sort_keys=True)))
 
     extra: dict = {}
     from ibau_cli.settings_resolve import parse_assignment
@@ -145,7 +145,7 @@ def main() -> int:
                     overrides = json.loads(json.dumps(METHODS[method]))
                     for section, values in extra.items():
                         overrides.setdefault(section, {}).update(values)
-                    key = (method, n, seed, json.dumps(extra, sort_keys=True))
+                    key = (args.model_dir.name, method, n, seed, json.dumps(extra, sort_keys=True))
                     if key in done:
                         continue
                     out = tmp / f"{method}.safetensors"
