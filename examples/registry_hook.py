@@ -19,7 +19,6 @@ a CI step too. Everything after ``--`` is passed to ibau unchanged (e.g. ``-- --
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -27,16 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+from ibau_cli.formats import sha256_file
+
 MODEL_SUFFIXES = {".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".pt2", ".onnx", ".ts", ".jit"}
 OUTCOMES = {0: "approved", 1: "quarantined: gate failed", 2: "quarantined: bad input", 3: "quarantined: ibau failed"}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _move(src: Path, folder: Path) -> Path:
@@ -61,7 +54,7 @@ def process(model: Path, args: argparse.Namespace, extra: list[str]) -> dict:
     if args.sanitize:
         repaired = work / f"{model.stem}.sanitized{model.suffix}"
         cmd += ["--out", str(repaired)]
-    digest = sha256(model)
+    digest = sha256_file(model)
     started = time.time()
     res = subprocess.run([*cmd, *extra], capture_output=True, text=True)
     code = res.returncode if res.returncode in OUTCOMES else 3
