@@ -27,6 +27,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/ibau \
     PATH=/opt/ibau/bin:$PATH \
+    XDG_CACHE_HOME=/tmp/ibau-cache \
     TORCH_VERSION=${TORCH_VERSION} \
     TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN python -m venv /opt/ibau
@@ -48,6 +49,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/ibau \
     PATH=/opt/ibau/bin:$PATH \
+    XDG_CACHE_HOME=/tmp/ibau-cache \
     TORCH_VERSION=${TORCH_VERSION} \
     ORT_GPU_VERSION=${ORT_GPU_VERSION}
 # hadolint ignore=DL3008

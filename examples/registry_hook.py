@@ -55,21 +55,22 @@ def process(model: Path, args: argparse.Namespace, extra: list[str]) -> dict:
         repaired = work / f"{model.stem}.sanitized{model.suffix}"
         cmd += ["--out", str(repaired)]
     digest = sha256_file(model)
+    for leftover in (report, repaired):  # from a hook run that was killed: never mistake it for this one's
+        if leftover is not None:
+            leftover.unlink(missing_ok=True)
     started = time.time()
     res = subprocess.run([*cmd, *extra], capture_output=True, text=True)
     code = res.returncode if res.returncode in OUTCOMES else 3
     folder = args.approved if code == 0 else args.quarantine
     dest = _move(model, folder)
+    verdict = None
     if report.exists():
+        verdict = json.loads(report.read_text()).get("verdict")
         _move(report, folder)
     else:  # ibau stopped before a report (exit 2/3): keep what it said instead
         (folder / f"{dest.name}.error.txt").write_text(res.stderr)
     if repaired is not None and repaired.exists():
         _move(repaired, folder)
-    verdict = None
-    moved_report = folder / report.name
-    if moved_report.exists():
-        verdict = json.loads(moved_report.read_text()).get("verdict")
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "file": model.name,

@@ -172,15 +172,20 @@ def write_reports(report: Report, targets: Iterable[tuple[Path, str]]) -> None:
         write_atomically(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
 
 
-def _run(command: str, model, clean, reports, progress, plugins, options) -> Report:
+def _paths(value: str | Path | Iterable[str | Path]) -> list[Path]:
+    """One path or several (a lone string is one path, not its letters)."""
+    return [Path(value)] if isinstance(value, str | Path) else [Path(v) for v in value]
+
+
+def _run(command: str, model, clean, reports, progress, plugins, load_installed, options) -> Report:
     from . import pipeline
     from .plugins import load_plugins
 
-    load_plugins(tuple(plugins))
+    load_plugins(_paths(plugins), entry_points=load_installed)
     if command == "scan" and options.get("out") is not None:
         raise UsageError("scan writes no model: drop out=")
     request = make_request(model, clean, **options)
-    targets = report_targets(reports)
+    targets = report_targets(_paths(reports))
     report = getattr(pipeline, command)(request, progress=progress)
     write_reports(report, targets)
     return report
@@ -190,30 +195,33 @@ def sanitize(
     model: str | Path,
     clean: str | Path,
     *,
-    reports: Iterable[str | Path] = (),
+    reports: str | Path | Iterable[str | Path] = (),
     progress: Progress | None = None,
-    plugins: Iterable[str | Path] = (),
+    plugins: str | Path | Iterable[str | Path] = (),
+    installed_plugins: bool = True,
     **options: Any,
 ) -> Report:
     """Repair ``model`` with I-BAU on the images in ``clean`` and gate; the same as ``ibau sanitize``.
 
-    ``reports``: files to write (.json, .sarif, .xml, .html); ``plugins``: plugin files to load;
+    ``reports``: files to write (.json, .sarif, .xml, .html); ``plugins``: plugin files to load
+    (the API does not read ``IBAU_PLUGINS``); ``installed_plugins=False`` is ``--no-plugins``;
     ``options``: :func:`make_request`'s keywords (the CLI flags). Returns the :class:`Report`.
     """
-    return _run("sanitize", model, clean, reports, progress, plugins, options)
+    return _run("sanitize", model, clean, reports, progress, plugins, installed_plugins, options)
 
 
 def scan(
     model: str | Path,
     clean: str | Path,
     *,
-    reports: Iterable[str | Path] = (),
+    reports: str | Path | Iterable[str | Path] = (),
     progress: Progress | None = None,
-    plugins: Iterable[str | Path] = (),
+    plugins: str | Path | Iterable[str | Path] = (),
+    installed_plugins: bool = True,
     **options: Any,
 ) -> Report:
     """Probe ``model`` for a backdoor without repairing it; the same as ``ibau scan``."""
-    return _run("scan", model, clean, reports, progress, plugins, options)
+    return _run("scan", model, clean, reports, progress, plugins, installed_plugins, options)
 
 
 __all__ = ["make_request", "report_targets", "sanitize", "scan", "write_reports"]

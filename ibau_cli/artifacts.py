@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 
-def _to_png(img: Tensor, scale: int = 4) -> bytes:
+def _to_png(img: Tensor, scale: int | None = None) -> bytes:
     from PIL import Image
 
     arr = img.detach().float().clamp(0, 1).cpu()
@@ -24,6 +24,8 @@ def _to_png(img: Tensor, scale: int = 4) -> bytes:
     if arr.shape[2] == 1:
         arr = arr[:, :, 0]
     im = Image.fromarray(arr)
+    if scale is None:  # enlarge small inputs to be seen (32 px -> 128 px), leave large ones as they are
+        scale = max(1, min(4, 128 // max(1, min(im.height, im.width))))
     im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     buf = io.BytesIO()
     im.save(buf, format="PNG")

@@ -138,7 +138,6 @@ def _parse_floats(text: str | None, flag: str) -> list[float] | None:
     "plugin_files",
     multiple=True,
     type=click.Path(path_type=Path),
-    envvar="IBAU_PLUGINS",
     help="Load a plugin file (registers architectures, probes or formats). Repeatable; env IBAU_PLUGINS.",
 )
 @click.option("--no-plugins", is_flag=True, help="Do not load installed plugins (entry points in ibau.plugins).")
@@ -146,7 +145,8 @@ def main(plugin_files: tuple[Path, ...], no_plugins: bool) -> None:
     """Find and remove backdoors in image classifiers with I-BAU, and gate on the result."""
     from .plugins import load_plugins
 
-    _run(False, lambda: load_plugins(plugin_files, entry_points=not no_plugins))
+    from_env = [Path(f) for f in os.environ.get("IBAU_PLUGINS", "").split(os.pathsep) if f.strip()]
+    _run(False, lambda: load_plugins([*from_env, *plugin_files], entry_points=not no_plugins))
 
 
 def _common_options(fn):

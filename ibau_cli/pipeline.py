@@ -303,7 +303,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         with timer.phase("probes_after"):
             probes_after = _run_probes(model, x_h, y_h, num_classes, settings, device, amp, progress)
     with timer.phase("images"):
-        images = render_images(x_h, probes_before, probes_after, before, after)
+        images = _images(x_h, probes_before, probes_after, before, after, p.warnings)
     if request.artifacts is not None:
         with timer.phase("artifacts"):
             write_artifacts(request.artifacts, images)
@@ -372,6 +372,15 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
     )
 
 
+def _images(x, probes_before, probes_after, before, after, warnings: list[str]) -> dict[str, bytes]:
+    """The report's PNGs; a failure to draw them is a warning, never a lost run."""
+    try:
+        return render_images(x, probes_before, probes_after, before, after)
+    except Exception as exc:  # PIL or numerics: the figures and the model matter more than pictures
+        warnings.append(f"could not render the report images ({type(exc).__name__}: {exc})")
+        return {}
+
+
 def _report_common(p: _Prepared, request: SanitizeRequest, command: str, probes_before, probes_after) -> dict:
     """The report fields sanitize and scan share."""
     device = p.device
@@ -414,7 +423,7 @@ def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
     with p.timer.phase("probes"):
         suite = _run_probes(p.model, p.x_h, p.y_h, p.num_classes, p.settings, p.device, p.amp, progress)
     with p.timer.phase("images"):
-        images = render_images(p.x_h, suite, None, p.before, None)
+        images = _images(p.x_h, suite, None, p.before, None, p.warnings)
     if request.artifacts is not None:
         with p.timer.phase("artifacts"):
             write_artifacts(request.artifacts, images)

@@ -46,7 +46,6 @@ def load_entry_point_plugins() -> list[LoadedPlugin]:
     global _ENTRY_POINTS_DONE
     if _ENTRY_POINTS_DONE:
         return loaded_plugins()
-    _ENTRY_POINTS_DONE = True
     for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name):
         dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "unknown distribution"
         origin = f"entry point {ep.name} ({dist})"
@@ -64,6 +63,7 @@ def load_entry_point_plugins() -> list[LoadedPlugin]:
                 hint=f"fix or uninstall {ep.dist.name if ep.dist else 'the package'}",
             ) from exc
         _LOADED[key] = LoadedPlugin(ep.name, origin, ep.value)
+    _ENTRY_POINTS_DONE = True  # only once every entry point loaded: a caller that caught an error can retry
     return loaded_plugins()
 
 
@@ -100,7 +100,8 @@ def load_plugins(files: list[Path] | tuple[Path, ...] = (), *, entry_points: boo
     if entry_points:
         load_entry_point_plugins()
     for f in files:
-        load_plugin_file(Path(f))
+        if str(f).strip():  # IBAU_PLUGINS="a.py:" or "a.py::b.py" leave empty entries
+            load_plugin_file(Path(f))
     return loaded_plugins()
 
 

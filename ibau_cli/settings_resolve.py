@@ -48,6 +48,8 @@ def environment_layer(environ: Mapping[str, str]) -> list[tuple[str, dict[str, A
             section, key = (part.lower() for part in rest.split("__", 1))
         else:
             continue
+        if not environ[name].strip():
+            continue  # an empty variable (common in CI templates) means unset
         value = _parse_value(environ[name])
         layers.append((f"environment {name}", {section: value} if key is None else {section: {key: value}}))
     return layers

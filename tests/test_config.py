@@ -109,3 +109,13 @@ def test_config_show_rejects_unknown_keys_and_archs():
     assert res.returncode == 2 and "unlearn.roundz" in res.stderr and "Traceback" not in res.stderr
     res = _cli("config", "show", "--arch", "nope")
     assert res.returncode == 2 and "nope" in res.stderr
+
+
+def test_empty_environment_values_and_plugin_entries_count_as_unset():
+    s, src = resolve_settings(
+        arch=None, model_preprocess=None, preset=None, config_file=None, overrides={},
+        environment={"IBAU_GATE__MAX_ASR": "", "IBAU_SEED": " "},
+    )  # fmt: skip
+    assert s.gate.max_asr == Settings().gate.max_asr and src.origins["gate.max_asr"] == "defaults"
+    res = _cli("archs", env={"IBAU_PLUGINS": os.pathsep})
+    assert res.returncode == 0, res.stderr

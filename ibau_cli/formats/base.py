@@ -70,10 +70,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # read once, at import, before any thread of the caller's can create files
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -89,7 +92,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from typing import Any
+
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _clean(text: str) -> str:
+    """Drop characters XML 1.0 cannot hold (a folder name could carry one)."""
+    return _XML_INVALID.sub("", text)
 
 
 def _fmt(v: float | None) -> str:
@@ -20,7 +28,7 @@ def render_junit(report: dict[str, Any]) -> str:
     suite = ET.SubElement(
         root,
         "testsuite",
-        name=f"ibau {report['command']} {model}",
+        name=_clean(f"ibau {report['command']} {model}"),
         tests=str(len(gates)),
         failures=str(failures),
         errors="0",
@@ -36,10 +44,10 @@ def render_junit(report: dict[str, Any]) -> str:
         ("device", report["device"]),
         ("seed", str(report["seed"])),
     ):
-        ET.SubElement(props, "property", name=name, value=value)
+        ET.SubElement(props, "property", name=name, value=_clean(value))
     for g in gates:
         case = ET.SubElement(suite, "testcase", classname=f"ibau.{report['command']}.gates", name=g["name"], time="0")
-        text = f"{g['name']}: {_fmt(g['value'])} (limit {_fmt(g['limit'])}) - {g['detail']}"
+        text = _clean(f"{g['name']}: {_fmt(g['value'])} (limit {_fmt(g['limit'])}) - {g['detail']}")
         if g["status"] == "fail":
             ET.SubElement(case, "failure", message=text, type="GateFailed").text = text
         elif g["status"] == "not_evaluated":
@@ -47,6 +55,6 @@ def render_junit(report: dict[str, Any]) -> str:
         else:
             ET.SubElement(case, "system-out").text = text
     if report.get("warnings"):
-        ET.SubElement(suite, "system-err").text = "\n".join(report["warnings"])
+        ET.SubElement(suite, "system-err").text = _clean("\n".join(report["warnings"]))
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

@@ -1,8 +1,8 @@
 """SARIF 2.1.0, so code-scanning UIs (GitHub, GitLab, Azure DevOps) show failed gates as findings.
 
-A finding is a failed gate (level ``error``) or a report warning (level ``warning``); a model that
-passes every gate gives a run with no results. Every gate, passed or not, is also listed in the
-run's ``properties`` with its value and limit.
+A finding is a failed gate (level ``error``); a model that passes every gate gives a run with no
+results. Report warnings go to the invocation's ``toolExecutionNotifications`` (not alerts). Every
+gate, passed or not, is also listed in the run's ``properties`` with its value and limit.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .. import __version__
 
@@ -22,7 +23,6 @@ RULES: dict[str, tuple[str, str]] = {
     "asr": ("AttackSuccessRateGate", "Attack success rate (true trigger, else the strongest probe) past the limit"),
     "accuracy_drop": ("AccuracyDropGate", "Clean accuracy dropped more than the limit during repair"),
     "probe_verdict": ("BackdoorSuspected", "The built-in trigger probes found evidence of a backdoor"),
-    "warning": ("ReportWarning", "Something limits how much the figures can be trusted"),
 }
 
 
@@ -36,7 +36,7 @@ def _location(path: str) -> dict[str, Any]:
     p = Path(path).resolve()
     try:
         rel = p.relative_to(Path(os.getcwd()).resolve())
-        artifact = {"uri": rel.as_posix(), "uriBaseId": "%SRCROOT%"}
+        artifact = {"uri": quote(rel.as_posix()), "uriBaseId": "%SRCROOT%"}
     except ValueError:
         artifact = {"uri": p.as_uri()}
     return {"physicalLocation": {"artifactLocation": artifact}}
@@ -53,7 +53,7 @@ def _rule(name: str) -> dict[str, Any]:
         "name": short,
         "shortDescription": {"text": text},
         "helpUri": INFORMATION_URI,
-        "defaultConfiguration": {"level": "warning" if name == "warning" else "error"},
+        "defaultConfiguration": {"level": "error"},
     }
 
 
@@ -79,21 +79,10 @@ def render_sarif(report: dict[str, Any]) -> str:
                 "properties": {"value": gate["value"], "limit": gate["limit"]},
             }
         )
-    for text in report.get("warnings", []):
-        if "warning" not in used:
-            used.append("warning")
-        results.append(
-            {
-                "ruleId": _rule_id("warning"),
-                "level": "warning",
-                "message": {"text": text},
-                "locations": [_location(model)],
-                "partialFingerprints": {"ibauModelWarning/v1": _fingerprint(sha, text)},
-            }
-        )
-    rule_index = {name: i for i, name in enumerate(used)}
+    rule_index = {_rule_id(name): i for i, name in enumerate(used)}
     for r in results:
-        r["ruleIndex"] = rule_index[r["ruleId"].removeprefix("ibau/").replace("-", "_")]
+        r["ruleIndex"] = rule_index[r["ruleId"]]
+    notifications = [{"level": "warning", "message": {"text": text}} for text in report.get("warnings", [])]
     sarif = {
         "$schema": SARIF_SCHEMA,
         "version": "2.1.0",
@@ -112,6 +101,7 @@ def render_sarif(report: dict[str, Any]) -> str:
                         "executionSuccessful": True,
                         "exitCode": 0 if report["verdict"] == "pass" else 1,
                         "commandLine": f"ibau {report['command']} {model}",
+                        "toolExecutionNotifications": notifications,
                     }
                 ],
                 "artifacts": [
