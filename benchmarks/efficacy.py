@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attacks  # noqa: E402
 import zoo  # noqa: E402
+from jsonl import append_row, read_rows  # noqa: E402
 
 from ibau_cli.formats import load_model  # noqa: E402
 from ibau_cli.pipeline import SanitizeRequest, sanitize  # noqa: E402
@@ -45,15 +46,6 @@ METHODS = {
     "no-implicit": {"unlearn": {"hypergrad": False}},
     "finetune": {"unlearn": {"hypergrad": False, "radius": 1e-9}},
 }
-
-
-def write_folder(x: np.ndarray, y: np.ndarray, root: Path) -> None:
-    from PIL import Image
-
-    for i, (img, label) in enumerate(zip(x, y, strict=True)):
-        d = root / f"{int(label):02d}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(d / f"{i:05d}.png")
 
 
 @torch.no_grad()
@@ -101,12 +93,10 @@ def main() -> int:
     attack, target, dataset = manifest["attack"], manifest.get("target"), manifest["dataset"]
     trigger_seed = manifest.get("trigger_seed", 0)
     results = args.results or REPO / "benchmarks" / "results" / f"{args.model_dir.name}.jsonl"
-    results.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if results.exists():
-        for line in results.read_text().splitlines():
-            r = json.loads(line)
-            done.add((r["model"], r["method"], r["n_clean"], r["seed"], json.dumps(r["extra_config"], sort_keys=True)))
+    done = {
+        (r["model"], r["method"], r["n_clean"], r["seed"], json.dumps(r["extra_config"], sort_keys=True))
+        for r in read_rows(results)
+    }
 
     extra: dict = {}
     from ibau_cli.settings_resolve import parse_assignment
@@ -140,7 +130,7 @@ def main() -> int:
             chosen = np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False)
             tmp = Path(tempfile.mkdtemp(prefix="ibau-eff-"))
             try:
-                write_folder(x_te[chosen], y_te[chosen], tmp / "clean")
+                zoo.write_folder(x_te[chosen], y_te[chosen], tmp / "clean")
                 for method in args.methods:
                     overrides = json.loads(json.dumps(METHODS[method]))
                     for section, values in extra.items():
@@ -194,8 +184,7 @@ def main() -> int:
                         "threads": torch.get_num_threads(),
                         "torch": torch.__version__,
                     }
-                    with open(results, "a") as fh:
-                        fh.write(json.dumps(row) + "\n")
+                    append_row(results, row)
                     print(
                         f"{method:12s} n={n:5d} seed={seed}: acc {acc0:.4f}->{acc1:.4f}  asr {asr0:.4f}->{asr1:.4f}  "
                         f"unlearn {row['unlearn_seconds']:.0f}s  round/epoch {row['round_over_epoch']:.1f}",

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 import zoo  # noqa: E402
-from efficacy import write_folder  # noqa: E402
+from jsonl import append_row, read_rows  # noqa: E402
 
 from ibau_cli.pipeline import SanitizeRequest, scan  # noqa: E402
 
@@ -58,7 +58,7 @@ def scan_row(model_dir: Path, data: Path, n: int, seed: int) -> dict:
     chosen = scan_indices(len(y_te), n, seed)
     tmp = Path(tempfile.mkdtemp(prefix="ibau-probe-eval-"))
     try:
-        write_folder(x_te[chosen], y_te[chosen], tmp / "clean")
+        zoo.write_folder(x_te[chosen], y_te[chosen], tmp / "clean")
         t = time.perf_counter()
         report = scan(
             SanitizeRequest(
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true", help="write benchmarks/PROBES.md from the results and stop")
     args = ap.parse_args(argv)
-    rows = [json.loads(s) for s in args.results.read_text().splitlines()] if args.results.exists() else []
+    rows = read_rows(args.results)
     if args.table:
         (HERE / "PROBES.md").write_text(table(rows))
         print(f"wrote {HERE / 'PROBES.md'} ({len(rows)} scans)")
@@ -178,14 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     done = {(r["model"], r["n"], r["seed"]) for r in rows}
-    args.results.parent.mkdir(parents=True, exist_ok=True)
     for model_dir in zoo_models(args.zoo, args.only):
         for seed in args.seeds:
             if (model_dir.name, args.n, seed) in done:
                 continue
             r = scan_row(model_dir, args.data, args.n, seed)
-            with open(args.results, "a") as fh:
-                fh.write(json.dumps(r) + "\n")
+            append_row(args.results, r)
             print(
                 f"{r['model']:32s} seed {seed}: {r['verdict']:12s} class {r['suspected_class']} "
                 f"({outcome(r)}), worst {r['worst_probe']} {r['worst_flip']:.0%}, {r['wall_seconds']:.0f} s",

@@ -7,11 +7,15 @@ import json
 import os
 import platform
 import statistics
+import sys
 from collections import defaultdict
 from datetime import date
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from jsonl import read_rows  # noqa: E402  (benchmarks/jsonl.py)
 
 
 def _efficacy_rows() -> list[dict]:
@@ -19,13 +23,12 @@ def _efficacy_rows() -> list[dict]:
     for path in sorted((HERE / "results").glob("*.jsonl")):
         if path.name in ("probes.jsonl", "speed.jsonl") or path.name.startswith("probes-"):
             continue
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows += read_rows(path)
     return rows
 
 
 def _speed_rows() -> list[dict]:
-    path = HERE / "results" / "speed.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_rows(HERE / "results" / "speed.jsonl")
 
 
 def main() -> int:

@@ -134,11 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     import platform
 
     import torch
+    from jsonl import append_row, read_rows
 
-    done = set()
-    if args.results.exists():
-        done = {(r["model"], r["device"], r["n"]) for r in map(json.loads, args.results.read_text().splitlines())}
-    args.results.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r["model"], r["device"], r["n"]) for r in read_rows(args.results)}
     for model_dir in sorted(p.parent for p in args.zoo.glob("*/manifest.json") if args.only in p.parent.name):
         if (model_dir.name, args.device, args.n) in done:
             continue
@@ -159,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             "round_peak_mib": rnd["peak_mib"],
             "torch": torch.__version__,
         }
-        with open(args.results, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_row(args.results, row)
         print(
             f"{row['model']:32s} {args.device}: epoch {row['epoch_seconds']:.2f} s, round {row['round_seconds']:.2f} s, "
             f"ratio {row['round_over_epoch']:.2f}; peak {row['epoch_peak_mib']:.0f} / {row['round_peak_mib']:.0f} MiB",

@@ -97,6 +97,18 @@ def triggered_uint8(attack: str, x_uint8: np.ndarray, seed: int, chunk: int = 20
     return out
 
 
+def write_folder(x: np.ndarray, y: np.ndarray, root: Path, names: list[str] | None = None) -> None:
+    """Write uint8 NHWC images as PNGs in the ImageFolder layout ``root/<label:02d>/<name>.png``
+    (names default to 00000, 00001, ...); one-channel images are written as grey-scale."""
+    from PIL import Image
+
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
+        d = Path(root) / f"{int(label):02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        name = names[i] if names is not None else f"{i:05d}"
+        Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(d / f"{name}.png")
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -437,7 +449,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_export_clean(args) -> int:
-    from PIL import Image
 
     data_dir = Path(args.data).expanduser().resolve()
     x, y, classes, _ = load_split(data_dir, args.dataset, args.split)
@@ -445,14 +456,10 @@ def cmd_export_clean(args) -> int:
     if args.offset < 0 or args.n <= 0 or args.offset + args.n > len(y):
         sys.exit(f"error: --offset {args.offset} + --n {args.n} exceeds the {len(y)} {args.split} images")
     out = Path(args.out).expanduser()
-    counts = np.zeros(len(classes), dtype=int)
-    for pos in range(args.offset, args.offset + args.n):
-        i = perm[pos]
-        d = out / f"{int(y[i]):02d}"
-        d.mkdir(parents=True, exist_ok=True)
-        img = x[i][:, :, 0] if x.shape[3] == 1 else x[i]
-        Image.fromarray(img).save(d / f"{pos}.png")
-        counts[y[i]] += 1
+    positions = range(args.offset, args.offset + args.n)
+    chosen = perm[list(positions)]
+    write_folder(x[chosen], y[chosen], out, names=[str(pos) for pos in positions])
+    counts = np.bincount(y[chosen], minlength=len(classes))
     missing = [c for c in range(len(classes)) if counts[c] == 0]
     print(
         f"wrote {args.n} {args.dataset} {args.split} images (permutation seed {args.seed}, positions "

@@ -34,12 +34,11 @@ def _split(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 def _clean_folder(tmp_path: Path, dataset: str, n: int) -> Path:
     """The images benchmarks/probe_eval.py scans (seed 0), so a test reproduces a PROBES.md row."""
     import zoo
-    from efficacy import write_folder
     from probe_eval import scan_indices
 
     x, y, _, _ = zoo.load_split(SHARED_DATA, dataset, "test")
     pick = scan_indices(len(y), n, 0)
-    write_folder(x[pick], y[pick], tmp_path / "clean")
+    zoo.write_folder(x[pick], y[pick], tmp_path / "clean")
     return tmp_path / "clean"
 
 
