@@ -65,6 +65,13 @@ def independent_figures(module: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     return acc, asr
 
 
+def sanitize_with_trigger(backdoored: dict, model: Path, clean: str, out: Path, *extra) -> list:
+    """`sanitize MODEL --clean <clean set> --out OUT` given the backdoor's true trigger (3x3 patch,
+    target 0), then ``extra`` flags: the command most tests run."""
+    args = ["sanitize", model, "--clean", backdoored[clean], "--out", out]
+    return [*args, "--trigger", backdoored["trigger"], "--target", "0", *extra]
+
+
 def without_probes(args: tuple, probes: bool) -> list[str]:
     """The probes take a while; tests about something else switch them off.
 

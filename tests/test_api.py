@@ -6,7 +6,7 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
-from conftest import independent_figures, run_cli
+from conftest import independent_figures, run_cli, sanitize_with_trigger
 
 import ibau_cli
 from ibau_cli.errors import InputError, UsageError
@@ -32,8 +32,8 @@ def test_sanitize_from_the_package_matches_the_cli(backdoored, tmp_path):
     assert written["after"] == report.to_dict()["after"]
     assert ET.parse(tmp_path / "api.xml").getroot().find("testsuite").get("failures") == "0"
 
-    res = run_cli("sanitize", backdoored["model"], "--clean", backdoored["clean500"], "--out",
-                  tmp_path / "cli.safetensors", "--trigger", backdoored["trigger"], "--target", "0", "--json")  # fmt: skip
+    res = run_cli(*sanitize_with_trigger(backdoored, backdoored["model"], "clean500", tmp_path / "cli.safetensors",
+                                         "--json"))  # fmt: skip
     cli = json.loads(res.stdout)
     assert res.returncode == report.exit_code
     assert cli["before"] == written["before"] and cli["config"] == written["config"]

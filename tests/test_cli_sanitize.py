@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import independent_figures, run_cli
+from conftest import independent_figures, run_cli, sanitize_with_trigger
 from safetensors.torch import load_file
 
 from ibau_cli.archs import ARCHS
@@ -24,20 +24,7 @@ def test_sanitize_removes_backdoor(backdoored, tmp_path, clean_key):
     out = tmp_path / "fixed.safetensors"
     report_path = tmp_path / "report.json"
     before_bytes = backdoored["model"].read_bytes()
-    res = run_cli(
-        "sanitize",
-        backdoored["model"],
-        "--clean",
-        backdoored[clean_key],
-        "--out",
-        out,
-        "--trigger",
-        backdoored["trigger"],
-        "--target",
-        "0",
-        "--report",
-        report_path,
-    )
+    res = run_cli(*sanitize_with_trigger(backdoored, backdoored["model"], clean_key, out, "--report", report_path))
     assert res.returncode == 0, res.stderr + res.stdout
     assert backdoored["model"].read_bytes() == before_bytes  # input never modified
 
@@ -107,22 +94,18 @@ def test_json_stdout_is_only_json_and_output_reloads_without_flags(backdoored, t
 def test_gate_failure_exits_1(backdoored, tmp_path):
     # A learning rate too small to change anything leaves the backdoor in place.
     res = run_cli(
-        "sanitize",
-        backdoored["model"],
-        "--clean",
-        backdoored["clean100"],
-        "--out",
-        tmp_path / "o.safetensors",
-        "--trigger",
-        backdoored["trigger"],
-        "--target",
-        "0",
-        "--rounds",
-        "1",
-        "--set",
-        "unlearn.lr=1e-12",
-        "--report",
-        tmp_path / "r.json",
+        *sanitize_with_trigger(
+            backdoored,
+            backdoored["model"],
+            "clean100",
+            tmp_path / "o.safetensors",
+            "--rounds",
+            "1",
+            "--set",
+            "unlearn.lr=1e-12",
+            "--report",
+            tmp_path / "r.json",
+        )
     )
     assert res.returncode == 1, res.stderr
     report = json.loads((tmp_path / "r.json").read_text())

@@ -7,7 +7,7 @@ import pickle
 import warnings
 
 import torch
-from conftest import independent_figures, run_cli
+from conftest import independent_figures, run_cli, sanitize_with_trigger
 from test_cli_errors import assert_one_line_error, invoke
 
 from ibau_cli.archs import ARCHS
@@ -29,20 +29,7 @@ def test_torchscript_sanitize_round_trip(backdoored, tmp_path):
         torch.jit.save(_jit(backdoored["module"], traced=True), str(src))
     assert detect_format(src).name == "torchscript"
     out = tmp_path / "fixed.pt"
-    res = run_cli(
-        "sanitize",
-        src,
-        "--clean",
-        backdoored["clean100"],
-        "--out",
-        out,
-        "--trigger",
-        backdoored["trigger"],
-        "--target",
-        "0",
-        "--json",
-        "--quiet",
-    )
+    res = run_cli(*sanitize_with_trigger(backdoored, src, "clean100", out, "--json", "--quiet"))
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["output"]["format"] == "torchscript" and report["model"]["num_classes"] == 10
@@ -76,20 +63,7 @@ def test_checkpoint_nested_state_dict_with_module_prefix(backdoored, tmp_path):
     assert any("key 'model'" in n for n in loaded.notes)
     out = tmp_path / "fixed.pth"
     code, stdout, err = invoke(
-        "sanitize",
-        src,
-        "--clean",
-        backdoored["clean100"],
-        "--arch",
-        "small-cnn",
-        "--out",
-        out,
-        "--trigger",
-        backdoored["trigger"],
-        "--target",
-        "0",
-        "--json",
-        "--quiet",
+        *sanitize_with_trigger(backdoored, src, "clean100", out, "--arch", "small-cnn", "--json", "--quiet")
     )
     assert code == 0, err
     # The output is a plain state dict that torch's safe loader reads, with ibau's metadata beside it.
@@ -183,20 +157,7 @@ def test_torch_export_program_round_trip(backdoored, tmp_path):
         torch.export.save(program, str(src))
     assert detect_format(src).name == "torch-export"
     out = tmp_path / "fixed.pt2"
-    code, stdout, err = invoke(
-        "sanitize",
-        src,
-        "--clean",
-        backdoored["clean100"],
-        "--out",
-        out,
-        "--trigger",
-        backdoored["trigger"],
-        "--target",
-        "0",
-        "--json",
-        "--quiet",
-    )
+    code, stdout, err = invoke(*sanitize_with_trigger(backdoored, src, "clean100", out, "--json", "--quiet"))
     assert code == 0, err
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

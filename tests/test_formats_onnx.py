@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, sanitize_with_trigger
 from test_cli_errors import assert_one_line_error, invoke
 
 from ibau_cli.demo import TARGET, add_badnets_trigger
@@ -78,20 +78,7 @@ def _ort_figures(path, x, y, channels_last=False):
 def test_onnx_sanitize_round_trip(backdoored, tmp_path, dynamo):
     src = _export(backdoored["module"], tmp_path / "model.onnx", dynamo=dynamo)
     out = tmp_path / "fixed.onnx"
-    res = run_cli(
-        "sanitize",
-        src,
-        "--clean",
-        backdoored["clean500"],
-        "--out",
-        out,
-        "--trigger",
-        backdoored["trigger"],
-        "--target",
-        "0",
-        "--json",
-        "--quiet",
-    )
+    res = run_cli(*sanitize_with_trigger(backdoored, src, "clean500", out, "--json", "--quiet"))
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["input"]["format"] == "onnx" and report["output"]["format"] == "onnx"

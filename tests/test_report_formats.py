@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 from importlib import resources
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, sanitize_with_trigger
 
 jsonschema = pytest.importorskip("jsonschema")
 FAST_PROBES = ["--set", "probes.budget_steps=60"]
@@ -47,8 +47,7 @@ class _Images(HTMLParser):
 def sanitized(backdoored, tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
     names = ["report.json", "report.sarif", "report.xml", "report.html"]
-    args = ["sanitize", backdoored["model"], "--clean", backdoored["clean500"], "--out", out / "fixed.safetensors"]
-    args += ["--trigger", backdoored["trigger"], "--target", "0", *FAST_PROBES]
+    args = sanitize_with_trigger(backdoored, backdoored["model"], "clean500", out / "fixed.safetensors", *FAST_PROBES)
     for n in names:
         args += ["--report", out / n]
     res = run_cli(*args, probes=True)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, sanitize_with_trigger
 from test_cli_errors import invoke
 
 from ibau_cli.demo import NUM_CLASSES, synthetic_images, train_backdoored
@@ -88,19 +88,9 @@ def test_unlisted_trigger_is_caught_by_synthesised_probes(zoo, backdoored, tmp_p
 
 def test_probe_figures_fall_with_the_true_asr_after_sanitize(backdoored, tmp_path):
     res = run_cli(
-        "sanitize",
-        backdoored["model"],
-        "--clean",
-        backdoored["clean500"],
-        "--out",
-        tmp_path / "f.safetensors",
-        "--trigger",
-        backdoored["trigger"],
-        "--target",
-        "0",
-        "--json",
-        "--quiet",
-        *FAST,
+        *sanitize_with_trigger(
+            backdoored, backdoored["model"], "clean500", tmp_path / "f.safetensors", "--json", "--quiet", *FAST
+        ),
         probes=True,
     )
     assert res.returncode == 0, res.stderr
