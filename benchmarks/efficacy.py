@@ -37,6 +37,7 @@ import attacks  # noqa: E402
 import zoo  # noqa: E402
 from jsonl import append_row, read_rows  # noqa: E402
 
+from ibau_cli import __version__  # noqa: E402
 from ibau_cli.formats import load_model  # noqa: E402
 from ibau_cli.pipeline import SanitizeRequest, sanitize  # noqa: E402
 from ibau_cli.preprocess import Normalized  # noqa: E402
@@ -84,6 +85,9 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra config, SECTION.KEY=VALUE")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--probes", action="store_true", help="run the probes in ibau runs (the CLI default; they guide the unlearning)"
+    )
     ap.add_argument("--results", type=Path, default=None, help="JSON-lines file [benchmarks/results/<model>.jsonl]")
     args = ap.parse_args()
     if args.threads:
@@ -93,9 +97,18 @@ def main() -> int:
     attack, target, dataset = manifest["attack"], manifest.get("target"), manifest["dataset"]
     trigger_seed = manifest.get("trigger_seed", 0)
     results = args.results or REPO / "benchmarks" / "results" / f"{args.model_dir.name}.jsonl"
+    # a row counts as done only for the same tool version (defaults change between versions)
     done = {
-        (r["model"], r["method"], r["n_clean"], r["seed"], json.dumps(r["extra_config"], sort_keys=True))
+        (
+            r["model"],
+            r["method"],
+            r["n_clean"],
+            r["seed"],
+            json.dumps(r["extra_config"], sort_keys=True),
+            r.get("probes", False),
+        )
         for r in read_rows(results)
+        if r.get("tool_version", "0.1.0") == __version__
     }
 
     extra: dict = {}
@@ -135,12 +148,14 @@ def main() -> int:
                     overrides = json.loads(json.dumps(METHODS[method]))
                     for section, values in extra.items():
                         overrides.setdefault(section, {}).update(values)
-                    key = (args.model_dir.name, method, n, seed, json.dumps(extra, sort_keys=True))
+                    probes_on = bool(args.probes and method == "ibau")
+                    key = (args.model_dir.name, method, n, seed, json.dumps(extra, sort_keys=True), probes_on)
                     if key in done:
                         continue
                     out = tmp / f"{method}.safetensors"
                     overrides["seed"] = seed
-                    overrides.setdefault("probes", {})["enabled"] = False  # this benchmark measures unlearning
+                    # probes: only where asked, and only for ibau (the baselines take no guidance)
+                    overrides.setdefault("probes", {})["enabled"] = probes_on
                     t = time.perf_counter()
                     report = sanitize(
                         SanitizeRequest(
@@ -182,6 +197,11 @@ def main() -> int:
                         "plain_epoch_seconds": epoch_s,
                         "wall_seconds": wall,
                         "threads": torch.get_num_threads(),
+                        "tool_version": report["tool"]["version"],
+                        "unlearn_config": report["config"]["unlearn"],
+                        "probes": probes_on,
+                        "guided_class": report["unlearning"].get("guided_class"),
+                        "probe_verdict_before": ((report.get("probes") or {}).get("before") or {}).get("verdict"),
                         "torch": torch.__version__,
                     }
                     append_row(results, row)

@@ -26,6 +26,8 @@ class UnlearnConfig:
     inner_penalty: float = 0.001
     perturb_fraction: float = 0.02
     hypergrad: bool = True
+    hypergrad_projection: bool = True  # differentiate the inner solver's projection onto the ball
+    guide: str = "probes"  # "probes": also unlearn a perturbation toward the class the probes suspect; "off"
     clean_loss: str = "teacher"  # "labels": cross-entropy; "teacher": KL to the input model's outputs
     neumann_terms: int = 5
     fixed_point_lr: float = 0.1
@@ -60,6 +62,8 @@ class UnlearnConfig:
             p.append(f"unlearn.lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
         if self.clean_loss not in ("labels", "teacher"):
             p.append(f"unlearn.clean_loss must be 'labels' or 'teacher', not {self.clean_loss!r}")
+        if self.guide not in ("probes", "off"):
+            p.append(f"unlearn.guide must be 'probes' or 'off', not {self.guide!r}")
         if self.optimizer not in ("adam", "sgd"):
             p.append(f"unlearn.optimizer must be 'adam' or 'sgd', not {self.optimizer!r}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):

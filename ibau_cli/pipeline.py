@@ -281,6 +281,8 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         with timer.phase("probes_before"):
             probes_before = _run_probes(model, x_h, y_h, num_classes, settings, device, amp, progress)
 
+    guide_class = _guide_class(settings, probes_before)
+
     def on_round(r: int, m: torch.nn.Module) -> dict:
         f = figures()
         return {"accuracy": f.accuracy.value, "asr": None if f.asr is None else f.asr.value}
@@ -295,6 +297,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             seed=settings.seed,
             progress=progress,
             on_round=on_round,
+            target_hint=guide_class,
         )
     with timer.phase("evaluate_after"):
         after = figures()
@@ -365,6 +368,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             "seconds": log.seconds,
             "inner_seconds": log.inner_seconds,
             "outer_seconds": log.outer_seconds,
+            "guided_class": guide_class,
         },
         verification=verification,
         gates=gates,
@@ -534,6 +538,15 @@ def _run_probes(model, x, y, num_classes, settings, device, amp, progress):
         radius=radius,
         progress=progress,
     )
+
+
+def _guide_class(settings, probes_before) -> int | None:
+    """The class the probes suspect before the repair, when guidance is on and the verdict is
+    "suspected": the unlearning then also removes the easiest perturbation toward it."""
+    if settings.unlearn.guide != "probes" or probes_before is None or probes_before.verdict != "suspected":
+        return None
+    cls = probes_before.evidence.get("suspected_class")
+    return None if cls is None else int(cls)
 
 
 def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repair") -> Gate:

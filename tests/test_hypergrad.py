@@ -58,3 +58,42 @@ def test_series_stops_when_not_a_contraction():
     implicit, info = _implicit(A, B, c, theta, eta, K=10)
     assert info.stopped_diverging and info.terms_used < 10
     assert torch.isfinite(implicit).all()
+
+
+def test_through_the_projection_matches_the_constrained_solution():
+    """Linear inner objective on an L2 ball: delta*(theta) = C a / |a| with a = B theta, so
+    d delta*/d theta = C / |a| (I - a a^T / |a|^2) B. The unconstrained formula gets it wrong."""
+    g = torch.Generator().manual_seed(3)
+    d, p, C, eta = 5, 3, 2.0, 0.5
+    B = torch.randn(d, p, generator=g, dtype=torch.float64)
+    c = torch.randn(d, generator=g, dtype=torch.float64)
+    theta = torch.randn(p, generator=g, dtype=torch.float64, requires_grad=True)
+    a = (B @ theta).detach()
+    delta = (C * a / a.norm()).clone().requires_grad_(True)
+
+    def grad_in():  # of min_delta -a.delta on |delta| <= C; a fresh graph per call
+        loss_in = -delta @ (B @ theta) + 0.0 * delta.pow(2).sum()
+        return torch.autograd.grad(loss_in, delta, create_graph=True)[0]
+
+    (implicit,), info = fixed_point_hypergradient(grad_in(), delta, [theta], c, eta=eta, terms=300, radius=C)
+    a_hat = a / a.norm()
+    exact = (C / a.norm() * (torch.eye(d, dtype=torch.float64) - torch.outer(a_hat, a_hat)) @ B).T @ c
+    assert not info.stopped_diverging
+    torch.testing.assert_close(implicit, exact, rtol=1e-8, atol=1e-10)
+    (unconstrained,), _ = fixed_point_hypergradient(grad_in(), delta, [theta], c, eta=eta, terms=300)
+    assert (unconstrained - exact).norm() > 0.5 * exact.norm()
+
+
+def test_projection_inactive_inside_the_ball_changes_nothing():
+    A, B, c, theta = _problem(seed=4)
+    delta_star = torch.linalg.solve(A, B @ theta.detach())
+    delta = delta_star.clone().requires_grad_(True)
+
+    def g():
+        loss_in = 0.5 * delta @ A @ delta - delta @ (B @ theta)
+        return torch.autograd.grad(loss_in, delta, create_graph=True)[0]
+
+    big = float(delta_star.norm()) * 10
+    (with_ball,), _ = fixed_point_hypergradient(g(), delta, [theta], c, eta=0.1, terms=5, radius=big)
+    (without,), _ = fixed_point_hypergradient(g(), delta, [theta], c, eta=0.1, terms=5)
+    torch.testing.assert_close(with_ball, without)

@@ -51,7 +51,9 @@ def render_console(report: dict[str, Any], console: Console) -> None:
     if report.get("after"):
         figs.add_row("after", _pct(report["after"]["accuracy"]), _pct(report["after"]["asr"]))
 
-    rounds = Table(title="I-BAU rounds", title_justify="left")
+    guided = (report.get("unlearning") or {}).get("guided_class")
+    title = "I-BAU rounds" + ("" if guided is None else f" (guided toward class {guided}, suspected by the probes)")
+    rounds = Table(title=title, title_justify="left")
     for col in ("round", "|delta|2", "delta fools", "outer loss", "steps", "held-out acc", "held-out ASR", "time"):
         rounds.add_column(col, justify="right")
     for r in report.get("rounds", []):

@@ -77,6 +77,50 @@ def _fooling_rate(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, bs: int
     return wrong / max(len(x), 1)
 
 
+def _inner_max(
+    model: nn.Module,
+    x_all: Tensor,
+    y_all: Tensor,
+    batch_stream: Iterator[Tensor],
+    config: UnlearnConfig,
+    radius: float,
+    alpha: float,
+    dev: torch.device,
+    dtype,
+    progress: Progress,
+    target: int | None = None,
+) -> tuple[Tensor, float]:
+    """Universal delta by L2 projected gradient steps from zero: ascent on the cross-entropy
+    (untargeted, I-BAU's inner problem) or, with ``target``, descent on the cross-entropy toward
+    ``target`` over the images of the other classes."""
+    delta = torch.zeros((1, *x_all.shape[1:]), device=dev)
+    loss_value = 0.0
+    for _ in range(config.inner_steps):
+        idx = next(batch_stream)
+        if target is not None:
+            idx = idx[y_all[idx] != target]
+            if len(idx) == 0:
+                continue
+        xb, yb = x_all[idx].to(dev), y_all[idx].to(dev)
+        delta.requires_grad_(True)
+        with autocast(dev, dtype):
+            logits = model((xb + delta).clamp(0, 1))
+            if target is None:
+                loss = F.cross_entropy(logits, yb)
+            else:
+                loss = -F.cross_entropy(logits, torch.full_like(yb, target))
+        (grad,) = torch.autograd.grad(loss, delta)
+        loss_value = float(loss.detach())
+        with torch.no_grad():
+            g = grad.float()
+            gnorm = g.norm()
+            delta = delta.detach()
+            if gnorm > 0:
+                delta = _project(delta + alpha * g / gnorm, radius)
+        progress.advance()
+    return delta.detach(), loss_value
+
+
 def unlearn(
     model: nn.Module,
     images: Tensor,
@@ -87,6 +131,7 @@ def unlearn(
     seed: int = 0,
     progress: Progress | None = None,
     on_round: Callable[[int, nn.Module], dict] | None = None,
+    target_hint: int | None = None,
 ) -> tuple[nn.Module, UnlearnLog]:
     """Run I-BAU on ``model`` in place and return it with a per-round log.
 
@@ -137,24 +182,15 @@ def unlearn(
         t_round = time.perf_counter()
         # (1) inner maximisation: universal delta by L2 projected gradient ascent, from zero.
         progress.start(f"round {r}/{config.rounds}: inner", config.inner_steps)
-        delta = torch.zeros((1, *x_all.shape[1:]), device=dev)
-        inner_loss = 0.0
-        for _ in range(config.inner_steps):
-            idx = next(batch_stream)
-            xb, yb = x_all[idx].to(dev), y_all[idx].to(dev)
-            delta.requires_grad_(True)
-            with autocast(dev, dtype):
-                loss = F.cross_entropy(model((xb + delta).clamp(0, 1)), yb)
-            (grad,) = torch.autograd.grad(loss, delta)
-            inner_loss = float(loss.detach())
-            with torch.no_grad():
-                g = grad.float()
-                gnorm = g.norm()
-                delta = delta.detach()
-                if gnorm > 0:
-                    delta = _project(delta + alpha * g / gnorm, radius)
-            progress.advance()
-        delta = delta.detach()
+        delta, inner_loss = _inner_max(model, x_all, y_all, batch_stream, config, radius, alpha, dev, dtype, progress)
+        deltas = [(delta, None)]
+        if target_hint is not None:
+            mask = y_all != target_hint
+            if int(mask.sum()) > 0:
+                d_t, _ = _inner_max(
+                    model, x_all, y_all, batch_stream, config, radius, alpha, dev, dtype, progress, target=target_hint
+                )
+                deltas.append((d_t, target_hint))
         fooling = _fooling_rate(model, x_all, y_all, delta, bs, dev, dtype)
         t_inner = time.perf_counter()
         inner_total += t_inner - t_round
@@ -162,11 +198,12 @@ def unlearn(
         # (2) outer minimisation with the implicit hypergradient.
         progress.start(f"round {r}/{config.rounds}: outer", steps_per_round)
         outer_losses, terms = [], []
-        for _ in range(steps_per_round):
+        for step in range(steps_per_round):
             idx = next(batch_stream)
             xb, yb = x_all[idx].to(dev), y_all[idx].to(dev)
             m = max(1, round(config.perturb_fraction * len(idx)))
-            d = delta.clone().requires_grad_(config.hypergrad)
+            delta_k, target_k = deltas[step % len(deltas)]
+            d = delta_k.clone().requires_grad_(config.hypergrad)
             logits_adv = model((xb[:m] + d).clamp(0, 1))
             if m == len(idx):
                 loss_out = F.cross_entropy(logits_adv, yb)
@@ -181,7 +218,11 @@ def unlearn(
                     loss_out = (F.cross_entropy(logits_adv, yb[:m], reduction="sum") + kl) / len(idx)
             if config.hypergrad:
                 *direct, g_delta = torch.autograd.grad(loss_out, params + [d], retain_graph=True, allow_unused=True)
-                loss_in = -F.cross_entropy(logits_adv, yb[:m]) + config.inner_penalty * d.pow(2).sum()
+                if target_k is None:
+                    fit = -F.cross_entropy(logits_adv, yb[:m])
+                else:
+                    fit = F.cross_entropy(logits_adv, torch.full_like(yb[:m], target_k))
+                loss_in = fit + config.inner_penalty * d.pow(2).sum()
                 (inner_grad,) = torch.autograd.grad(loss_in, d, create_graph=True)
                 implicit, info = fixed_point_hypergradient(
                     inner_grad,
@@ -190,6 +231,7 @@ def unlearn(
                     g_delta,
                     eta=config.fixed_point_lr,
                     terms=config.neumann_terms,
+                    radius=radius if config.hypergrad_projection else None,
                 )
                 terms.append(info.terms_used)
                 total = [
