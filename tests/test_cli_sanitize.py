@@ -64,6 +64,7 @@ def test_json_stdout_is_only_json_and_output_reloads_without_flags(backdoored, t
     )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)  # nothing else on stdout
+    assert report["unlearning"]["guided_class"] is None  # probes off: plain I-BAU
     assert report["gates"][1] == {
         "name": "asr",
         "status": "not_evaluated",

@@ -97,6 +97,7 @@ def test_probe_figures_fall_with_the_true_asr_after_sanitize(backdoored, tmp_pat
     report = json.loads(res.stdout)
     before, after = report["probes"]["before"], report["probes"]["after"]
     assert before["verdict"] == "suspected" and before["evidence"]["suspected_class"] == 0
+    assert report["unlearning"]["guided_class"] == 0  # the suspected class guided the unlearning
     assert after["verdict"] != "suspected", after["evidence"]
     # the probe figures fall with the true ASR, side by side in the report
     uap_b = next(p for p in before["probes"] if p["name"] == "synth-universal-perturbation")
