@@ -147,14 +147,18 @@ def main() -> int:
             "same N clean images, from the same weights, interleaved twice in one process (the faster of each);",
             "peak memory of a child process doing only that work (CPU: resident set growth; CUDA: allocated).",
             "",
-            "| model | device | threads | N | epoch s | round s | round / epoch | peak MiB epoch / round |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "A guided round (the backdoor's class given, as when the probes suspect it) adds a targeted inner",
+            "maximisation; its ratio is measured in the same interleaving.",
+            "",
+            "| model | ibau | device | threads | N | epoch s | round s | round / epoch | guided round / epoch | peak MiB epoch / round |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for r in sorted(speed, key=lambda r: (r["device"], r["model"], r["n"])):
+        for r in sorted(speed, key=lambda r: (r["device"], r["model"], r["n"], _version(r))):
+            guided = r.get("guided_round_over_epoch")
             out.append(
-                f"| {r['model']} | {r['device']} ({r['device_name']}) | {r['threads']} | {r['n']} | "
+                f"| {r['model']} | {_version(r)} | {r['device']} ({r['device_name']}) | {r['threads']} | {r['n']} | "
                 f"{r['epoch_seconds']:.2f} | {r['round_seconds']:.2f} | {r['round_over_epoch']:.2f} | "
-                f"{r['epoch_peak_mib']:.0f} / {r['round_peak_mib']:.0f} |"
+                f"{'-' if guided is None else f'{guided:.2f}'} | {r['epoch_peak_mib']:.0f} / {r['round_peak_mib']:.0f} |"
             )
     out += [
         "",
