@@ -5,7 +5,9 @@
 Each round: (1) inner maximisation, L2 projected gradient ascent on one universal delta from
 zero; (2) outer minimisation, one or more passes of optimiser steps on theta whose gradient is
 the direct gradient of the outer loss plus the implicit hypergradient through delta*(theta)
-(see ``hypergrad.py``). Every departure from the authors' script is listed in docs/algorithm.md.
+(see ``hypergrad.py``). With a ``target_hint`` (a class the probes suspect), step (1) also finds
+the easiest universal delta toward that class and step (2) alternates between the two. Every
+departure from the authors' script is listed in docs/algorithm.md.
 
 The model is expected to take pixel inputs in [0, 1] (wrap it with ``preprocess.Normalized``) and
 is kept in eval mode throughout: BatchNorm statistics frozen, dropout off; all parameters that
@@ -137,7 +139,12 @@ def unlearn(
 
     ``images``: float tensor [N, C, H, W] in [0, 1]; ``labels``: int64 [N]. ``on_round(r, model)``
     may return figures (for instance held-out accuracy) to store in that round's log.
+    ``target_hint``: a class suspected to be a backdoor's target (the pipeline passes the probes'
+    suspected class); each round then also finds the easiest universal delta toward it, and the
+    outer steps alternate between the untargeted and the targeted delta (docs/algorithm.md).
     """
+    if target_hint is not None and target_hint < 0:
+        raise ValueError(f"target_hint must be a class index >= 0, not {target_hint}")
     if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
         raise ValueError("images must be a non-empty [N, C, H, W] tensor with one label each")
     dev = torch.device(device)
@@ -180,13 +187,13 @@ def unlearn(
     inner_total = outer_total = 0.0
     for r in range(1, config.rounds + 1):
         t_round = time.perf_counter()
-        # (1) inner maximisation: universal delta by L2 projected gradient ascent, from zero.
-        progress.start(f"round {r}/{config.rounds}: inner", config.inner_steps)
+        # (1) inner maximisation: universal delta by L2 projected gradient ascent, from zero; with a
+        # target hint, also the easiest universal delta toward that class.
+        progress.start(f"round {r}/{config.rounds}: inner", config.inner_steps * (1 if target_hint is None else 2))
         delta, inner_loss = _inner_max(model, x_all, y_all, batch_stream, config, radius, alpha, dev, dtype, progress)
         deltas = [(delta, None)]
         if target_hint is not None:
-            mask = y_all != target_hint
-            if int(mask.sum()) > 0:
+            if bool((y_all != target_hint).any()):
                 d_t, _ = _inner_max(
                     model, x_all, y_all, batch_stream, config, radius, alpha, dev, dtype, progress, target=target_hint
                 )
