@@ -38,11 +38,12 @@ def _version(row: dict) -> str:
 def _efficacy_table(rows: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["model"], r["n_clean"], r["method"], json.dumps(r.get("extra_config", {}), sort_keys=True))].append(r)
-    order = {"ibau": 0, "no-implicit": 1, "finetune": 2}
+        method = r["method"] + (" + probes" if r.get("probes") else "")
+        groups[(r["model"], r["n_clean"], method, json.dumps(r.get("extra_config", {}), sort_keys=True))].append(r)
+    order = {"ibau + probes": 0, "ibau": 1, "no-implicit": 2, "finetune": 3}
     out = [
-        "| model | eval images | clean images (unlearning) | method | seeds | acc before | acc after mean / worst | ASR before | ASR after mean / worst | unlearn s (mean) | round/epoch |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | eval images | clean images (unlearning) | method | seeds | guided (class) | acc before | acc after mean / worst | ASR before | ASR after mean / worst | unlearn s (mean) | round/epoch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key in sorted(groups, key=lambda k: (k[0], -k[1], order.get(k[2], 9), k[3])):
         g = groups[key]
@@ -51,7 +52,7 @@ def _efficacy_table(rows: list[dict]) -> list[str]:
         asrs = [r["asr_after"] for r in g]
         label = method + ("" if extra == "{}" else f" {extra}")
         out.append(
-            f"| {model} | {g[0].get('n_eval', '?')} | {n} ({g[0]['n_unlearn']}) | {label} | {len(g)} | {g[0]['acc_before']:.1%} | "
+            f"| {model} | {g[0].get('n_eval', '?')} | {n} ({g[0]['n_unlearn']}) | {label} | {len(g)} | {_guided(g)} | {g[0]['acc_before']:.1%} | "
             f"{statistics.mean(accs):.1%} / {min(accs):.1%} | {g[0]['asr_before']:.1%} | "
             f"{statistics.mean(asrs):.1%} / {max(asrs):.1%} | {statistics.mean(r['unlearn_seconds'] for r in g):.0f} | "
             f"{statistics.mean(r['round_over_epoch'] for r in g):.1f} |"
@@ -59,11 +60,21 @@ def _efficacy_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _guided(g: list[dict]) -> str:
+    if not any("guided_class" in r for r in g):
+        return "-"
+    classes = sorted({r["guided_class"] for r in g if r.get("guided_class") is not None})
+    k = sum(r.get("guided_class") is not None for r in g)
+    return f"{k} of {len(g)}" + (f" ({', '.join(map(str, classes))})" if classes else "")
+
+
 def _targets_table(rows: list[dict]) -> list[str]:
-    """Per clean-set size, the default ibau runs against the issue's targets (worst seed per model)."""
+    """Per clean-set size, the default ibau runs against the issue's targets (worst seed per model):
+    as the CLI runs by default, so with the probes where such rows exist."""
     by: dict[tuple, list[dict]] = defaultdict(list)
+    with_probes = any(r.get("probes") for r in rows if r["method"] == "ibau")
     for r in rows:
-        if r["method"] == "ibau" and not r.get("extra_config"):
+        if r["method"] == "ibau" and not r.get("extra_config") and bool(r.get("probes")) == with_probes:
             by[(r["n_clean"], r["model"])].append(r)
     out = [
         "| clean images | models | seeds | ASR after, worst seed: models <= 2 % (all-to-all <= 5 %) | worst ASR | accuracy drop, worst seed: models <= 1 pt / <= 3 pts | mean drop | worst drop |",
@@ -111,7 +122,10 @@ def main() -> int:
         "Each model's test split is permuted once (seed 1000): the clean sets are drawn from the first half,",
         "accuracy and ASR are measured on the second half (`eval` images; ASR on the triggered ones whose",
         "label is not the target, or for all2all not label + 1), which no run ever uses for unlearning.",
-        "ibau holds out 20 % of each clean set for its own report. Methods: `ibau` (the default),",
+        "ibau holds out 20 % of each clean set for its own report. Methods: `ibau + probes` (what",
+        "`ibau sanitize` does by default: probes on the held-out part before and after, the unlearning",
+        "guided toward the class they suspect; `guided` says in how many seeds and toward which class),",
+        "`ibau` (the same without the probes, so never guided),",
         "`no-implicit` (the same loop with the implicit hypergradient off), `finetune` (the same loop with",
         "the perturbation forced to zero: plain fine-tuning with the same optimiser and steps).",
         "`round/epoch` is one I-BAU round's time over one plain fine-tuning epoch on the same unlearning",
