@@ -75,16 +75,16 @@ def _targets_table(rows: list[dict]) -> list[str]:
     with_probes = any(r.get("probes") for r in rows if r["method"] == "ibau")
     for r in rows:
         if r["method"] == "ibau" and not r.get("extra_config") and bool(r.get("probes")) == with_probes:
-            by[(r["n_clean"], r["model"])].append(r)
+            by[(r["model"].split("-")[0], r["n_clean"], r["model"])].append(r)
     out = [
-        "| clean images | models | seeds | ASR after, worst seed: models <= 2 % (all-to-all <= 5 %) | worst ASR | accuracy drop, worst seed: models <= 1 pt / <= 3 pts | mean drop | worst drop |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| data | clean images | models | seeds | ASR after, worst seed: models <= 2 % (all-to-all <= 5 %) | worst ASR | accuracy drop, worst seed: models <= 1 pt / <= 3 pts | mean drop | worst drop |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for n in sorted({k[0] for k in by}, reverse=True):
-        models = sorted(m for (size, m) in by if size == n)
+    for data, n in sorted({k[:2] for k in by}, key=lambda k: (k[0], -k[1])):
+        models = sorted(m for (d, size, m) in by if size == n and d == data)
         worst_asr, worst_drop, ok_asr, ok1, ok3, mean_drop = [], [], 0, 0, 0, []
         for m in models:
-            g = by[(n, m)]
+            g = by[(data, n, m)]
             asr = max(r["asr_after"] for r in g)
             drop = max(r["acc_before"] - r["acc_after"] for r in g)
             limit = 0.05 if g[0]["attack"] == "all2all" else 0.02
@@ -96,9 +96,9 @@ def _targets_table(rows: list[dict]) -> list[str]:
             mean_drop += [r["acc_before"] - r["acc_after"] for r in g]
         a, am = max(worst_asr)
         d, dm = max(worst_drop)
-        seeds = sorted({len(by[(n, m)]) for m in models})
+        seeds = sorted({len(by[(data, n, m)]) for m in models})
         out.append(
-            f"| {n} | {len(models)} | {'/'.join(map(str, seeds))} | {ok_asr} of {len(models)} | {a:.1%} ({am}) | "
+            f"| {data} | {n} | {len(models)} | {'/'.join(map(str, seeds))} | {ok_asr} of {len(models)} | {a:.1%} ({am}) | "
             f"{ok1} / {ok3} of {len(models)} | {100 * statistics.mean(mean_drop):.1f} pts | {100 * d:.1f} pts ({dm}) |"
         )
     return out

@@ -10,7 +10,8 @@ Run from the repository root with ``PYTHONPATH=.``::
 ``train`` writes ``OUT/NAME/ckpt.pt`` after every epoch and resumes from it when it is present (so a
 killed run is restarted with the same command). When training is done it evaluates clean accuracy and
 attack success rate on the test split and writes ``OUT/NAME/model.safetensors`` (state dict plus
-``ibau.*`` metadata) and ``OUT/NAME/manifest.json`` (metrics and everything needed to reproduce).
+``ibau.*`` metadata), the same model as ``model.onnx``, ``model.torchscript.pt`` and ``model.pt`` (a
+checkpoint), and ``OUT/NAME/manifest.json`` (metrics and everything needed to reproduce).
 The trigger, where it has a file form, is written to ``OUT/NAME/trigger.png`` at the start.
 
 ``OUT`` is ``--out-dir``, else ``$IBAU_ZOO_DIR``, else ``~/.cache/ibau-zoo``. The data folder is
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attacks  # noqa: E402  (benchmarks/attacks.py)
 
 from ibau_cli.formats import sha256_file  # noqa: E402
+from ibau_cli.preprocess import Normalized  # noqa: E402
 
 DATASETS = {
     "cifar10": {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616], "flip": True},
@@ -445,6 +447,56 @@ def cmd_train(args) -> int:
     }
     atomic_write_text(json.dumps(manifest, indent=2) + "\n", run_dir / "manifest.json")
     log(f"wrote {model_path} and {run_dir / 'manifest.json'}")
+    log(f"also wrote {', '.join(export_formats(run_dir).values())}")
+    return 0
+
+
+EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "checkpoint": "model.pt"}
+
+
+def export_formats(run_dir: Path) -> dict[str, str]:
+    """Write the run's model in every other format the tool reads, beside model.safetensors,
+    and record them (with their sha256) in the manifest. Returns format -> file name."""
+    from ibau_cli.formats import load_model, save_model
+
+    loaded = load_model(run_dir / "model.safetensors")
+    manifest_path = run_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    written = {}
+    for fmt, name in EXPORT_FORMATS.items():
+        if fmt == "onnx":  # a third-party ONNX file: pixels in [0, 1] in, normalisation inside the graph
+            _export_onnx(Normalized(loaded.module, loaded.preprocess).eval(), run_dir / name, manifest)
+        else:
+            save_model(loaded.module, run_dir / name, fmt=fmt, arch=loaded.arch,
+                       num_classes=manifest["num_classes"], preprocess=loaded.preprocess)  # fmt: skip
+        written[fmt] = name
+        manifest["files"][f"model_{fmt}"] = name
+        manifest["files"][f"model_{fmt}_sha256"] = sha256_file(run_dir / name)
+    atomic_write_text(json.dumps(manifest, indent=2) + "\n", manifest_path)
+    return written
+
+
+def _export_onnx(module: torch.nn.Module, path: Path, manifest: dict) -> None:
+    import warnings
+
+    c, h, w = manifest["preprocess"].get("channels", 3), *manifest["preprocess"].get("input_size", (32, 32))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.rand(2, c, h, w),), str(tmp), dynamo=False, opset_version=17,
+                          input_names=["image"], output_names=["scores"],
+                          dynamic_axes={"image": {0: "batch"}, "scores": {0: "batch"}})  # fmt: skip
+    tmp.replace(path)
+
+
+def cmd_export_formats(args) -> int:
+    for run in args.runs:
+        run_dir = Path(run)
+        if not (run_dir / "model.safetensors").is_file() or not (run_dir / "manifest.json").is_file():
+            print(f"zoo.py: {run_dir}: not a finished zoo run (model.safetensors and manifest.json)", file=sys.stderr)
+            return 2
+        written = export_formats(run_dir)
+        print(f"{run_dir.name}: {', '.join(written.values())}")
     return 0
 
 
@@ -507,6 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", required=True)
     e.add_argument("--data", default=str(default_data_dir()), help="default: $IBAU_DATA or ../shared/data")
     e.set_defaults(func=cmd_export_clean)
+
+    f = sub.add_parser("export-formats", help="write finished runs' models as ONNX, TorchScript and a checkpoint too")
+    f.add_argument("runs", nargs="+", help="zoo run folders (model.safetensors + manifest.json)")
+    f.set_defaults(func=cmd_export_formats)
 
     args = p.parse_args(argv)
     if args.cmd == "train" and args.epochs < 1:
