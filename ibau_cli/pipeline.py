@@ -305,6 +305,9 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
     if settings.probes.enabled:
         with timer.phase("probes_after"):
             probes_after = _run_probes(model, x_h, y_h, num_classes, settings, device, amp, progress)
+        from .probes import reconcile_after_repair
+
+        probes_after = reconcile_after_repair(probes_before, probes_after)
     with timer.phase("images"):
         images = _images(x_h, probes_before, probes_after, before, after, p.warnings)
     if request.artifacts is not None:

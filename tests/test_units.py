@@ -213,3 +213,20 @@ def test_every_subpackage_is_packaged():
         "ibau_cli.configs"
     }
     assert found == listed
+
+
+def test_all_to_all_evidence_that_appears_only_after_the_repair_is_not_a_backdoor():
+    from ibau_cli.probes import ProbeSuite, reconcile_after_repair
+
+    def suite(verdict, cls=None, a2a=None):
+        ev = {"suspected_class": cls, "all_to_all_probe": a2a, "reasons": ["r"]}
+        return ProbeSuite([], verdict, ev, 0.0, 200)
+
+    after = suite("suspected", None, "patch-white-cc-20%")
+    fixed = reconcile_after_repair(suite("suspected", 17, None), after)
+    assert fixed.verdict == "inconclusive" and fixed.evidence["appeared_after_repair"]
+    assert "appeared only after the repair" in fixed.evidence["reasons"][-1]
+    # a genuine all-to-all model keeps its verdict, and so does any single-target evidence
+    assert reconcile_after_repair(suite("suspected", None, "patch-white-cc-20%"), after).verdict == "suspected"
+    assert reconcile_after_repair(suite("no_evidence"), suite("suspected", 3, None)).verdict == "suspected"
+    assert reconcile_after_repair(None, after).verdict == "suspected"

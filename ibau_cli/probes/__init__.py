@@ -96,6 +96,7 @@ def judge(results: list[ProbeResult], n_images: int) -> tuple[str, dict]:
     mask = next((r for r in results if r.name == "synth-mask-pattern"), None)
     reasons = []
     suspected_class = None
+    all_to_all_probe = None
     flipping = [r for r in fixed if r.flip.n and (r.flip.wilson() or (0, 0))[0] >= FIXED_FLIP_SUSPECT]
     strong_fixed = [r for r in flipping if r.family not in WEAK_FAMILIES]
     if strong_fixed:
@@ -106,6 +107,7 @@ def judge(results: list[ProbeResult], n_images: int) -> tuple[str, dict]:
     if all_to_all and not strong_fixed:
         top = max(all_to_all, key=lambda r: r.details["remap_rate"]["value"])
         d = top.details
+        all_to_all_probe = top.name
         reasons.append(
             f"fixed pattern {top.name} sends {d['remap_rate']['value']:.0%} of correctly classified images to a "
             f"class-dependent new label ({d['remap_targets']} different targets from {d['remap_sources']} classes): "
@@ -140,6 +142,7 @@ def judge(results: list[ProbeResult], n_images: int) -> tuple[str, dict]:
             suspected_class = uap.worst_class if suspected_class is None else suspected_class
     evidence = {
         "suspected_class": suspected_class,
+        "all_to_all_probe": all_to_all_probe,
         "reasons": reasons,
         "anomaly_index": None if mask is None else mask.details.get("anomaly_index"),
         "synthesised_mask_l1_fraction": None if mask is None else mask.details.get("mask_l1_fraction"),
@@ -159,6 +162,31 @@ def judge(results: list[ProbeResult], n_images: int) -> tuple[str, dict]:
         ]
         return "inconclusive", evidence
     return "no_evidence", evidence
+
+
+def reconcile_after_repair(before: ProbeSuite | None, after: ProbeSuite) -> ProbeSuite:
+    """Judge the repaired model against what the input model showed.
+
+    All-to-all evidence that appears only after the repair (the input model gave none) is a side
+    effect of unlearning on the clean images (typically a large occluding patch now scattering
+    predictions), not a backdoor: the repair used no poisoned data. It stays in the report as a
+    reason, and the verdict becomes inconclusive instead of suspected. Anything else is unchanged.
+    """
+    ev = after.evidence
+    if (
+        before is None
+        or after.verdict != "suspected"
+        or ev.get("suspected_class") is not None
+        or not ev.get("all_to_all_probe")
+        or before.evidence.get("all_to_all_probe")
+    ):
+        return after
+    note = (
+        f"the all-to-all evidence ({ev['all_to_all_probe']}) appeared only after the repair and the input model "
+        "showed none: a side effect of unlearning, not counted as a backdoor"
+    )
+    evidence = {**ev, "reasons": [*ev.get("reasons", []), note], "appeared_after_repair": True}
+    return ProbeSuite(after.results, "inconclusive", evidence, after.seconds, after.n_images, after.artifacts)
 
 
 def run_probes(
@@ -203,4 +231,4 @@ def run_probes(
     return ProbeSuite(results, verdict, evidence, time.perf_counter() - t0, len(y), artifacts)
 
 
-__all__ = ["PROBES", "ProbeResult", "ProbeSuite", "judge", "register_probe", "run_probes"]
+__all__ = ["PROBES", "ProbeResult", "ProbeSuite", "judge", "reconcile_after_repair", "register_probe", "run_probes"]
