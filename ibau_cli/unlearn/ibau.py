@@ -79,6 +79,14 @@ def _fooling_rate(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, bs: int
     return wrong / max(len(x), 1)
 
 
+def _inner_fit(logits: Tensor, y: Tensor, target: int | None) -> Tensor:
+    """The inner problem's loss, to be minimised over delta: -CE with the labels (untargeted,
+    I-BAU's) or, with ``target``, CE toward that class."""
+    if target is None:
+        return -F.cross_entropy(logits, y)
+    return F.cross_entropy(logits, torch.full_like(y, target))
+
+
 def _inner_max(
     model: nn.Module,
     x_all: Tensor,
@@ -106,11 +114,7 @@ def _inner_max(
         xb, yb = x_all[idx].to(dev), y_all[idx].to(dev)
         delta.requires_grad_(True)
         with autocast(dev, dtype):
-            logits = model((xb + delta).clamp(0, 1))
-            if target is None:
-                loss = F.cross_entropy(logits, yb)
-            else:
-                loss = -F.cross_entropy(logits, torch.full_like(yb, target))
+            loss = -_inner_fit(model((xb + delta).clamp(0, 1)), yb, target)
         (grad,) = torch.autograd.grad(loss, delta)
         loss_value = float(loss.detach())
         with torch.no_grad():
@@ -192,12 +196,11 @@ def unlearn(
         progress.start(f"round {r}/{config.rounds}: inner", config.inner_steps * (1 if target_hint is None else 2))
         delta, inner_loss = _inner_max(model, x_all, y_all, batch_stream, config, radius, alpha, dev, dtype, progress)
         deltas = [(delta, None)]
-        if target_hint is not None:
-            if bool((y_all != target_hint).any()):
-                d_t, _ = _inner_max(
-                    model, x_all, y_all, batch_stream, config, radius, alpha, dev, dtype, progress, target=target_hint
-                )
-                deltas.append((d_t, target_hint))
+        if target_hint is not None and bool((y_all != target_hint).any()):
+            d_t, _ = _inner_max(
+                model, x_all, y_all, batch_stream, config, radius, alpha, dev, dtype, progress, target=target_hint
+            )
+            deltas.append((d_t, target_hint))
         fooling = _fooling_rate(model, x_all, y_all, delta, bs, dev, dtype)
         t_inner = time.perf_counter()
         inner_total += t_inner - t_round
@@ -225,11 +228,7 @@ def unlearn(
                     loss_out = (F.cross_entropy(logits_adv, yb[:m], reduction="sum") + kl) / len(idx)
             if config.hypergrad:
                 *direct, g_delta = torch.autograd.grad(loss_out, params + [d], retain_graph=True, allow_unused=True)
-                if target_k is None:
-                    fit = -F.cross_entropy(logits_adv, yb[:m])
-                else:
-                    fit = F.cross_entropy(logits_adv, torch.full_like(yb[:m], target_k))
-                loss_in = fit + config.inner_penalty * d.pow(2).sum()
+                loss_in = _inner_fit(logits_adv, yb[:m], target_k) + config.inner_penalty * d.pow(2).sum()
                 (inner_grad,) = torch.autograd.grad(loss_in, d, create_graph=True)
                 implicit, info = fixed_point_hypergradient(
                     inner_grad,
