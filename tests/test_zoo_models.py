@@ -42,6 +42,28 @@ def _clean_folder(tmp_path: Path, dataset: str, n: int) -> Path:
     return tmp_path / "clean"
 
 
+def _true_figures(dataset: str, attack: str, target: int, *paths: Path) -> list[tuple[float, float]]:
+    """(accuracy, ASR) of each model file on the first 1,000 evaluation-half test images, the ASR
+    with the attack's true trigger on those whose label is not the target."""
+    import zoo
+
+    from ibau_cli.formats import load_model
+    from ibau_cli.preprocess import Normalized
+
+    _, _, x_eval, y_eval = _split(dataset)
+    x_eval, y_eval = x_eval[:1000], y_eval[:1000]
+    x_trig = zoo.triggered_uint8(attack, x_eval[y_eval != target], 0)
+    figures = []
+    for path in paths:
+        loaded = load_model(path)
+        model = Normalized(loaded.module, loaded.preprocess).eval()
+        with torch.no_grad():
+            acc = float((model(zoo.to_float(x_eval)).argmax(1).numpy() == y_eval).mean())
+            asr = float((model(zoo.to_float(x_trig)).argmax(1) == target).float().mean())
+        figures.append((acc, asr))
+    return figures
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -69,32 +91,13 @@ def test_scan_flags_the_backdoored_zoo_models_and_not_the_clean_one(name, tmp_pa
 def test_sanitize_removes_the_cifar10_badnets_backdoor_on_real_images(tmp_path):
     """The paper's small VGG with a real BadNets backdoor, 500 clean CIFAR-10 test images; figures
     recomputed here on 1,000 other test images with the true trigger."""
-    import zoo
-
-    from ibau_cli.formats import load_model
-    from ibau_cli.preprocess import Normalized
-
     run = ZOO / "cifar10-smallvgg-badnets"
     clean = _clean_folder(tmp_path, "cifar10", 500)
     out = tmp_path / "fixed.safetensors"
     res = run_cli("sanitize", run / "model.safetensors", "--clean", clean, "--out", out, "--trigger",
                   run / "trigger.png", "--target", "0", "--max-acc-drop", "0.1", "--json")  # fmt: skip
     assert res.returncode == 0, res.stderr
-    _, _, x_eval, y_eval = _split("cifar10")
-    x_eval, y_eval = x_eval[:1000], y_eval[:1000]
-    keep = y_eval != 0
-    x_trig = zoo.triggered_uint8("badnets", x_eval[keep], 0)
-
-    def figures(path: Path) -> tuple[float, float]:
-        loaded = load_model(path)
-        model = Normalized(loaded.module, loaded.preprocess).eval()
-        with torch.no_grad():
-            acc = float((model(zoo.to_float(x_eval)).argmax(1).numpy() == y_eval).mean())
-            asr = float((model(zoo.to_float(x_trig)).argmax(1) == 0).float().mean())
-        return acc, asr
-
-    acc0, asr0 = figures(run / "model.safetensors")
-    acc1, asr1 = figures(out)
+    (acc0, asr0), (acc1, asr1) = _true_figures("cifar10", "badnets", 0, run / "model.safetensors", out)
     assert asr0 > 0.85 and asr1 < 0.1, (asr0, asr1)
     assert acc1 > acc0 - 0.06, (acc0, acc1)
 
@@ -104,11 +107,6 @@ def test_probe_guided_sanitize_removes_the_gtsrb_sig_backdoor(tmp_path):
     the probes suspect class 17 and guide the unlearning toward it; figures recomputed here on 1,000
     other test images with the true trigger. (Plain I-BAU left 96 % ASR on this model in one seed of
     three at 2,500 images: docs/algorithm.md.)"""
-    import zoo
-
-    from ibau_cli.formats import load_model
-    from ibau_cli.preprocess import Normalized
-
     run = ZOO / "gtsrb-smallcnn-sig"
     target = json.loads((run / "manifest.json").read_text())["target"]
     clean = _clean_folder(tmp_path, "gtsrb", 1000)
@@ -118,20 +116,6 @@ def test_probe_guided_sanitize_removes_the_gtsrb_sig_backdoor(tmp_path):
     report = json.loads(res.stdout)
     assert report["probes"]["before"]["verdict"] == "suspected"
     assert report["unlearning"]["guided_class"] == target
-    _, _, x_eval, y_eval = _split("gtsrb")
-    x_eval, y_eval = x_eval[:1000], y_eval[:1000]
-    keep = y_eval != target
-    x_trig = zoo.triggered_uint8("sig", x_eval[keep], 0)
-
-    def figures(path: Path) -> tuple[float, float]:
-        loaded = load_model(path)
-        model = Normalized(loaded.module, loaded.preprocess).eval()
-        with torch.no_grad():
-            acc = float((model(zoo.to_float(x_eval)).argmax(1).numpy() == y_eval).mean())
-            asr = float((model(zoo.to_float(x_trig)).argmax(1) == target).float().mean())
-        return acc, asr
-
-    acc0, asr0 = figures(run / "model.safetensors")
-    acc1, asr1 = figures(out)
+    (acc0, asr0), (acc1, asr1) = _true_figures("gtsrb", "sig", target, run / "model.safetensors", out)
     assert asr0 > 0.9 and asr1 < 0.1, (asr0, asr1)
     assert acc1 > acc0 - 0.04, (acc0, acc1)
