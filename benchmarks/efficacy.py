@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attacks  # noqa: E402
 import zoo  # noqa: E402
-from jsonl import append_row, read_rows  # noqa: E402
+from jsonl import append_row, read_rows, row_version  # noqa: E402
 
 from ibau_cli import __version__  # noqa: E402
 from ibau_cli.formats import load_model  # noqa: E402
@@ -97,7 +97,6 @@ def main() -> int:
     attack, target, dataset = manifest["attack"], manifest.get("target"), manifest["dataset"]
     trigger_seed = manifest.get("trigger_seed", 0)
     results = args.results or REPO / "benchmarks" / "results" / f"{args.model_dir.name}.jsonl"
-    # a row counts as done only for the same tool version (defaults change between versions)
     done = {
         (
             r["model"],
@@ -108,7 +107,7 @@ def main() -> int:
             r.get("probes", False),
         )
         for r in read_rows(results)
-        if r.get("tool_version", "0.1.0") == __version__
+        if row_version(r) == __version__
     }
 
     extra: dict = {}

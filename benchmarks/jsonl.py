@@ -21,3 +21,9 @@ def append_row(path: Path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fh.write(json.dumps(row) + "\n")
+
+
+def row_version(row: dict) -> str:
+    """The ibau version that produced a row (rows from before versions were recorded: 0.1.0).
+    Defaults change between versions, so a row counts as done, or is tabled, per version."""
+    return row.get("tool_version", "0.1.0")

@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from jsonl import read_rows  # noqa: E402  (benchmarks/jsonl.py)
+from jsonl import read_rows, row_version  # noqa: E402  (benchmarks/jsonl.py)
 
 
 def _efficacy_rows() -> list[dict]:
@@ -29,10 +29,6 @@ def _efficacy_rows() -> list[dict]:
 
 def _speed_rows() -> list[dict]:
     return read_rows(HERE / "results" / "speed.jsonl")
-
-
-def _version(row: dict) -> str:
-    return row.get("tool_version", "0.1.0")
 
 
 def _efficacy_table(rows: list[dict]) -> list[str]:
@@ -108,8 +104,8 @@ def main() -> int:
     from ibau_cli import __version__
 
     rows = _efficacy_rows()
-    current = [r for r in rows if _version(r) == __version__]
-    older = sorted({_version(r) for r in rows} - {__version__})
+    current = [r for r in rows if row_version(r) == __version__]
+    older = sorted({row_version(r) for r in rows} - {__version__})
     out = [
         "# Benchmark results",
         "",
@@ -142,7 +138,7 @@ def main() -> int:
         *_efficacy_table(current),
     ]
     for version in older:
-        old = [r for r in rows if _version(r) == version]
+        old = [r for r in rows if row_version(r) == version]
         out += [
             "",
             f"## Earlier defaults (ibau {version}), kept for comparison",
@@ -167,10 +163,10 @@ def main() -> int:
             "| model | ibau | device | threads | N | epoch s | round s | round / epoch | guided round / epoch | peak MiB epoch / round |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for r in sorted(speed, key=lambda r: (r["device"], r["model"], r["n"], _version(r))):
+        for r in sorted(speed, key=lambda r: (r["device"], r["model"], r["n"], row_version(r))):
             guided = r.get("guided_round_over_epoch")
             out.append(
-                f"| {r['model']} | {_version(r)} | {r['device']} ({r['device_name']}) | {r['threads']} | {r['n']} | "
+                f"| {r['model']} | {row_version(r)} | {r['device']} ({r['device_name']}) | {r['threads']} | {r['n']} | "
                 f"{r['epoch_seconds']:.2f} | {r['round_seconds']:.2f} | {r['round_over_epoch']:.2f} | "
                 f"{'-' if guided is None else f'{guided:.2f}'} | {r['epoch_peak_mib']:.0f} / {r['round_peak_mib']:.0f} |"
             )

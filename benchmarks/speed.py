@@ -140,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     import platform
 
     import torch
-    from jsonl import append_row, read_rows
+    from jsonl import append_row, read_rows, row_version
 
     from ibau_cli import __version__
 
-    done = {(r["model"], r["device"], r["n"], r.get("tool_version", "0.1.0")) for r in read_rows(args.results)}
+    done = {(r["model"], r["device"], r["n"], row_version(r)) for r in read_rows(args.results)}
     for model_dir in sorted(p.parent for p in args.zoo.glob("*/manifest.json") if args.only in p.parent.name):
         if (model_dir.name, args.device, args.n, __version__) in done:
             continue

@@ -479,14 +479,18 @@ def export_formats(run_dir: Path) -> dict[str, str]:
 def _export_onnx(module: torch.nn.Module, path: Path, manifest: dict) -> None:
     import warnings
 
+    from ibau_cli.formats.base import write_atomically
+
     c, h, w = manifest["preprocess"].get("channels", 3), *manifest["preprocess"].get("input_size", (32, 32))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.rand(2, c, h, w),), str(tmp), dynamo=False, opset_version=17,
-                          input_names=["image"], output_names=["scores"],
-                          dynamic_axes={"image": {0: "batch"}, "scores": {0: "batch"}})  # fmt: skip
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (torch.rand(2, c, h, w),), str(tmp), dynamo=False, opset_version=17,
+                              input_names=["image"], output_names=["scores"],
+                              dynamic_axes={"image": {0: "batch"}, "scores": {0: "batch"}})  # fmt: skip
+
+    write_atomically(path, write)
 
 
 def cmd_export_formats(args) -> int:
