@@ -200,6 +200,7 @@ def main() -> int:
                         "unlearn_config": report["config"]["unlearn"],
                         "probes": probes_on,
                         "guided_class": report["unlearning"].get("guided_class"),
+                        "perturbations": [f["family"] for f in report["unlearning"].get("perturbations", [])],
                         "probe_verdict_before": ((report.get("probes") or {}).get("before") or {}).get("verdict"),
                         "torch": torch.__version__,
                     }

@@ -61,7 +61,12 @@ def _guided(g: list[dict]) -> str:
         return "-"
     classes = sorted({r["guided_class"] for r in g if r.get("guided_class") is not None})
     k = sum(r.get("guided_class") is not None for r in g)
-    return f"{k} of {len(g)}" + (f" ({', '.join(map(str, classes))})" if classes else "")
+    warp = sum("warp" in (r.get("perturbations") or []) for r in g)
+    return (
+        f"{k} of {len(g)}"
+        + (f" ({', '.join(map(str, classes))})" if classes else "")
+        + (f"; warp in {warp}" if warp else "")
+    )
 
 
 def _targets_table(rows: list[dict]) -> list[str]:

@@ -13,6 +13,10 @@ from typing import Any
 from .errors import ConfigError
 from .preprocess import Preprocess
 
+TEACHER_VIEWS = ("auto", "off", "shift", "shift-flip", "mix")
+VIEWS_BELOW = 1000  # teacher_views = "auto": shift-flip views below this many unlearning images, none from it
+PERTURBATIONS = ("auto", "additive", "additive+warp")
+
 
 @dataclass(frozen=True)
 class UnlearnConfig:
@@ -27,8 +31,12 @@ class UnlearnConfig:
     perturb_fraction: float = 0.02
     hypergrad: bool = True
     hypergrad_projection: bool = True  # differentiate the inner solver's projection onto the ball
+    perturbations: str = "auto"  # inner problem families: "additive" (I-BAU's), "additive+warp", or "auto"
+    warp_pixels: float = 1.0  # warp family: RMS displacement bound of its control points, pixels per 32
+    warp_fraction: float = 0.5  # warp family: share of an outer batch given the warp (at least one image)
     guide: str = "probes"  # "probes": also unlearn a perturbation toward the class the probes suspect; "off"
     clean_loss: str = "teacher"  # "labels": cross-entropy; "teacher": KL to the input model's outputs
+    teacher_views: str = "auto"  # teacher term on fresh views of the clean images: off, shift, shift-flip, mix
     neumann_terms: int = 5
     fixed_point_lr: float = 0.1
     optimizer: str = "sgd"
@@ -42,6 +50,11 @@ class UnlearnConfig:
             return float(self.radius)
         return 10.0 * math.sqrt(math.prod(shape) / 3072.0)
 
+    def resolved_teacher_views(self, n_samples: int) -> str:
+        if self.teacher_views != "auto":
+            return self.teacher_views
+        return "shift-flip" if n_samples < VIEWS_BELOW else "off"
+
     def check(self) -> list[str]:
         p = []
         for name in ("batch_size", "neumann_terms"):
@@ -50,8 +63,9 @@ class UnlearnConfig:
         for name in ("rounds", "inner_steps", "min_steps_per_round"):
             if getattr(self, name) < 0:
                 p.append(f"unlearn.{name} must be >= 0")
-        if not 0 < self.perturb_fraction <= 1:
-            p.append("unlearn.perturb_fraction must be in (0, 1]")
+        for name in ("perturb_fraction", "warp_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                p.append(f"unlearn.{name} must be in (0, 1]")
         if self.radius is not None and self.radius <= 0:
             p.append("unlearn.radius must be > 0")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
@@ -62,6 +76,12 @@ class UnlearnConfig:
             p.append(f"unlearn.lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
         if self.clean_loss not in ("labels", "teacher"):
             p.append(f"unlearn.clean_loss must be 'labels' or 'teacher', not {self.clean_loss!r}")
+        if self.teacher_views not in TEACHER_VIEWS:
+            p.append(f"unlearn.teacher_views must be one of {', '.join(TEACHER_VIEWS)}, not {self.teacher_views!r}")
+        if self.perturbations not in PERTURBATIONS:
+            p.append(f"unlearn.perturbations must be one of {', '.join(PERTURBATIONS)}, not {self.perturbations!r}")
+        if self.warp_pixels <= 0:
+            p.append("unlearn.warp_pixels must be > 0")
         if self.guide not in ("probes", "off"):
             p.append(f"unlearn.guide must be 'probes' or 'off', not {self.guide!r}")
         if self.optimizer not in ("adam", "sgd"):

@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from .errors import ModelMismatchError, RuntimeFailure, UsageError
 from .evaluate import accuracy, attack_success, logits
 from .formats import format_for_output, load_model, save_model, sha256_file
 from .preprocess import Normalized
+from .probes import FIXED_FLIP_SUSPECT
 from .progress import NoProgress, Progress
 from .report import Figures, Gate, Report
 from .settings_resolve import SettingsSources, resolve_settings
@@ -282,6 +283,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             probes_before = _run_probes(model, x_h, y_h, num_classes, settings, device, amp, progress)
 
     guide_class = _guide_class(settings, probes_before)
+    unlearn_config = replace(settings.unlearn, perturbations=_perturbation_families(settings, probes_before))
 
     def on_round(r: int, m: torch.nn.Module) -> dict:
         f = figures()
@@ -292,7 +294,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             model,
             x_u,
             y_u,
-            settings.unlearn,
+            unlearn_config,
             device=device,
             seed=settings.seed,
             progress=progress,
@@ -372,6 +374,8 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             "inner_seconds": log.inner_seconds,
             "outer_seconds": log.outer_seconds,
             "guided_class": guide_class,
+            "perturbations": log.perturbations,
+            "teacher_views": log.teacher_views,
         },
         verification=verification,
         gates=gates,
@@ -550,6 +554,21 @@ def _guide_class(settings, probes_before) -> int | None:
         return None
     cls = probes_before.evidence.get("suspected_class")
     return None if cls is None else int(cls)
+
+
+def _perturbation_families(settings, probes_before) -> str:
+    """``unlearn.perturbations = "auto"``: I-BAU's additive perturbation, plus the warp family when a
+    fixed warp probe flipped at least half the held-out images (95 % lower bound) to one class
+    before the repair (the probes' own threshold for a suspicious fixed pattern)."""
+    chosen = settings.unlearn.perturbations
+    if chosen != "auto":
+        return chosen
+    if probes_before is not None and any(
+        r.family == "warp" and r.flip.n and (r.flip.wilson() or (0, 0))[0] >= FIXED_FLIP_SUSPECT
+        for r in probes_before.results
+    ):
+        return "additive+warp"
+    return "additive"
 
 
 def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repair") -> Gate:

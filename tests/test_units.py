@@ -230,3 +230,40 @@ def test_all_to_all_evidence_that_appears_only_after_the_repair_is_not_a_backdoo
     assert reconcile_after_repair(suite("suspected", None, "patch-white-cc-20%"), after).verdict == "suspected"
     assert reconcile_after_repair(suite("no_evidence"), suite("suspected", 3, None)).verdict == "suspected"
     assert reconcile_after_repair(None, after).verdict == "suspected"
+
+
+def test_teacher_views_are_seeded_shifted_flipped_and_mixed_copies_of_the_batch():
+    from ibau_cli.unlearn.augment import clean_views
+
+    x = torch.rand(16, 3, 12, 10)
+    assert clean_views(x, "off", torch.Generator().manual_seed(0)) is x
+    a = clean_views(x, "shift", torch.Generator().manual_seed(3))
+    b = clean_views(x, "shift", torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert not torch.equal(a, x)
+    # a shift moves the image: the centre of each view is a window of the original's centre region
+    for i in range(len(x)):
+        found = any(
+            torch.equal(a[i, :, 4:8, 4:6], x[i, :, 4 + dy : 8 + dy, 4 + dx : 6 + dx])
+            for dy in range(-4, 5)
+            for dx in range(-4, 5)
+        )
+        assert found, f"view {i} is not a translation of its image"
+    flipped = clean_views(x, "shift-flip", torch.Generator().manual_seed(1))
+    assert flipped.shape == x.shape and flipped.min() >= 0 and flipped.max() <= 1
+    mixed = clean_views(x, "mix", torch.Generator().manual_seed(1))
+    assert mixed.min() >= 0 and mixed.max() <= 1 and not torch.equal(mixed, flipped)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        clean_views(x, "rotate", torch.Generator())
+
+
+def test_bad_teacher_views_value_is_a_config_error():
+    with pytest.raises(ConfigError, match="teacher_views"):
+        resolve_settings(
+            arch=None,
+            model_preprocess=None,
+            preset=None,
+            config_file=None,
+            overrides={"unlearn.teacher_views": "rotate"},
+            environment={},
+        )

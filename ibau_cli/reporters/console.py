@@ -51,8 +51,15 @@ def render_console(report: dict[str, Any], console: Console) -> None:
     if report.get("after"):
         figs.add_row("after", _pct(report["after"]["accuracy"]), _pct(report["after"]["asr"]))
 
-    guided = (report.get("unlearning") or {}).get("guided_class")
-    title = "I-BAU rounds" + ("" if guided is None else f" (guided toward class {guided}, suspected by the probes)")
+    unlearning = report.get("unlearning") or {}
+    guided = unlearning.get("guided_class")
+    families = [p["family"] for p in unlearning.get("perturbations", [])]
+    notes = []
+    if len(families) > 1:
+        notes.append("perturbations: " + " + ".join(families))
+    if guided is not None:
+        notes.append(f"guided toward class {guided}, suspected by the probes")
+    title = "I-BAU rounds" + (f" ({'; '.join(notes)})" if notes else "")
     rounds = Table(title=title, title_justify="left")
     for col in ("round", "|delta|2", "delta fools", "outer loss", "steps", "held-out acc", "held-out ASR", "time"):
         rounds.add_column(col, justify="right")

@@ -16,6 +16,7 @@ require grad (BatchNorm affine ones included) are trained.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,9 @@ from torch import Tensor, nn
 from ..config import UnlearnConfig
 from ..device import amp_dtype, autocast
 from ..progress import NoProgress, Progress
+from .augment import clean_views
 from .hypergrad import fixed_point_hypergradient
+from .perturbations import Additive, Perturbation, Warp
 
 
 @dataclass
@@ -54,6 +57,8 @@ class UnlearnLog:
     seconds: float
     inner_seconds: float
     outer_seconds: float
+    perturbations: list[dict] = field(default_factory=list)  # the inner problem's families and their bounds
+    teacher_views: str = "off"  # the views the teacher term used (teacher_views resolved for this set)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
@@ -69,12 +74,14 @@ def _project(delta: Tensor, radius: float) -> Tensor:
     return delta * (radius / norm) if norm > radius else delta
 
 
-def _fooling_rate(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, bs: int, dev, dtype) -> float:
+def _fooling_rate(
+    model: nn.Module, family: Perturbation, x: Tensor, y: Tensor, delta: Tensor, bs: int, dev, dtype
+) -> float:
     wrong = 0
     with torch.no_grad(), autocast(dev, dtype):
         for s in range(0, len(x), bs):
             xb = x[s : s + bs].to(dev, non_blocking=True)
-            pred = model((xb + delta).clamp(0, 1)).argmax(1).cpu()
+            pred = model(family.apply(xb, delta)).argmax(1).cpu()
             wrong += int((pred != y[s : s + bs]).sum())
     return wrong / max(len(x), 1)
 
@@ -87,25 +94,60 @@ def _inner_fit(logits: Tensor, y: Tensor, target: int | None) -> Tensor:
     return F.cross_entropy(logits, torch.full_like(y, target))
 
 
+def _outer_loss(
+    logits_adv: Tensor,
+    xb: Tensor,
+    yb: Tensor,
+    idx: Tensor,
+    n_adv: int,
+    model: nn.Module,
+    teacher: Tensor | None,
+    teacher_model: nn.Module | None,
+    views: str,
+    views_gen: torch.Generator,
+    dev: torch.device,
+    dtype,
+) -> Tensor:
+    """Cross-entropy with the labels on the first ``n_adv`` (perturbed) images of the batch, plus the
+    clean part on the rest: KL to the input model (``teacher``: its outputs on the images, computed
+    once; ``teacher_model``: the frozen input model on fresh views) or cross-entropy with labels."""
+    if n_adv == len(idx):
+        return F.cross_entropy(logits_adv, yb)
+    if teacher_model is not None:
+        x_clean = clean_views(xb[n_adv:], views, views_gen)
+        with torch.no_grad(), autocast(dev, dtype):
+            target_clean = teacher_model(x_clean).float().log_softmax(1)
+    elif teacher is not None:
+        x_clean, target_clean = xb[n_adv:], teacher[idx[n_adv:]].to(dev)
+    else:
+        x_clean, target_clean = xb[n_adv:], None
+    logits_clean = model(x_clean)
+    if target_clean is None:
+        return F.cross_entropy(torch.cat([logits_adv, logits_clean]), yb)
+    kl = F.kl_div(logits_clean.log_softmax(1), target_clean, log_target=True, reduction="sum")
+    return (F.cross_entropy(logits_adv, yb[:n_adv], reduction="sum") + kl) / len(idx)
+
+
 def _inner_max(
     model: nn.Module,
+    family: Perturbation,
     x_all: Tensor,
     y_all: Tensor,
     batch_stream: Iterator[Tensor],
-    config: UnlearnConfig,
-    radius: float,
-    alpha: float,
+    steps: int,
     dev: torch.device,
     dtype,
     progress: Progress,
     target: int | None = None,
 ) -> tuple[Tensor, float]:
-    """Universal delta by L2 projected gradient steps from zero: ascent on the cross-entropy
-    (untargeted, I-BAU's inner problem) or, with ``target``, descent on the cross-entropy toward
-    ``target`` over the images of the other classes."""
-    delta = torch.zeros((1, *x_all.shape[1:]), device=dev)
+    """Universal perturbation of ``family`` by L2 projected gradient steps from zero: ascent on the
+    cross-entropy (untargeted, I-BAU's inner problem) or, with ``target``, descent on the
+    cross-entropy toward ``target`` over the images of the other classes."""
+    radius = family.radius
+    alpha = 2.5 * radius / max(steps, 1)
+    delta = family.zeros(tuple(x_all.shape[1:]), dev)
     loss_value = 0.0
-    for _ in range(config.inner_steps):
+    for _ in range(steps):
         idx = next(batch_stream)
         if target is not None:
             idx = idx[y_all[idx] != target]
@@ -114,7 +156,7 @@ def _inner_max(
         xb, yb = x_all[idx].to(dev), y_all[idx].to(dev)
         delta.requires_grad_(True)
         with autocast(dev, dtype):
-            loss = -_inner_fit(model((xb + delta).clamp(0, 1)), yb, target)
+            loss = -_inner_fit(model(family.apply(xb, delta)), yb, target)
         (grad,) = torch.autograd.grad(loss, delta)
         loss_value = float(loss.detach())
         with torch.no_grad():
@@ -146,6 +188,8 @@ def unlearn(
     ``target_hint``: a class suspected to be a backdoor's target (the pipeline passes the probes'
     suspected class); each round then also finds the easiest universal delta toward it, and the
     outer steps alternate between the untargeted and the targeted delta (docs/algorithm.md).
+    ``config.perturbations``: "additive+warp" adds a universal warp to the inner problem; "auto" is
+    "additive" here (the pipeline resolves it from the probes before calling).
     """
     if target_hint is not None and target_hint < 0:
         raise ValueError(f"target_hint must be a class index >= 0, not {target_hint}")
@@ -172,15 +216,23 @@ def unlearn(
     n = len(x_all)
     bs = min(config.batch_size, n)
     radius = config.resolved_radius(tuple(x_all.shape[1:]))
-    alpha = 2.5 * radius / max(config.inner_steps, 1)
+    families: list[Perturbation] = [Additive(radius)]
+    if config.perturbations == "additive+warp":
+        families.append(Warp.with_rms_pixels(config.warp_pixels, tuple(x_all.shape[1:])))
+    guided = target_hint is not None and bool((y_all != target_hint).any())
     steps_per_round = max(math.ceil(n / bs), config.min_steps_per_round)
     batch_stream = _batches(n, bs, gen)
     total_steps = steps_per_round * config.rounds
     scheduler = None
     if config.lr_schedule == "cosine" and total_steps > 0:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    teacher = None
-    if config.clean_loss == "teacher":
+    teacher = teacher_model = None
+    views_gen = torch.Generator().manual_seed(seed + 1)
+    views = config.resolved_teacher_views(n) if config.clean_loss == "teacher" else "off"
+    if views != "off":
+        # a frozen copy of the input model answers for each fresh view of the clean images
+        teacher_model = copy.deepcopy(model).requires_grad_(False)
+    elif config.clean_loss == "teacher":
         with torch.no_grad():
             teacher = torch.cat(
                 [model(x_all[s : s + bs].to(dev)).float().log_softmax(1).cpu() for s in range(0, n, bs)]
@@ -193,15 +245,18 @@ def unlearn(
         t_round = time.perf_counter()
         # (1) inner maximisation: universal delta by L2 projected gradient ascent, from zero; with a
         # target hint, also the easiest universal delta toward that class.
-        progress.start(f"round {r}/{config.rounds}: inner", config.inner_steps * (1 if target_hint is None else 2))
-        delta, inner_loss = _inner_max(model, x_all, y_all, batch_stream, config, radius, alpha, dev, dtype, progress)
-        deltas = [(delta, None)]
-        if target_hint is not None and bool((y_all != target_hint).any()):
-            d_t, _ = _inner_max(
-                model, x_all, y_all, batch_stream, config, radius, alpha, dev, dtype, progress, target=target_hint
-            )
-            deltas.append((d_t, target_hint))
-        fooling = _fooling_rate(model, x_all, y_all, delta, bs, dev, dtype)
+        targets = [None, target_hint] if guided else [None]
+        progress.start(f"round {r}/{config.rounds}: inner", config.inner_steps * len(targets) * len(families))
+        deltas, inner_losses = [], []  # (family, perturbation, target): the outer steps cycle through them
+        for family in families:
+            for target in targets:
+                d_k, loss_k = _inner_max(
+                    model, family, x_all, y_all, batch_stream, config.inner_steps, dev, dtype, progress, target
+                )
+                deltas.append((family, d_k, target))
+                inner_losses.append(loss_k)
+        delta, inner_loss = deltas[0][1], inner_losses[0]  # the log follows I-BAU's own (untargeted additive)
+        fooling = _fooling_rate(model, families[0], x_all, y_all, delta, bs, dev, dtype)
         t_inner = time.perf_counter()
         inner_total += t_inner - t_round
 
@@ -211,21 +266,14 @@ def unlearn(
         for step in range(steps_per_round):
             idx = next(batch_stream)
             xb, yb = x_all[idx].to(dev), y_all[idx].to(dev)
-            m = max(1, round(config.perturb_fraction * len(idx)))
-            delta_k, target_k = deltas[step % len(deltas)]
+            family_k, delta_k, target_k = deltas[step % len(deltas)]  # the round's perturbations take turns
+            share = config.warp_fraction if family_k.name == "warp" else config.perturb_fraction
+            m = min(len(idx), max(1, round(share * len(idx))))
             d = delta_k.clone().requires_grad_(config.hypergrad)
-            logits_adv = model((xb[:m] + d).clamp(0, 1))
-            if m == len(idx):
-                loss_out = F.cross_entropy(logits_adv, yb)
-            else:
-                logits_clean = model(xb[m:])
-                if teacher is None:
-                    loss_out = F.cross_entropy(torch.cat([logits_adv, logits_clean]), yb)
-                else:
-                    kl = F.kl_div(
-                        logits_clean.log_softmax(1), teacher[idx[m:]].to(dev), log_target=True, reduction="sum"
-                    )
-                    loss_out = (F.cross_entropy(logits_adv, yb[:m], reduction="sum") + kl) / len(idx)
+            logits_adv = model(family_k.apply(xb[:m], d))
+            loss_out = _outer_loss(
+                logits_adv, xb, yb, idx, m, model, teacher, teacher_model, views, views_gen, dev, dtype
+            )
             if config.hypergrad:
                 *direct, g_delta = torch.autograd.grad(loss_out, params + [d], retain_graph=True, allow_unused=True)
                 loss_in = _inner_fit(logits_adv, yb[:m], target_k) + config.inner_penalty * d.pow(2).sum()
@@ -237,7 +285,7 @@ def unlearn(
                     g_delta,
                     eta=config.fixed_point_lr,
                     terms=config.neumann_terms,
-                    radius=radius if config.hypergrad_projection else None,
+                    radius=family_k.radius if config.hypergrad_projection else None,
                 )
                 terms.append(info.terms_used)
                 total = [
@@ -283,4 +331,6 @@ def unlearn(
         seconds=time.perf_counter() - t_start,
         inner_seconds=inner_total,
         outer_seconds=outer_total,
+        perturbations=[{"family": f.name, "radius": f.radius} for f in families],
+        teacher_views=views,
     )

@@ -1,0 +1,76 @@
+"""The universal perturbations the inner problem maximises over.
+
+I-BAU's inner variable is one universal additive perturbation in pixel space. Some backdoors are not
+additive: a WaNet trigger is a fixed, smooth, sub-pixel warp whose pixel change differs from image
+to image, so no single additive delta reproduces it. ``Warp`` is a second family: one universal
+displacement field on a k x k control grid, upsampled bicubically and applied by bilinear
+sampling. Both are differentiable twice (the implicit hypergradient needs that) and are bounded by
+an L2 ball in their own parameter space, so the projected solver and the hypergradient through the
+projection (``hypergrad.py``) apply to either unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Perturbation(Protocol):
+    """A family of universal perturbations: ``apply(x, p)`` maps images in [0, 1] to perturbed
+    ones, differentiably in ``p``; ``p`` starts at ``zeros`` and stays in the L2 ball ``radius``."""
+
+    name: str
+    radius: float
+
+    def zeros(self, image_shape: tuple[int, ...], device: torch.device) -> Tensor: ...
+
+    def apply(self, x: Tensor, p: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Additive:
+    """x -> clip(x + delta); delta has the image's shape; ``radius``: L2 bound in [0, 1] pixels."""
+
+    radius: float
+    name: str = "additive"
+
+    def zeros(self, image_shape: tuple[int, ...], device: torch.device) -> Tensor:
+        return torch.zeros((1, *image_shape), device=device)
+
+    def apply(self, x: Tensor, p: Tensor) -> Tensor:
+        return (x + p).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class Warp:
+    """x -> x sampled at (identity + flow); flow = bicubic upsampling of a (1, 2, k, k) grid of
+    displacements in pixels (x then y). ``radius``: L2 bound on those k*k*2 control values."""
+
+    radius: float
+    k: int = 4
+    name: str = "warp"
+
+    @classmethod
+    def with_rms_pixels(cls, rms_pixels: float, image_shape: tuple[int, ...], k: int = 4) -> Warp:
+        """The ball whose control points move ``rms_pixels`` on average (root mean square) for a
+        32-pixel image, scaled with the image's size."""
+        scale = max(image_shape[-2:]) / 32.0
+        return cls(radius=rms_pixels * scale * math.sqrt(2 * k * k), k=k)
+
+    def zeros(self, image_shape: tuple[int, ...], device: torch.device) -> Tensor:
+        return torch.zeros((1, 2, self.k, self.k), device=device)
+
+    def apply(self, x: Tensor, p: Tensor) -> Tensor:
+        _, _, h, w = x.shape
+        flow = F.interpolate(p, size=(h, w), mode="bicubic", align_corners=True)
+        ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        grid = torch.stack((gx + flow[:, 0] * (2.0 / max(w - 1, 1)), gy + flow[:, 1] * (2.0 / max(h - 1, 1))), dim=-1)
+        grid = grid.to(x.dtype).expand(len(x), -1, -1, -1)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
