@@ -557,14 +557,16 @@ def _guide_class(settings, probes_before) -> int | None:
 
 
 def _perturbation_families(settings, probes_before) -> str:
-    """``unlearn.perturbations = "auto"``: I-BAU's additive perturbation, plus the warp family when a
-    fixed warp probe flipped at least half the held-out images (95 % lower bound) to one class
-    before the repair (the probes' own threshold for a suspicious fixed pattern)."""
+    """``unlearn.perturbations = "auto"``: I-BAU's additive perturbation, plus the warp family when,
+    before the repair, a warp (a fixed warp probe or the synthesised universal warp) flipped at
+    least half of the held-out images (95 % lower bound) to one class: the probes' own threshold."""
     chosen = settings.unlearn.perturbations
     if chosen != "auto":
         return chosen
     if probes_before is not None and any(
-        r.family == "warp" and r.flip.n and (r.flip.wilson() or (0, 0))[0] >= FIXED_FLIP_SUSPECT
+        (r.family == "warp" or r.name == "synth-warp")
+        and r.flip.n
+        and (r.flip.wilson() or (0, 0))[0] >= FIXED_FLIP_SUSPECT
         for r in probes_before.results
     ):
         return "additive+warp"

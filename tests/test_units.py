@@ -267,3 +267,25 @@ def test_bad_teacher_views_value_is_a_config_error():
             overrides={"unlearn.teacher_views": "rotate"},
             environment={},
         )
+
+
+def test_the_synthesised_warp_names_the_class_when_it_moves_more_images_than_a_patch():
+    from ibau_cli.metrics import Rate
+    from ibau_cli.probes import judge
+    from ibau_cli.probes.base import ProbeResult
+
+    def warp(hits, n=220, cls=25):
+        return ProbeResult(
+            "synth-warp", "synthesised", cls, Rate(hits, n), {"rms_pixels": 0.5, "median_other_flip_rate": 0.0}
+        )
+
+    patch = ProbeResult("patch-checker-cc-20%", "patch", 5, Rate(310, 480))  # 65 % to class 5
+    verdict, ev = judge([patch, warp(213)], 500)  # the warp: 97 % to class 25
+    assert verdict == "suspected" and ev["suspected_class"] == 25
+    assert any("sub-pixel warp" in r for r in ev["reasons"])
+    verdict, ev = judge([patch, warp(100)], 500)  # 45 %: below the threshold, the patch names it
+    assert verdict == "suspected" and ev["suspected_class"] == 5
+    verdict, ev = judge([warp(213)], 500)
+    assert verdict == "suspected" and ev["suspected_class"] == 25
+    verdict, ev = judge([warp(10)], 500)
+    assert verdict == "no_evidence" and ev["suspected_class"] is None

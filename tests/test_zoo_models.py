@@ -72,11 +72,12 @@ def _true_figures(dataset: str, attack: str, target: int, *paths: Path) -> list[
         "gtsrb-smallcnn-trojan-square",  # magenta/green squares: no fixed probe flips it, the synthesised one does
         "gtsrb-smallcnn-all2all",  # all-to-all (label -> label + 1)
         "gtsrb-smallcnn-clean-s0",  # clean, trained the same way (weak colour evidence only: inconclusive)
+        "cifar10-smallvgg-clean-s0",  # the paper's small VGG, clean (no evidence)
     ],
 )
 def test_scan_flags_the_backdoored_zoo_models_and_not_the_clean_one(name, tmp_path):
     manifest = json.loads((ZOO / name / "manifest.json").read_text())
-    clean = _clean_folder(tmp_path, "gtsrb", 1000)
+    clean = _clean_folder(tmp_path, manifest["dataset"], 1000)
     res = run_cli("scan", ZOO / name / "model.safetensors", "--clean", clean, "--json", "-q")
     assert res.returncode in (0, 1), res.stderr
     probes = json.loads(res.stdout)["probes"]["before"]

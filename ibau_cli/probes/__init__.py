@@ -13,7 +13,7 @@ from ..progress import NoProgress, Progress
 from ..registry import Registry
 from .base import Probe, ProbeContext, ProbeResult, predict
 from .patterns import builtin_patterns
-from .synthesised import MaskPatternProbe, UniversalPerturbationProbe
+from .synthesised import MaskPatternProbe, UniversalPerturbationProbe, WarpPerturbationProbe
 
 PROBES: Registry[Probe] = Registry("probe")
 
@@ -22,7 +22,7 @@ def register_probe(probe: Probe, *, origin: str | None = None) -> Probe:
     return PROBES.register(probe.name, probe, origin=origin)
 
 
-for _p in [*builtin_patterns(), MaskPatternProbe(), UniversalPerturbationProbe()]:
+for _p in [*builtin_patterns(), MaskPatternProbe(), UniversalPerturbationProbe(), WarpPerturbationProbe()]:
     register_probe(_p)
 
 # Thresholds of the verdict (see docs/probes.md for how they were chosen).
@@ -95,14 +95,14 @@ def judge(results: list[ProbeResult], n_images: int) -> tuple[str, dict]:
     fixed = [r for r in results if r.family != "synthesised"]
     mask = next((r for r in results if r.name == "synth-mask-pattern"), None)
     reasons = []
-    suspected_class = None
+    suspected_class, class_rate = None, 0.0
     all_to_all_probe = None
     flipping = [r for r in fixed if r.flip.n and (r.flip.wilson() or (0, 0))[0] >= FIXED_FLIP_SUSPECT]
     strong_fixed = [r for r in flipping if r.family not in WEAK_FAMILIES]
     if strong_fixed:
         top = max(strong_fixed, key=lambda r: r.flip.value)
         reasons.append(f"fixed pattern {top.name} flips {top.flip.value:.0%} of images to class {top.worst_class}")
-        suspected_class = top.worst_class
+        suspected_class, class_rate = top.worst_class, top.flip.value
     all_to_all = [r for r in fixed if r.family not in WEAK_FAMILIES and _looks_all_to_all(r)]
     if all_to_all and not strong_fixed:
         top = max(all_to_all, key=lambda r: r.details["remap_rate"]["value"])
@@ -139,7 +139,19 @@ def judge(results: list[ProbeResult], n_images: int) -> tuple[str, dict]:
                 f"a small universal perturbation (L2 {uap.details['radius']:.1f}) sends {uap.flip.value:.0%} of unseen "
                 f"images to class {uap.worst_class} (median for other classes {median_other:.0%})"
             )
-            suspected_class = uap.worst_class if suspected_class is None else suspected_class
+            if suspected_class is None:
+                suspected_class, class_rate = uap.worst_class, uap.flip.value
+    warp = next((r for r in results if r.name == "synth-warp"), None)
+    if warp is not None and warp.flip.n:
+        median_other = warp.details.get("median_other_flip_rate") or 0.0
+        if (warp.flip.wilson() or (0, 0))[0] >= SYNTH_FLIP_MIN and warp.flip.value >= 3 * max(median_other, 0.05):
+            reasons.append(
+                f"a universal sub-pixel warp (RMS {warp.details['rms_pixels']} px) sends {warp.flip.value:.0%} of "
+                f"unseen images to class {warp.worst_class} (median for other classes {median_other:.0%})"
+            )
+            # the evidence that moves more images names the class
+            if suspected_class is None or warp.flip.value > class_rate:
+                suspected_class, class_rate = warp.worst_class, warp.flip.value
     evidence = {
         "suspected_class": suspected_class,
         "all_to_all_probe": all_to_all_probe,

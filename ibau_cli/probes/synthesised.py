@@ -6,6 +6,8 @@ measured on the other half.
   than the other classes: the median-absolute-deviation anomaly index of the mask norms says so.
 - ``universal-perturbation``: the object I-BAU's inner problem optimises, made targeted: an
   L2-bounded delta maximising the target's probability.
+- ``warp``: a universal sub-pixel warp optimised (untargeted) to change the answers; a warp
+  backdoor sends nearly every image to its target under it (20 steps, whatever the class count).
 
 Cost: ``budget_steps`` optimisation steps per probe, split evenly over the classes (at least 10
 each), each step one forward and backward pass over a batch of at most 64 images. It grows
@@ -21,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..metrics import Rate
-from .base import ProbeContext, ProbeResult
+from ..unlearn.perturbations import Warp
+from .base import ProbeContext, ProbeResult, flip_rates, predict
 
 BATCH = 64
 
@@ -196,3 +199,56 @@ class UniversalPerturbationProbe:
         )
         result.artifacts = {"delta": None if deltas[worst] is None else scale * deltas[worst]}  # type: ignore[attr-defined]
         return result
+
+
+class WarpPerturbationProbe:
+    """A universal warp (the unlearning's warp family, ``unlearn/perturbations.py``) optimised to
+    change the model's answers, untargeted, on one half of the held-out images; measured on the
+    other half. A warp-triggered backdoor (WaNet) answers a sub-pixel universal warp by sending
+    almost every image to its target; a clean model's answers scatter."""
+
+    name = "synth-warp"
+    family = "synthesised"
+    rms_pixels = 0.5  # bound on the control points' RMS displacement, pixels of a 32-pixel image
+    steps = 20
+
+    def run(self, model: nn.Module, ctx: ProbeContext) -> ProbeResult:
+        fit_idx, test_idx = _halves(ctx)
+        warp = Warp.with_rms_pixels(self.rms_pixels, tuple(ctx.x.shape[1:]))
+        gen = torch.Generator().manual_seed(ctx.seed + 3)
+        alpha = 2.5 * warp.radius / self.steps
+        p = warp.zeros(tuple(ctx.x.shape[1:]), ctx.device)
+        for _ in range(self.steps):
+            pick = fit_idx[torch.randint(len(fit_idx), (min(BATCH, len(fit_idx)),), generator=gen)]
+            xb, yb = ctx.x[pick].to(ctx.device), ctx.y[pick].to(ctx.device)
+            p.requires_grad_(True)
+            loss = F.cross_entropy(model(warp.apply(xb, p)), yb)
+            (g,) = torch.autograd.grad(loss, p)
+            with torch.no_grad():
+                p = p.detach() + alpha * g / (g.norm() + 1e-12)
+                n = p.norm()
+                if n > warp.radius:
+                    p = p * (warp.radius / n)
+        with torch.no_grad():
+            x_test = torch.cat(
+                [
+                    warp.apply(ctx.x[test_idx[s : s + BATCH]].to(ctx.device), p).cpu()
+                    for s in range(0, len(test_idx), BATCH)
+                ]
+            )
+        pred = predict(model, x_test, ctx)
+        worst, rate, rates = flip_rates(pred, ctx.y[test_idx], ctx.clean_pred[test_idx], ctx.num_classes)
+        others = [r for k, r in enumerate(rates) if k != worst]
+        return ProbeResult(
+            self.name,
+            self.family,
+            worst,
+            rate,
+            {
+                "rms_pixels": self.rms_pixels,
+                "radius": warp.radius,
+                "steps": self.steps,
+                "median_other_flip_rate": statistics.median(others) if others else 0.0,
+            },
+            per_class=rates,
+        )
