@@ -103,21 +103,27 @@ def test_sanitize_removes_the_cifar10_badnets_backdoor_on_real_images(tmp_path):
     assert acc1 > acc0 - 0.06, (acc0, acc1)
 
 
+def _sanitize_without_trigger(tmp_path: Path, name: str, n_clean: int) -> tuple[dict, Path, Path, int]:
+    """``ibau sanitize`` on a committed zoo model as a user runs it (probes on, no --trigger):
+    (report, input model, repaired model, the backdoor's target)."""
+    run = ZOO / name
+    target = json.loads((run / "manifest.json").read_text())["target"]
+    clean = _clean_folder(tmp_path, "gtsrb", n_clean)
+    out = tmp_path / "fixed.safetensors"
+    res = run_cli("sanitize", run / "model.safetensors", "--clean", clean, "--out", out, "--json", "-q", probes=True)
+    assert res.returncode in (0, 1), res.stderr
+    return json.loads(res.stdout), run / "model.safetensors", out, target
+
+
 def test_probe_guided_sanitize_removes_the_gtsrb_sig_backdoor(tmp_path):
     """The SIG (sinusoidal-signal) GTSRB model, sanitized the way a user would, with no --trigger:
     the probes suspect class 17 and guide the unlearning toward it; figures recomputed here on 1,000
     other test images with the true trigger. (Plain I-BAU left 96 % ASR on this model in one seed of
     three at 2,500 images: docs/algorithm.md.)"""
-    run = ZOO / "gtsrb-smallcnn-sig"
-    target = json.loads((run / "manifest.json").read_text())["target"]
-    clean = _clean_folder(tmp_path, "gtsrb", 1000)
-    out = tmp_path / "fixed.safetensors"
-    res = run_cli("sanitize", run / "model.safetensors", "--clean", clean, "--out", out, "--json", "-q", probes=True)
-    assert res.returncode in (0, 1), res.stderr
-    report = json.loads(res.stdout)
+    report, model, out, target = _sanitize_without_trigger(tmp_path, "gtsrb-smallcnn-sig", 1000)
     assert report["probes"]["before"]["verdict"] == "suspected"
     assert report["unlearning"]["guided_class"] == target
-    (acc0, asr0), (acc1, asr1) = _true_figures("gtsrb", "sig", target, run / "model.safetensors", out)
+    (acc0, asr0), (acc1, asr1) = _true_figures("gtsrb", "sig", target, model, out)
     assert asr0 > 0.9 and asr1 < 0.1, (asr0, asr1)
     assert acc1 > acc0 - 0.04, (acc0, acc1)
 
@@ -127,24 +133,16 @@ def test_warp_probe_adds_the_warp_family_and_removes_the_gtsrb_wanet_backdoor(tm
     most images to class 25 before the repair, so the inner problem also searches universal warps
     (unlearn.perturbations = "auto"). With the additive perturbation alone the true ASR stayed at
     28-44 % on 2,500 images (benchmarks/RESULTS.md, 0.2.0); figures here on 1,000 other test images."""
-    run = ZOO / "gtsrb-smallcnn-wanet"
-    target = json.loads((run / "manifest.json").read_text())["target"]
-    clean = _clean_folder(tmp_path, "gtsrb", 1000)
-    out = tmp_path / "fixed.safetensors"
-    res = run_cli("sanitize", run / "model.safetensors", "--clean", clean, "--out", out, "--json", "-q", probes=True)
-    assert res.returncode in (0, 1), res.stderr
-    report = json.loads(res.stdout)
+    report, model, out, target = _sanitize_without_trigger(tmp_path, "gtsrb-smallcnn-wanet", 1000)
+    assert report["probes"]["before"]["evidence"]["suspected_class"] == target
     assert [p["family"] for p in report["unlearning"]["perturbations"]] == ["additive", "warp"]
-    (acc0, asr0), (acc1, asr1) = _true_figures("gtsrb", "wanet", target, run / "model.safetensors", out)
+    (acc0, asr0), (acc1, asr1) = _true_figures("gtsrb", "wanet", target, model, out)
     assert asr0 > 0.8 and asr1 < 0.25, (asr0, asr1)
     assert acc1 > acc0 - 0.03, (acc0, acc1)
 
 
 def test_auto_perturbations_stay_additive_without_a_warp_probe(tmp_path):
     """The BadNets model's probes fire on patches, not warps: the inner problem stays I-BAU's additive one."""
-    run = ZOO / "gtsrb-smallcnn-badnets"
-    clean = _clean_folder(tmp_path, "gtsrb", 500)
-    out = tmp_path / "fixed.safetensors"
-    res = run_cli("sanitize", run / "model.safetensors", "--clean", clean, "--out", out, "--json", "-q", probes=True)
-    assert res.returncode in (0, 1), res.stderr
-    assert [p["family"] for p in json.loads(res.stdout)["unlearning"]["perturbations"]] == ["additive"]
+    report, _, _, target = _sanitize_without_trigger(tmp_path, "gtsrb-smallcnn-badnets", 500)
+    assert report["unlearning"]["guided_class"] == target
+    assert [p["family"] for p in report["unlearning"]["perturbations"]] == ["additive"]
