@@ -163,17 +163,21 @@ def main() -> int:
             "peak memory of a child process doing only that work (CPU: resident set growth; CUDA: allocated).",
             "",
             "A guided round (the backdoor's class given, as when the probes suspect it) adds a targeted inner",
-            "maximisation; its ratio is measured in the same interleaving.",
+            "maximisation; a warp round (guided, with the warp family, as when a warp probe fires) adds two more",
+            "inner problems and perturbs half of every warp step's batch; both ratios are measured in the same",
+            "interleaving.",
             "",
-            "| model | ibau | device | threads | N | epoch s | round s | round / epoch | guided round / epoch | peak MiB epoch / round |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| model | ibau | device | threads | N | epoch s | round s | round / epoch | guided round / epoch | warp round / epoch | peak MiB epoch / round |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in sorted(speed, key=lambda r: (r["device"], r["model"], r["n"], row_version(r))):
             guided = r.get("guided_round_over_epoch")
+            warp = r.get("warp_round_over_epoch")
             out.append(
                 f"| {r['model']} | {row_version(r)} | {r['device']} ({r['device_name']}) | {r['threads']} | {r['n']} | "
                 f"{r['epoch_seconds']:.2f} | {r['round_seconds']:.2f} | {r['round_over_epoch']:.2f} | "
-                f"{'-' if guided is None else f'{guided:.2f}'} | {r['epoch_peak_mib']:.0f} / {r['round_peak_mib']:.0f} |"
+                f"{'-' if guided is None else f'{guided:.2f}'} | {'-' if warp is None else f'{warp:.2f}'} | "
+                f"{r['epoch_peak_mib']:.0f} / {r['round_peak_mib']:.0f} |"
             )
     out += [
         "",

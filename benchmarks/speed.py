@@ -76,11 +76,12 @@ def _child(args: argparse.Namespace) -> None:
 
     hint = manifest.get("target") if manifest["attack"] not in ("clean", "all2all") else None
 
-    def one_round(target_hint: int | None = None) -> float:
+    def one_round(target_hint: int | None = None, perturbations: str = "additive") -> float:
         model.load_state_dict(state)
         sync()
         t = time.perf_counter()
-        unlearn(model, x, y, UnlearnConfig(rounds=1), device=device, seed=0, target_hint=target_hint)
+        config = UnlearnConfig(rounds=1, perturbations=perturbations)
+        unlearn(model, x, y, config, device=device, seed=0, target_hint=target_hint)
         sync()
         return time.perf_counter() - t
 
@@ -91,12 +92,14 @@ def _child(args: argparse.Namespace) -> None:
     elif args.what == "round":
         seconds = one_round()
     else:  # "time": both, interleaved twice, the faster of each (less noise from other jobs)
-        times = {"epoch": [], "round": [], "guided_round": []}
+        times = {"epoch": [], "round": [], "guided_round": [], "warp_round": []}
         for _ in range(2):
             times["epoch"].append(epoch())
             times["round"].append(one_round())
             if hint is not None:  # guided by the backdoor's class, as when the probes suspect it
                 times["guided_round"].append(one_round(hint))
+                # guided, with the warp family too (as when a warp probe also fires)
+                times["warp_round"].append(one_round(hint, "additive+warp"))
         times = {k: v for k, v in times.items() if v}
         print(json.dumps({k: min(v) for k, v in times.items()}))
         return
@@ -163,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             "round_over_epoch": timed["round"] / timed["epoch"],
             "guided_round_seconds": timed.get("guided_round"),
             "guided_round_over_epoch": timed["guided_round"] / timed["epoch"] if "guided_round" in timed else None,
+            "warp_round_seconds": timed.get("warp_round"),
+            "warp_round_over_epoch": timed["warp_round"] / timed["epoch"] if "warp_round" in timed else None,
             "tool_version": __version__,
             "epoch_peak_mib": epoch["peak_mib"],
             "round_peak_mib": rnd["peak_mib"],

@@ -230,8 +230,9 @@ def unlearn(
     views_gen = torch.Generator().manual_seed(seed + 1)
     views = config.resolved_teacher_views(n) if config.clean_loss == "teacher" else "off"
     if views != "off":
-        # a frozen copy of the input model answers for each fresh view of the clean images
-        teacher_model = copy.deepcopy(model).requires_grad_(False)
+        # a copy of the input model, run without gradients, answers for each fresh view of the clean
+        # images (no requires_grad_ on it: TorchScript modules do not support that call)
+        teacher_model = copy.deepcopy(model)
     elif config.clean_loss == "teacher":
         with torch.no_grad():
             teacher = torch.cat(
