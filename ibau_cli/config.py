@@ -36,7 +36,7 @@ class UnlearnConfig:
     warp_fraction: float = 0.5  # warp family: share of an outer batch given the warp (at least one image)
     guide: str = "probes"  # "probes": also unlearn a perturbation toward the class the probes suspect; "off"
     clean_loss: str = "teacher"  # "labels": cross-entropy; "teacher": KL to the input model's outputs
-    teacher_views: str = "auto"  # teacher term on fresh views of the clean images: off, shift, shift-flip, mix
+    teacher_views: str = "off"  # teacher term on fresh views of the clean images: off, shift, shift-flip, mix
     neumann_terms: int = 5
     fixed_point_lr: float = 0.1
     optimizer: str = "sgd"
