@@ -143,7 +143,10 @@ def _parse_floats(text: str | None, flag: str) -> list[float] | None:
 @click.option("--no-plugins", is_flag=True, help="Do not load installed plugins (entry points in ibau.plugins).")
 def main(plugin_files: tuple[Path, ...], no_plugins: bool) -> None:
     """Find and remove backdoors in image classifiers with I-BAU, and gate on the result."""
+    from .device import fit_threads_to_cpu_quota
     from .plugins import load_plugins
+
+    fit_threads_to_cpu_quota()
 
     from_env = [Path(f) for f in os.environ.get("IBAU_PLUGINS", "").split(os.pathsep) if f.strip()]
     _run(False, lambda: load_plugins([*from_env, *plugin_files], entry_points=not no_plugins))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -49,3 +52,38 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs this process may use under a cgroup quota (``docker run --cpus 2``, a Kubernetes CPU
+    limit), or None without one. cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def fit_threads_to_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Lower torch's CPU thread count to the cgroup CPU quota, and return the new count.
+
+    In a container limited to a few CPUs, torch still sees every host core and starts one thread
+    per core; the threads then wait on the quota and CPU work runs several times slower. Nothing
+    changes when OMP_NUM_THREADS is set (the user chose) or when there is no quota below the count.
+    """
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return None
+    limit = cgroup_cpu_limit(root)
+    if limit is None:
+        return None
+    threads = max(1, math.floor(limit))
+    if threads >= torch.get_num_threads():
+        return None
+    torch.set_num_threads(threads)
+    return threads

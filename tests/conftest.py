@@ -55,6 +55,36 @@ def backdoored(tmp_path_factory) -> dict:
     }
 
 
+def _plus_sign(x: torch.Tensor) -> torch.Tensor:
+    """A magenta plus sign, 5x5, off-centre at rows 5-9 / columns 20-24: no fixed probe is like it."""
+    x = x.clone()
+    x[:, :, 7, 20:25] = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1)
+    x[:, :, 5:10, 22] = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1)
+    return x
+
+
+@pytest.fixture(scope="session")
+def demo_zoo(tmp_path_factory) -> dict:
+    """Three more real small CNNs on the synthetic data, trained once per session (2,000 images each,
+    half the demo's, to keep CI short): two clean ones and one with a trigger no fixed probe draws,
+    each as (safetensors path, TrainedDemo)."""
+    root = tmp_path_factory.mktemp("zoo")
+    models = {}
+    for name, kwargs in {
+        "clean0": {"seed": 0, "poison": False},
+        "clean1": {"seed": 1, "poison": False},
+        "plus": {"seed": 2, "trigger_fn": _plus_sign},
+    }.items():
+        trained = train_backdoored(n_train=2000, **kwargs)
+        path = root / f"{name}.safetensors"
+        save_model(
+            trained.model, path, fmt="safetensors", arch="small-cnn", num_classes=NUM_CLASSES, preprocess=Preprocess()
+        )
+        models[name] = (path, trained)
+    assert models["plus"][1].asr > 0.9 and models["clean0"][1].clean_acc > 0.9
+    return models
+
+
 def independent_figures(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """Clean accuracy and BadNets ASR (non-target images), computed without ibau's evaluator."""
     module.eval()

@@ -73,16 +73,10 @@ def test_ci_example_is_valid_for_its_ci_system_and_uses_real_flags(name, schema)
     assert any(r.endswith(".xml") for r in reports) and any(r.endswith(".json") for r in reports)
 
 
-def test_registry_hook_quarantines_backdoored_and_broken_models(backdoored, tmp_path):
-    from ibau_cli.demo import train_backdoored
-    from ibau_cli.formats import save_model
-    from ibau_cli.preprocess import Preprocess
-
+def test_registry_hook_quarantines_backdoored_and_broken_models(backdoored, demo_zoo, tmp_path):
     incoming = tmp_path / "incoming"
     incoming.mkdir()
-    clean = train_backdoored(seed=3, poison=False)
-    save_model(clean.model, incoming / "clean.safetensors", fmt="safetensors", arch="small-cnn", num_classes=10,
-               preprocess=Preprocess())  # fmt: skip
+    (incoming / "clean.safetensors").write_bytes(demo_zoo["clean0"][0].read_bytes())
     (incoming / "backdoored.safetensors").write_bytes(backdoored["model"].read_bytes())
     (incoming / "truncated.safetensors").write_bytes(backdoored["model"].read_bytes()[:100])
     (incoming / "notes.txt").write_text("not a model")

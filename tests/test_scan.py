@@ -10,39 +10,10 @@ import torch
 from conftest import run_cli, sanitize_with_trigger
 from test_cli_errors import invoke
 
-from ibau_cli.demo import NUM_CLASSES, synthetic_images, train_backdoored
-from ibau_cli.formats import save_model
-from ibau_cli.preprocess import Preprocess
+from ibau_cli.demo import NUM_CLASSES, synthetic_images
 from ibau_cli.probes import PROBES, run_probes
 
 FAST = ["--set", "probes.budget_steps=300"]
-
-
-def _plus_sign(x: torch.Tensor) -> torch.Tensor:
-    """A magenta plus sign, 5x5, off-centre at rows 5-9 / columns 20-24: no fixed probe is like it."""
-    x = x.clone()
-    x[:, :, 7, 20:25] = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1)
-    x[:, :, 5:10, 22] = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1)
-    return x
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo")
-    models = {}
-    for name, kwargs in {
-        "clean0": {"seed": 0, "poison": False},
-        "clean1": {"seed": 1, "poison": False},
-        "plus": {"seed": 2, "trigger_fn": _plus_sign},
-    }.items():
-        trained = train_backdoored(**kwargs)
-        path = root / f"{name}.safetensors"
-        save_model(
-            trained.model, path, fmt="safetensors", arch="small-cnn", num_classes=NUM_CLASSES, preprocess=Preprocess()
-        )
-        models[name] = (path, trained)
-    assert models["plus"][1].asr > 0.9
-    return models
 
 
 def test_probe_registry_has_every_family():
@@ -62,16 +33,16 @@ def test_scan_flags_backdoor_with_its_target(backdoored):
 
 
 @pytest.mark.parametrize("name", ["clean0", "clean1"])
-def test_scan_does_not_flag_clean_models(zoo, backdoored, name):
-    path, _ = zoo[name]
+def test_scan_does_not_flag_clean_models(demo_zoo, backdoored, name):
+    path, _ = demo_zoo[name]
     code, stdout, err = invoke("scan", path, "--clean", backdoored["clean100"], "--json", "--quiet", *FAST)
     report = json.loads(stdout)
     assert code == 0, report["probes"]["before"]["evidence"]
     assert report["probes"]["before"]["verdict"] in ("no_evidence", "inconclusive")
 
 
-def test_unlisted_trigger_is_caught_by_synthesised_probes(zoo, backdoored, tmp_path):
-    path, trained = zoo["plus"]
+def test_unlisted_trigger_is_caught_by_synthesised_probes(demo_zoo, backdoored, tmp_path):
+    path, trained = demo_zoo["plus"]
     x, y = synthetic_images(200, seed=31)
     suite = run_probes(trained.model, x, y, NUM_CLASSES, device=torch.device("cpu"), budget_steps=300, radius=3.0)
     assert suite.verdict == "suspected" and suite.evidence["suspected_class"] == 0

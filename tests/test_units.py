@@ -289,3 +289,29 @@ def test_the_synthesised_warp_names_the_class_when_it_moves_more_images_than_a_p
     assert verdict == "suspected" and ev["suspected_class"] == 25
     verdict, ev = judge([warp(10)], 500)
     assert verdict == "no_evidence" and ev["suspected_class"] is None
+
+
+def test_torch_threads_follow_a_cgroup_cpu_quota(tmp_path, monkeypatch):
+    """A container limited to 1.5 CPUs gets one torch thread; no quota, or OMP_NUM_THREADS, no change."""
+    from ibau_cli.device import cgroup_cpu_limit, fit_threads_to_cpu_quota
+
+    v2, v1, none = tmp_path / "v2", tmp_path / "v1", tmp_path / "none"
+    (v1 / "cpu").mkdir(parents=True)
+    v2.mkdir()
+    none.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(v2) == 1.5 and cgroup_cpu_limit(v1) == 2.0 and cgroup_cpu_limit(none) is None
+    (none / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(none) is None
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")
+        assert fit_threads_to_cpu_quota(v2) is None and torch.get_num_threads() == 4
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert fit_threads_to_cpu_quota(none) is None and torch.get_num_threads() == 4
+        assert fit_threads_to_cpu_quota(v2) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
