@@ -16,6 +16,11 @@ from .preprocess import Preprocess
 TEACHER_VIEWS = ("auto", "off", "shift", "shift-flip", "mix")
 VIEWS_BELOW = 1000  # teacher_views = "auto": shift-flip views below this many unlearning images, none from it
 PERTURBATIONS = ("auto", "additive", "additive+warp")
+# small_set = "auto": a set this many times smaller than one round's outer images (batch_size x
+# min_steps_per_round) is revisited so often that the full step costs accuracy; see docs/algorithm.md
+SMALL_SET_PASSES = 4
+SMALL_SET_CLIP = 0.3  # ... so the gradient clip is scaled by this
+SMALL_SET_ROUNDS = 2  # ... and the rounds multiplied by this
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class UnlearnConfig:
     guide: str = "probes"  # "probes": also unlearn a perturbation toward the class the probes suspect; "off"
     clean_loss: str = "teacher"  # "labels": cross-entropy; "teacher": KL to the input model's outputs
     teacher_views: str = "off"  # teacher term on fresh views of the clean images: off, shift, shift-flip, mix
+    small_set: str = "auto"  # "auto": shorter steps and twice the rounds on tiny additive-only sets; "off"
     neumann_terms: int = 5
     fixed_point_lr: float = 0.1
     optimizer: str = "sgd"
@@ -55,8 +61,20 @@ class UnlearnConfig:
             return self.teacher_views
         return "shift-flip" if n_samples < VIEWS_BELOW else "off"
 
+    def resolved_small_set(self, n_samples: int, families: int) -> bool:
+        """Whether the small-set schedule applies: ``small_set = "auto"``, an additive-only inner
+        problem (warp steps are augmentation-like and were measured to need the full step) and a
+        set that one round would pass over at least SMALL_SET_PASSES times."""
+        return (
+            self.small_set == "auto"
+            and families == 1
+            and n_samples * SMALL_SET_PASSES <= self.batch_size * self.min_steps_per_round
+        )
+
     def check(self) -> list[str]:
         p = []
+        if self.small_set not in ("auto", "off"):
+            p.append(f"unlearn.small_set must be 'auto' or 'off', not {self.small_set!r}")
         for name in ("batch_size", "neumann_terms"):
             if getattr(self, name) < 1:
                 p.append(f"unlearn.{name} must be >= 1")

@@ -376,6 +376,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             "guided_class": guide_class,
             "perturbations": log.perturbations,
             "teacher_views": log.teacher_views,
+            "small_set": log.small_set,
         },
         verification=verification,
         gates=gates,

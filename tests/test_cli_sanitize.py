@@ -45,7 +45,10 @@ def test_sanitize_removes_backdoor(backdoored, tmp_path, clean_key):
     assert report["after"]["asr"]["value"] < report["before"]["asr"]["value"]
     assert report["output"]["sha256"] and report["input"]["sha256"] != report["output"]["sha256"]
     assert report["verification"]["argmax_agreement"] == 1.0
-    assert len(report["rounds"]) == report["config"]["unlearn"]["rounds"]
+    # 80 unlearning images get the small-set schedule (twice the rounds, a shorter step); 400 do not
+    small = report["unlearning"]["small_set"]
+    assert small == (clean_key == "clean100")
+    assert len(report["rounds"]) == report["config"]["unlearn"]["rounds"] * (2 if small else 1)
     assert report["class_mapping"]["rule"] == "integer-folders"
 
 

@@ -269,6 +269,27 @@ def test_bad_teacher_views_value_is_a_config_error():
         )
 
 
+def test_small_set_schedule_applies_to_tiny_additive_sets_only():
+    """Twice the rounds and a 0.3x gradient clip on at most 160 images (batch 64, 10 steps a round),
+    additive-only; a config error for a bad value; "off" keeps the plain schedule."""
+    from ibau_cli.config import UnlearnConfig
+    from ibau_cli.demo import NUM_CLASSES, synthetic_images
+    from ibau_cli.unlearn import unlearn
+
+    cfg = UnlearnConfig(rounds=2, min_steps_per_round=2, batch_size=16, inner_steps=2)
+    assert cfg.resolved_small_set(8, 1) and not cfg.resolved_small_set(9, 1) and not cfg.resolved_small_set(8, 2)
+    assert not UnlearnConfig(small_set="off").resolved_small_set(8, 1)
+    assert UnlearnConfig().resolved_small_set(160, 1) and not UnlearnConfig().resolved_small_set(161, 1)
+    assert "small_set" in UnlearnConfig(small_set="on").check()[0]
+    x, y = synthetic_images(8, seed=1)
+    _, log = unlearn(ARCHS.get("small-cnn").build(NUM_CLASSES), x, y, cfg)
+    assert log.small_set and len(log.rounds) == 4
+    _, log = unlearn(
+        ARCHS.get("small-cnn").build(NUM_CLASSES), x, y, UnlearnConfig(**{**cfg.__dict__, "small_set": "off"})
+    )
+    assert not log.small_set and len(log.rounds) == 2
+
+
 def test_the_synthesised_warp_names_the_class_when_it_moves_more_images_than_a_patch():
     from ibau_cli.metrics import Rate
     from ibau_cli.probes import judge

@@ -59,6 +59,8 @@ def render_console(report: dict[str, Any], console: Console) -> None:
         notes.append("perturbations: " + " + ".join(families))
     if guided is not None:
         notes.append(f"guided toward class {guided}, suspected by the probes")
+    if unlearning.get("small_set"):
+        notes.append("small-set schedule: shorter steps, twice the rounds")
     title = "I-BAU rounds" + (f" ({'; '.join(notes)})" if notes else "")
     rounds = Table(title=title, title_justify="left")
     for col in ("round", "|delta|2", "delta fools", "outer loss", "steps", "held-out acc", "held-out ASR", "time"):

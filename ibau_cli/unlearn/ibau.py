@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import UnlearnConfig
+from ..config import SMALL_SET_CLIP, SMALL_SET_ROUNDS, UnlearnConfig
 from ..device import amp_dtype, autocast
 from ..progress import NoProgress, Progress
 from .augment import clean_views
@@ -59,6 +59,7 @@ class UnlearnLog:
     outer_seconds: float
     perturbations: list[dict] = field(default_factory=list)  # the inner problem's families and their bounds
     teacher_views: str = "off"  # the views the teacher term used (teacher_views resolved for this set)
+    small_set: bool = False  # whether the small-set schedule ran (config.small_set resolved for this set)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
@@ -222,7 +223,13 @@ def unlearn(
     guided = target_hint is not None and bool((y_all != target_hint).any())
     steps_per_round = max(math.ceil(n / bs), config.min_steps_per_round)
     batch_stream = _batches(n, bs, gen)
-    total_steps = steps_per_round * config.rounds
+    # small-set schedule: on a set each round revisits many times, shorter steps over more rounds
+    small_set = config.resolved_small_set(n, len(families))
+    n_rounds = config.rounds * SMALL_SET_ROUNDS if small_set else config.rounds
+    max_grad_norm = config.max_grad_norm
+    if small_set and max_grad_norm is not None:
+        max_grad_norm *= SMALL_SET_CLIP
+    total_steps = steps_per_round * n_rounds
     scheduler = None
     if config.lr_schedule == "cosine" and total_steps > 0:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
@@ -242,12 +249,12 @@ def unlearn(
     rounds: list[RoundLog] = []
     t_start = time.perf_counter()
     inner_total = outer_total = 0.0
-    for r in range(1, config.rounds + 1):
+    for r in range(1, n_rounds + 1):
         t_round = time.perf_counter()
         # (1) inner maximisation: universal delta by L2 projected gradient ascent, from zero; with a
         # target hint, also the easiest universal delta toward that class.
         targets = [None, target_hint] if guided else [None]
-        progress.start(f"round {r}/{config.rounds}: inner", config.inner_steps * len(targets) * len(families))
+        progress.start(f"round {r}/{n_rounds}: inner", config.inner_steps * len(targets) * len(families))
         deltas, inner_losses = [], []  # (family, perturbation, target): the outer steps cycle through them
         for family in families:
             for target in targets:
@@ -262,7 +269,7 @@ def unlearn(
         inner_total += t_inner - t_round
 
         # (2) outer minimisation with the implicit hypergradient.
-        progress.start(f"round {r}/{config.rounds}: outer", steps_per_round)
+        progress.start(f"round {r}/{n_rounds}: outer", steps_per_round)
         outer_losses, terms = [], []
         for step in range(steps_per_round):
             idx = next(batch_stream)
@@ -270,6 +277,7 @@ def unlearn(
             family_k, delta_k, target_k = deltas[step % len(deltas)]  # the round's perturbations take turns
             share = config.warp_fraction if family_k.name == "warp" else config.perturb_fraction
             m = min(len(idx), max(1, round(share * len(idx))))
+            n_additive = min(len(idx), max(1, round(config.perturb_fraction * len(idx))))
             d = delta_k.clone().requires_grad_(config.hypergrad)
             logits_adv = model(family_k.apply(xb[:m], d))
             loss_out = _outer_loss(
@@ -277,7 +285,11 @@ def unlearn(
             )
             if config.hypergrad:
                 *direct, g_delta = torch.autograd.grad(loss_out, params + [d], retain_graph=True, allow_unused=True)
-                loss_in = _inner_fit(logits_adv, yb[:m], target_k) + config.inner_penalty * d.pow(2).sum()
+                # the implicit term is estimated on as many images as an additive step perturbs: a warp
+                # step's larger share then costs one more small forward pass, not 16x the Neumann series
+                k = min(m, n_additive)
+                logits_in = logits_adv if k == m else model(family_k.apply(xb[:k], d))
+                loss_in = _inner_fit(logits_in, yb[:k], target_k) + config.inner_penalty * d.pow(2).sum()
                 (inner_grad,) = torch.autograd.grad(loss_in, d, create_graph=True)
                 implicit, info = fixed_point_hypergradient(
                     inner_grad,
@@ -295,10 +307,10 @@ def unlearn(
                 ]
             else:
                 total = list(torch.autograd.grad(loss_out, params, allow_unused=True))
-            if config.max_grad_norm is not None:
+            if max_grad_norm is not None:
                 norm = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in total if g is not None))
-                if norm > config.max_grad_norm:
-                    total = [None if g is None else g * (config.max_grad_norm / norm) for g in total]
+                if norm > max_grad_norm:
+                    total = [None if g is None else g * (max_grad_norm / norm) for g in total]
             for p, g in zip(params, total, strict=True):
                 p.grad = None if g is None else g.detach()
             opt.step()
@@ -334,4 +346,5 @@ def unlearn(
         outer_seconds=outer_total,
         perturbations=[{"family": f.name, "radius": f.radius} for f in families],
         teacher_views=views,
+        small_set=small_set,
     )
