@@ -42,7 +42,7 @@ class UnlearnConfig:
     guide: str = "probes"  # "probes": also unlearn a perturbation toward the class the probes suspect; "off"
     clean_loss: str = "teacher"  # "labels": cross-entropy; "teacher": KL to the input model's outputs
     teacher_views: str = "off"  # teacher term on fresh views of the clean images: off, shift, shift-flip, mix
-    small_set: str = "auto"  # "auto": shorter steps and twice the rounds on tiny additive-only sets; "off"
+    small_set: str = "auto"  # "auto": shorter steps and twice the rounds on tiny additive-only sets; "on"; "off"
     neumann_terms: int = 5
     fixed_point_lr: float = 0.1
     optimizer: str = "sgd"
@@ -62,9 +62,11 @@ class UnlearnConfig:
         return "shift-flip" if n_samples < VIEWS_BELOW else "off"
 
     def resolved_small_set(self, n_samples: int, families: int) -> bool:
-        """Whether the small-set schedule applies: ``small_set = "auto"``, an additive-only inner
+        """Whether the small-set schedule applies: ``"on"``, or ``"auto"`` with an additive-only inner
         problem (warp steps are augmentation-like and were measured to need the full step) and a
         set that one round would pass over at least SMALL_SET_PASSES times."""
+        if self.small_set == "on":
+            return True
         return (
             self.small_set == "auto"
             and families == 1
@@ -73,8 +75,8 @@ class UnlearnConfig:
 
     def check(self) -> list[str]:
         p = []
-        if self.small_set not in ("auto", "off"):
-            p.append(f"unlearn.small_set must be 'auto' or 'off', not {self.small_set!r}")
+        if self.small_set not in ("auto", "on", "off"):
+            p.append(f"unlearn.small_set must be 'auto', 'on' or 'off', not {self.small_set!r}")
         for name in ("batch_size", "neumann_terms"):
             if getattr(self, name) < 1:
                 p.append(f"unlearn.{name} must be >= 1")

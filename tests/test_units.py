@@ -280,7 +280,8 @@ def test_small_set_schedule_applies_to_tiny_additive_sets_only():
     assert cfg.resolved_small_set(8, 1) and not cfg.resolved_small_set(9, 1) and not cfg.resolved_small_set(8, 2)
     assert not UnlearnConfig(small_set="off").resolved_small_set(8, 1)
     assert UnlearnConfig().resolved_small_set(160, 1) and not UnlearnConfig().resolved_small_set(161, 1)
-    assert "small_set" in UnlearnConfig(small_set="on").check()[0]
+    assert UnlearnConfig(small_set="on").resolved_small_set(10_000, 2) and not UnlearnConfig(small_set="on").check()
+    assert "small_set" in UnlearnConfig(small_set="always").check()[0]
     x, y = synthetic_images(8, seed=1)
     _, log = unlearn(ARCHS.get("small-cnn").build(NUM_CLASSES), x, y, cfg)
     assert log.small_set and len(log.rounds) == 4
