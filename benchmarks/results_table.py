@@ -24,9 +24,14 @@ from jsonl import read_rows, row_version  # noqa: E402  (benchmarks/jsonl.py)
 # run with neither is a 0.3.1 run. Such rows join the current tables, marked, unless a current row
 # has the same key.
 def _same_path_as_0_3_1(r: dict) -> bool:
-    cfg = r.get("unlearn_config", {})
-    small = r["n_unlearn"] * 4 <= cfg.get("batch_size", 64) * cfg.get("min_steps_per_round", 10)
-    return "warp" not in (r.get("perturbations") or []) and not small
+    from dataclasses import fields
+
+    from ibau_cli.config import UnlearnConfig
+
+    families = r.get("perturbations") or ["additive"]
+    known = {f.name for f in fields(UnlearnConfig)}
+    config = UnlearnConfig(**{k: v for k, v in r.get("unlearn_config", {}).items() if k in known}, small_set="auto")
+    return "warp" not in families and not config.resolved_small_set(r["n_unlearn"], len(families))
 
 
 SAME_PATH = {"0.3.1": {"0.3.0": _same_path_as_0_3_1}}

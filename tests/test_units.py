@@ -272,6 +272,8 @@ def test_bad_teacher_views_value_is_a_config_error():
 def test_small_set_schedule_applies_to_tiny_additive_sets_only():
     """Twice the rounds and a 0.3x gradient clip on at most 160 images (batch 64, 10 steps a round),
     additive-only; a config error for a bad value; "off" keeps the plain schedule."""
+    import dataclasses
+
     from ibau_cli.config import UnlearnConfig
     from ibau_cli.demo import NUM_CLASSES, synthetic_images
     from ibau_cli.unlearn import unlearn
@@ -285,9 +287,7 @@ def test_small_set_schedule_applies_to_tiny_additive_sets_only():
     x, y = synthetic_images(8, seed=1)
     _, log = unlearn(ARCHS.get("small-cnn").build(NUM_CLASSES), x, y, cfg)
     assert log.small_set and len(log.rounds) == 4
-    _, log = unlearn(
-        ARCHS.get("small-cnn").build(NUM_CLASSES), x, y, UnlearnConfig(**{**cfg.__dict__, "small_set": "off"})
-    )
+    _, log = unlearn(ARCHS.get("small-cnn").build(NUM_CLASSES), x, y, dataclasses.replace(cfg, small_set="off"))
     assert not log.small_set and len(log.rounds) == 2
 
 

@@ -70,6 +70,11 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
             yield perm[start : start + batch_size]
 
 
+def _share(fraction: float, batch: int) -> int:
+    """How many images of a batch a perturbation takes: ``fraction`` of it, at least one."""
+    return min(batch, max(1, round(fraction * batch)))
+
+
 def _project(delta: Tensor, radius: float) -> Tensor:
     norm = delta.norm()
     return delta * (radius / norm) if norm > radius else delta
@@ -275,9 +280,7 @@ def unlearn(
             idx = next(batch_stream)
             xb, yb = x_all[idx].to(dev), y_all[idx].to(dev)
             family_k, delta_k, target_k = deltas[step % len(deltas)]  # the round's perturbations take turns
-            share = config.warp_fraction if family_k.name == "warp" else config.perturb_fraction
-            m = min(len(idx), max(1, round(share * len(idx))))
-            n_additive = min(len(idx), max(1, round(config.perturb_fraction * len(idx))))
+            m = _share(config.warp_fraction if family_k.name == "warp" else config.perturb_fraction, len(idx))
             d = delta_k.clone().requires_grad_(config.hypergrad)
             logits_adv = model(family_k.apply(xb[:m], d))
             loss_out = _outer_loss(
@@ -287,7 +290,7 @@ def unlearn(
                 *direct, g_delta = torch.autograd.grad(loss_out, params + [d], retain_graph=True, allow_unused=True)
                 # the implicit term is estimated on as many images as an additive step perturbs: a warp
                 # step's larger share then costs one more small forward pass, not 16x the Neumann series
-                k = min(m, n_additive)
+                k = min(m, _share(config.perturb_fraction, len(idx)))
                 logits_in = logits_adv if k == m else model(family_k.apply(xb[:k], d))
                 loss_in = _inner_fit(logits_in, yb[:k], target_k) + config.inner_penalty * d.pow(2).sum()
                 (inner_grad,) = torch.autograd.grad(loss_in, d, create_graph=True)
