@@ -175,7 +175,8 @@ def main() -> int:
                         torch.as_tensor(y_te[chosen][:n_unlearn]),
                         report["config"]["unlearn"]["batch_size"],
                     )
-                    rounds = report["config"]["unlearn"]["rounds"]
+                    # the rounds that ran: the small-set schedule doubles the configured number
+                    rounds = len(report["rounds"]) or report["config"]["unlearn"]["rounds"]
                     row = {
                         "model": args.model_dir.name,
                         "attack": attack,
@@ -193,6 +194,7 @@ def main() -> int:
                         "holdout_acc_after": report["after"]["accuracy"]["value"],
                         "unlearn_seconds": report["unlearning"]["seconds"],
                         "round_over_epoch": report["unlearning"]["seconds"] / rounds / epoch_s,
+                        "rounds_run": rounds,
                         "plain_epoch_seconds": epoch_s,
                         "wall_seconds": wall,
                         "threads": torch.get_num_threads(),
