@@ -337,3 +337,23 @@ def test_torch_threads_follow_a_cgroup_cpu_quota(tmp_path, monkeypatch):
         assert fit_threads_to_cpu_quota(v2) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_bf16_on_a_cpu_only_when_asked_and_the_repair_runs_under_it():
+    """On a CPU "auto" and "fp16" stay in full precision; "bf16" autocasts the inner problem, and the
+    repair then still trains finite weights and logs the precision it used."""
+    from ibau_cli.config import UnlearnConfig
+    from ibau_cli.device import amp_dtype
+    from ibau_cli.unlearn import unlearn
+
+    cpu = torch.device("cpu")
+    assert [amp_dtype(cpu, a) for a in ("auto", "off", "fp16", "bf16")] == [None, None, None, torch.bfloat16]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.rand(24, 3, 8, 8), torch.arange(24) % 3
+    cfg = UnlearnConfig(rounds=1, inner_steps=3, min_steps_per_round=2, amp="bf16")
+    _, log = unlearn(model, x, y, cfg, device="cpu")
+    assert log.amp == "bfloat16"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
