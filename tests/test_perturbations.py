@@ -95,6 +95,12 @@ def test_a_warp_backdoor_is_flagged_by_the_synthesised_warp_and_repaired_with_th
     report = json.loads(res.stdout)
     warp_probe = next(p for p in report["probes"]["before"]["probes"] if p["name"] == "synth-warp")
     assert warp_probe["worst_class"] == TARGET and warp_probe["flip_rate"]["value"] > 0.5, warp_probe
+    # every probe reports its own wall time, and they add up to no more than the suite's
+    suite = report["probes"]["before"]
+    assert (
+        all(p["seconds"] >= 0 for p in suite["probes"])
+        and sum(p["seconds"] for p in suite["probes"]) <= suite["seconds"]
+    )
     assert [p["family"] for p in report["unlearning"]["perturbations"]] == ["additive", "warp"]
     from ibau_cli.formats import load_model
 

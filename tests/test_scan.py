@@ -50,6 +50,13 @@ def test_unlisted_trigger_is_caught_by_synthesised_probes(demo_zoo, backdoored, 
     assert synth and max(r.flip.value for r in synth) >= 0.5
     fixed_best = max((r for r in suite.results if r.family != "synthesised"), key=lambda r: r.flip.value)
     assert fixed_best.flip.value < 0.5  # the fixed patterns alone would have missed it
+    # under bf16 autocast (unlearn.amp = "bf16", also on a CPU) the synthesised probes find it too
+    synth_names = [n for n in PROBES.names() if PROBES.get(n).family == "synthesised"]
+    half = run_probes(
+        trained.model, x, y, NUM_CLASSES, device=torch.device("cpu"), amp=torch.bfloat16, budget_steps=300,
+        radius=3.0, names=synth_names,
+    )  # fmt: skip
+    assert max(r.flip.value for r in half.results if r.worst_class == 0) >= 0.5
     art = tmp_path / "art"
     code, _, err = invoke("scan", path, "--clean", backdoored["clean100"], "--quiet", "--artifacts", art, *FAST)
     assert code == 1, err

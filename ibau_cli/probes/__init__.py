@@ -245,7 +245,10 @@ def run_probes(
     results = []
     progress.start("probes", len(selected))
     for probe in selected:
-        results.append(probe.run(model, ctx))
+        t_probe = time.perf_counter()
+        result = probe.run(model, ctx)
+        result.seconds = time.perf_counter() - t_probe
+        results.append(result)
         progress.advance()
     progress.finish()
     verdict, evidence = judge(results, len(y))

@@ -34,6 +34,7 @@ class ProbeResult:
     flip: Rate  # non-target images, not already predicted as the class, flipped to it
     details: dict = field(default_factory=dict)
     per_class: list[float] = field(default_factory=list)  # flip rate toward every class
+    seconds: float | None = None  # wall time of the probe (run_probes sets it)
 
     def to_dict(self) -> dict:
         return {
@@ -42,6 +43,7 @@ class ProbeResult:
             "worst_class": self.worst_class,
             "flip_rate": self.flip.to_dict(),
             **({"details": self.details} if self.details else {}),
+            **({"seconds": self.seconds} if self.seconds is not None else {}),
         }
 
 

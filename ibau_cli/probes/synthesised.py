@@ -11,7 +11,9 @@ measured on the other half.
 
 Cost: ``budget_steps`` optimisation steps per probe, split evenly over the classes (at least 10
 each), each step one forward and backward pass over a batch of at most 64 images. It grows
-linearly with the number of classes only through that floor.
+linearly with the number of classes only through that floor. The forward passes run under the
+configured autocast (``unlearn.amp``: bf16 on CUDA by default, on a CPU when asked); the losses and
+the optimised triggers stay in fp32.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..device import autocast
 from ..metrics import Rate
 from ..unlearn.perturbations import Warp
 from .base import ProbeContext, ProbeResult, flip_rates, predict
@@ -51,7 +54,8 @@ def anomaly_index(values: list[float], k: int) -> float:
 def _flip(model: nn.Module, x: Tensor, t: int, ctx: ProbeContext) -> Rate:
     hits = 0
     for s in range(0, len(x), ctx.batch_size):
-        hits += int((model(x[s : s + ctx.batch_size].to(ctx.device)).argmax(1) == t).sum())
+        with autocast(ctx.device, ctx.amp):
+            hits += int((model(x[s : s + ctx.batch_size].to(ctx.device)).argmax(1) == t).sum())
     return Rate(hits, len(x))
 
 
@@ -85,8 +89,9 @@ class MaskPatternProbe:
                 pick = fit[torch.randint(len(fit), (min(BATCH, len(fit)),), generator=gen)]
                 xb = ctx.x[pick].to(ctx.device)
                 m, p = torch.sigmoid(m_logit), torch.sigmoid(p_logit)
-                out = model((1 - m) * xb + m * p)
-                loss = F.cross_entropy(out, target[: len(xb)]) + self.l1_weight * m.sum() / (h * w) * 100
+                with autocast(ctx.device, ctx.amp):
+                    out = model((1 - m) * xb + m * p)
+                loss = F.cross_entropy(out.float(), target[: len(xb)]) + self.l1_weight * m.sum() / (h * w) * 100
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -156,8 +161,9 @@ class UniversalPerturbationProbe:
                 pick = fit[torch.randint(len(fit), (min(BATCH, len(fit)),), generator=gen)]
                 xb = ctx.x[pick].to(ctx.device)
                 delta.requires_grad_(True)
-                out = model((xb + delta).clamp(0, 1))
-                loss = F.cross_entropy(out, torch.full((len(xb),), t, device=ctx.device))
+                with autocast(ctx.device, ctx.amp):
+                    out = model((xb + delta).clamp(0, 1))
+                loss = F.cross_entropy(out.float(), torch.full((len(xb),), t, device=ctx.device))
                 (g,) = torch.autograd.grad(loss, delta)
                 with torch.no_grad():
                     delta = delta.detach() - alpha * g / (g.norm() + 1e-12)
@@ -222,7 +228,9 @@ class WarpPerturbationProbe:
             pick = fit_idx[torch.randint(len(fit_idx), (min(BATCH, len(fit_idx)),), generator=gen)]
             xb, yb = ctx.x[pick].to(ctx.device), ctx.y[pick].to(ctx.device)
             p.requires_grad_(True)
-            loss = F.cross_entropy(model(warp.apply(xb, p)), yb)
+            with autocast(ctx.device, ctx.amp):
+                out = model(warp.apply(xb, p))
+            loss = F.cross_entropy(out.float(), yb)
             (g,) = torch.autograd.grad(loss, p)
             with torch.no_grad():
                 p = p.detach() + alpha * g / (g.norm() + 1e-12)
