@@ -34,7 +34,17 @@ def _same_path_as_0_3_1(r: dict) -> bool:
     return "warp" not in families and not config.resolved_small_set(r["n_unlearn"], len(families))
 
 
-SAME_PATH = {"0.3.1": {"0.3.0": _same_path_as_0_3_1}}
+def _same_path_as_0_3_2(r: dict) -> bool:
+    """0.3.2 changed nothing on a CPU unless ``unlearn.amp = "bf16"`` is asked for (the synthesised
+    probes now follow the autocast setting, and bf16 works on a CPU): every 0.3.1 row is CPU, fp32."""
+    return r.get("unlearn_config", {}).get("amp", "auto") != "bf16"
+
+
+SAME_PATH = {
+    "0.3.1": {"0.3.0": _same_path_as_0_3_1},
+    # newest first: a 0.3.1 row wins over a 0.3.0 row of the same run
+    "0.3.2": {"0.3.1": _same_path_as_0_3_2, "0.3.0": _same_path_as_0_3_1},
+}
 
 
 def round_over_epoch(r: dict) -> float:
@@ -213,6 +223,9 @@ def main() -> int:
     ]
     for version in older:
         old = [r for r in rows if row_version(r) == version]
+        same = SAME_PATH.get(__version__, {}).get(version)
+        if same is not None and all(same(r) for r in old):
+            continue  # every run of that version is in the current tables already
         out += [
             "",
             f"## Earlier defaults (ibau {version}), kept for comparison",
