@@ -36,7 +36,7 @@ def resolve_device(spec: str) -> torch.device:
 
 def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     """The autocast dtype to use for forward-only or first-order work, or None. On a CPU only an
-    explicit ``bf16`` turns it on (2.3x faster on CPUs with AVX-512 BF16 or AMX, emulated and slower
+    explicit ``bf16`` turns it on (about 2x faster on CPUs with AVX-512 BF16 or AMX, emulated and slower
     on others); ``auto`` and ``fp16`` stay in full precision there."""
     if device.type == "cpu":
         return torch.bfloat16 if amp == "bf16" else None
