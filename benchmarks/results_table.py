@@ -23,15 +23,24 @@ from jsonl import read_rows, row_version  # noqa: E402  (benchmarks/jsonl.py)
 # inner problem on at most 160 unlearning images at the default batch and step counts), so a 0.3.0
 # run with neither is a 0.3.1 run. Such rows join the current tables, marked, unless a current row
 # has the same key.
-def _same_path_as_0_3_1(r: dict) -> bool:
+def _families(r: dict) -> list[str]:
+    return r.get("perturbations") or ["additive"]
+
+
+def _row_small_set(r: dict, **override) -> bool:
+    """Whether the small-set schedule applies to a row's run, by the row's recorded unlearn config
+    (keys this version no longer knows are dropped) with ``override`` on top."""
     from dataclasses import fields
 
     from ibau_cli.config import UnlearnConfig
 
-    families = r.get("perturbations") or ["additive"]
     known = {f.name for f in fields(UnlearnConfig)}
-    config = UnlearnConfig(**{k: v for k, v in r.get("unlearn_config", {}).items() if k in known}, small_set="auto")
-    return "warp" not in families and not config.resolved_small_set(r["n_unlearn"], len(families))
+    config = UnlearnConfig(**{**{k: v for k, v in r.get("unlearn_config", {}).items() if k in known}, **override})
+    return config.resolved_small_set(r["n_unlearn"], len(_families(r)))
+
+
+def _same_path_as_0_3_1(r: dict) -> bool:
+    return "warp" not in _families(r) and not _row_small_set(r, small_set="auto")
 
 
 def _same_path_as_0_3_2(r: dict) -> bool:
@@ -50,17 +59,11 @@ SAME_PATH = {
 def round_over_epoch(r: dict) -> float:
     """One round's time over one plain epoch. Rows written before efficacy.py recorded ``rounds_run``
     divided by the configured rounds, which the small-set schedule doubles: those are corrected here."""
+    from ibau_cli.config import SMALL_SET_ROUNDS
+
     if "rounds_run" in r or "small_set" not in r.get("unlearn_config", {}):
         return r["round_over_epoch"]
-    from dataclasses import fields
-
-    from ibau_cli.config import SMALL_SET_ROUNDS, UnlearnConfig
-
-    known = {f.name for f in fields(UnlearnConfig)}
-    config = UnlearnConfig(**{k: v for k, v in r["unlearn_config"].items() if k in known})
-    families = len(r.get("perturbations") or ["additive"])
-    small = config.resolved_small_set(r["n_unlearn"], families)
-    return r["round_over_epoch"] / SMALL_SET_ROUNDS if small else r["round_over_epoch"]
+    return r["round_over_epoch"] / SMALL_SET_ROUNDS if _row_small_set(r) else r["round_over_epoch"]
 
 
 def _run_key(r: dict) -> tuple:

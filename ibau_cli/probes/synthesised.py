@@ -50,12 +50,17 @@ def anomaly_index(values: list[float], k: int) -> float:
     return (med - values[k]) / mad if mad > 0 else 0.0
 
 
+def _logits(model: nn.Module, x: Tensor, ctx: ProbeContext) -> Tensor:
+    """The model's outputs under the configured autocast, as fp32 (for the losses)."""
+    with autocast(ctx.device, ctx.amp):
+        return model(x).float()
+
+
 @torch.no_grad()
 def _flip(model: nn.Module, x: Tensor, t: int, ctx: ProbeContext) -> Rate:
     hits = 0
     for s in range(0, len(x), ctx.batch_size):
-        with autocast(ctx.device, ctx.amp):
-            hits += int((model(x[s : s + ctx.batch_size].to(ctx.device)).argmax(1) == t).sum())
+        hits += int((_logits(model, x[s : s + ctx.batch_size].to(ctx.device), ctx).argmax(1) == t).sum())
     return Rate(hits, len(x))
 
 
@@ -89,9 +94,8 @@ class MaskPatternProbe:
                 pick = fit[torch.randint(len(fit), (min(BATCH, len(fit)),), generator=gen)]
                 xb = ctx.x[pick].to(ctx.device)
                 m, p = torch.sigmoid(m_logit), torch.sigmoid(p_logit)
-                with autocast(ctx.device, ctx.amp):
-                    out = model((1 - m) * xb + m * p)
-                loss = F.cross_entropy(out.float(), target[: len(xb)]) + self.l1_weight * m.sum() / (h * w) * 100
+                out = _logits(model, (1 - m) * xb + m * p, ctx)
+                loss = F.cross_entropy(out, target[: len(xb)]) + self.l1_weight * m.sum() / (h * w) * 100
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -161,9 +165,8 @@ class UniversalPerturbationProbe:
                 pick = fit[torch.randint(len(fit), (min(BATCH, len(fit)),), generator=gen)]
                 xb = ctx.x[pick].to(ctx.device)
                 delta.requires_grad_(True)
-                with autocast(ctx.device, ctx.amp):
-                    out = model((xb + delta).clamp(0, 1))
-                loss = F.cross_entropy(out.float(), torch.full((len(xb),), t, device=ctx.device))
+                out = _logits(model, (xb + delta).clamp(0, 1), ctx)
+                loss = F.cross_entropy(out, torch.full((len(xb),), t, device=ctx.device))
                 (g,) = torch.autograd.grad(loss, delta)
                 with torch.no_grad():
                     delta = delta.detach() - alpha * g / (g.norm() + 1e-12)
@@ -228,9 +231,7 @@ class WarpPerturbationProbe:
             pick = fit_idx[torch.randint(len(fit_idx), (min(BATCH, len(fit_idx)),), generator=gen)]
             xb, yb = ctx.x[pick].to(ctx.device), ctx.y[pick].to(ctx.device)
             p.requires_grad_(True)
-            with autocast(ctx.device, ctx.amp):
-                out = model(warp.apply(xb, p))
-            loss = F.cross_entropy(out.float(), yb)
+            loss = F.cross_entropy(_logits(model, warp.apply(xb, p), ctx), yb)
             (g,) = torch.autograd.grad(loss, p)
             with torch.no_grad():
                 p = p.detach() + alpha * g / (g.norm() + 1e-12)
