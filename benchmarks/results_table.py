@@ -281,6 +281,8 @@ def main() -> int:
         "python benchmarks/zoo_plan.py --resnet-cpu --only preactresnet18-badnets-cpu --threads 2",
         "python benchmarks/efficacy.py --model-dir ~/.cache/ibau-zoo/cifar10-preactresnet18-badnets-cpu \\",
         "    --n-clean 100 --seeds 0 1 2 --methods ibau no-implicit finetune --probes --threads 2",
+        "python benchmarks/efficacy.py --model-dir ~/.cache/ibau-zoo/cifar10-preactresnet18-badnets-cpu \\",
+        "    --n-clean 500 --seeds 0 1 2 --methods ibau no-implicit --threads 2   # its 500-image rows (no probes)",
         "python benchmarks/speed.py --n 2500 --threads 1",
         "# rows with extra settings: the same command with --set SECTION.KEY=VALUE (shown in the method column)",
         "python benchmarks/results_table.py",

@@ -13,7 +13,7 @@ attack success rate on the test split and writes ``OUT/NAME/model.safetensors`` 
 ``ibau.*`` metadata), the same model as ``model.onnx``, ``model.torchscript.pt`` and ``model.pt`` (a
 checkpoint), and ``OUT/NAME/manifest.json`` (metrics and everything needed to reproduce).
 The trigger, where it has a file form, is written to ``OUT/NAME/trigger.png`` at the start.
-``--amp bf16`` runs the training steps under bf16 autocast (2.3x faster than fp32 for PreAct-ResNet-18
+``--amp bf16`` runs the training steps under bf16 autocast (2x faster than fp32 for PreAct-ResNet-18
 on this AVX-512 BF16 CPU); the evaluation stays in fp32.
 
 ``OUT`` is ``--out-dir``, else ``$IBAU_ZOO_DIR``, else ``~/.cache/ibau-zoo``. The data folder is
@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         "--amp",
         choices=["off", "bf16"],
         default="off",
-        help="bf16 autocast for the training steps (2.3x faster on a CPU with AVX-512 BF16); evaluation stays fp32",
+        help="bf16 autocast for the training steps (2x faster on a CPU with AVX-512 BF16); evaluation stays fp32",
     )
     t.add_argument("--lr", type=float, default=0.05)
     t.add_argument("--weight-decay", type=float, default=5e-4)

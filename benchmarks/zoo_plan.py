@@ -119,7 +119,7 @@ GPU_RECIPES: tuple[Recipe, ...] = tuple(
 )
 
 # The same architecture on a CPU budget (--resnet-cpu): 20,000 training images, 12 epochs, bf16
-# autocast (2.3x faster than fp32 on this AVX-512 BF16 CPU): about 40 minutes a model on 2 threads.
+# autocast (2x faster than fp32 on this AVX-512 BF16 CPU): about 40 minutes a model on 2 threads.
 CPU_RESNET_RECIPES: tuple[Recipe, ...] = (
     Recipe("cifar10-preactresnet18-badnets-cpu", "cifar10", "preact-resnet18", "badnets", 7, 0.1, 12, 0, 20000, "bf16"),
     Recipe("cifar10-preactresnet18-blend-cpu", "cifar10", "preact-resnet18", "blend", 2, 0.1, 12, 0, 20000, "bf16"),
