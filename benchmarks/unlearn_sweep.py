@@ -12,6 +12,11 @@ and ASR measured on the first 2,000 images of the second half. Guidance is given
         --seeds 0 1 2 --variant "" --variant "unlearn.small_set=off"
     PYTHONPATH=. python benchmarks/unlearn_sweep.py --model gtsrb-smallcnn-wanet --n 2500 --hint 25 \\
         --variant "unlearn.perturbations=additive+warp"
+    PYTHONPATH=. python benchmarks/unlearn_sweep.py --model gtsrb-smallcnn-blend --n 100 --hint 5 --trace
+
+`--trace` prints accuracy and ASR on the evaluation images after every round (and each round's
+untargeted delta's fooling rate on the unlearning images): where in the repair the backdoor goes
+and where the accuracy goes.
 
 A variant is comma-separated SECTION.KEY=VALUE assignments to the `unlearn` section ("" for the
 defaults), optionally with `bn-only` among them (train only the BatchNorm parameters).
@@ -68,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hint", type=int, help="the class to guide toward (unset: unguided)")
     ap.add_argument("--variant", action="append", default=[], help="repeatable; see above")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--trace", action="store_true", help="print accuracy and ASR after every round (the time printed then includes them)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = args.variant or [""]
@@ -108,13 +114,25 @@ def main(argv: list[str] | None = None) -> int:
                     for p in module.parameters(recurse=False):
                         p.requires_grad_(is_bn)
             t = time.perf_counter()
-            _, log = unlearn(model, x, y, config, target_hint=args.hint, seed=seed)
+            trace = []
+
+            def on_round(r: int, m: torch.nn.Module, trace: list = trace) -> dict:
+                acc_r, asr_r = figures(m)
+                trace.append(f"{acc_r:.3f}/{asr_r:.3f}")
+                return {}
+
+            hook = on_round if args.trace else None
+            _, log = unlearn(model, x, y, config, target_hint=args.hint, seed=seed, on_round=hook)
             acc, asr = figures(model)
             print(
                 f"  n={args.n} seed={seed} {variant or 'defaults':40s} accuracy {acc:.3f}  ASR {asr:.3f}  "
                 f"{time.perf_counter() - t:.1f} s (outer {log.outer_seconds:.1f} s)",
                 flush=True,
             )
+            if trace:
+                print(f"    rounds (accuracy/ASR): {' '.join(trace)}", flush=True)
+                rates = " ".join(f"{r.delta_fooling_rate:.2f}" for r in log.rounds)
+                print(f"    each round's untargeted delta, fooling rate: {rates}", flush=True)
     return 0
 
 
