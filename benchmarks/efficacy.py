@@ -195,6 +195,7 @@ def main() -> int:
                         "unlearn_seconds": report["unlearning"]["seconds"],
                         "round_over_epoch": report["unlearning"]["seconds"] / rounds / epoch_s,
                         "rounds_run": rounds,
+                        "early_stop": report["unlearning"].get("early_stop"),
                         "plain_epoch_seconds": epoch_s,
                         "wall_seconds": wall,
                         "threads": torch.get_num_threads(),

@@ -49,10 +49,22 @@ def _same_path_as_0_3_2(r: dict) -> bool:
     return r.get("unlearn_config", {}).get("amp", "auto") != "bf16"
 
 
+def _same_path_as_0_3_3(r: dict) -> bool:
+    """0.3.3 added the early stop, which can only act on a guided repair (``guided_class`` set, with
+    the probes on) that does not turn it off: every other run took 0.3.3's path."""
+    early_stop = r.get("unlearn_config", {}).get("early_stop", "probes")
+    return r.get("guided_class") is None or early_stop == "off"
+
+
 SAME_PATH = {
     "0.3.1": {"0.3.0": _same_path_as_0_3_1},
     # newest first: a 0.3.1 row wins over a 0.3.0 row of the same run
     "0.3.2": {"0.3.1": _same_path_as_0_3_2, "0.3.0": _same_path_as_0_3_1},
+    "0.3.3": {
+        "0.3.2": _same_path_as_0_3_3,
+        "0.3.1": lambda r: _same_path_as_0_3_3(r) and _same_path_as_0_3_2(r),
+        "0.3.0": lambda r: _same_path_as_0_3_3(r) and _same_path_as_0_3_1(r),
+    },
 }
 
 

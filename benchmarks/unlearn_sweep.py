@@ -73,7 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hint", type=int, help="the class to guide toward (unset: unguided)")
     ap.add_argument("--variant", action="append", default=[], help="repeatable; see above")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--trace", action="store_true", help="print accuracy and ASR after every round (the time printed then includes them)")
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="print accuracy and ASR after every round (the time printed then includes them)",
+    )
+    ap.add_argument(
+        "--watch-probe", help="with --trace and --hint: also a fixed probe's flip rate toward the hint, each round"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = args.variant or [""]
@@ -101,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             asr = float((model(x_trig[keep]).argmax(1) == target[keep]).float().mean())
         return acc, asr
 
+    if args.watch_probe:
+        from ibau_cli.probes.patterns import builtin_patterns
+
+        watch = next(p for p in builtin_patterns() if p.name == args.watch_probe)
     acc0, asr0 = figures(fresh())
     print(f"{args.model}: before accuracy {acc0:.3f}, ASR {asr0:.3f} ({len(y_eval)} / {int(keep.sum())} images)")
     for seed in args.seeds:
@@ -116,9 +127,21 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             trace = []
 
-            def on_round(r: int, m: torch.nn.Module, trace: list = trace) -> dict:
+            def on_round(r: int, m: torch.nn.Module, trace: list = trace, x=x, y=y) -> dict:
                 acc_r, asr_r = figures(m)
                 trace.append(f"{acc_r:.3f}/{asr_r:.3f}")
+                if args.watch_probe:
+                    with torch.no_grad():
+                        xp = watch.transform(x, torch.Generator().manual_seed(0))
+                        pe = m(xp).argmax(1)
+                        pc = m(x).argmax(1)
+                    ok = (y != args.hint) & (pc != args.hint)
+                    ev = m(watch.transform(x_eval, torch.Generator().manual_seed(0))).argmax(1)
+                    pce = m(x_eval).argmax(1)
+                    oke = (y_eval != args.hint) & (pce != args.hint)
+                    trace[-1] += (
+                        f"[{float((pe[ok] == args.hint).float().mean()):.2f}|{float((ev[oke] == args.hint).float().mean()):.2f}]"
+                    )
                 return {}
 
             hook = on_round if args.trace else None

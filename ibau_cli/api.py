@@ -145,8 +145,13 @@ def make_request(
     )
 
 
-def report_targets(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
-    """Check report destinations before any work: (path, format) for each; format from the name."""
+def report_targets(
+    paths: Iterable[str | Path], *, model: str | Path | None = None, out: str | Path | None = None
+) -> list[tuple[Path, str]]:
+    """Check report destinations before any work: (path, format) for each; format from the name.
+    Each must be a writable file path; with ``model`` (and ``out``, the repaired model's path) none
+    may be the input model, the repaired model or another report."""
+    from .destinations import check_distinct, check_writable_folder
     from .reporters import format_for_path
 
     targets = []
@@ -157,7 +162,10 @@ def report_targets(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
             raise UsageError(f"--report {path}: folder {path.parent} does not exist", hint="create it first")
         if path.is_dir():
             raise UsageError(f"--report {path} is a folder; give a file name")
+        check_writable_folder(path.parent, f"--report {path}")
         targets.append((path, fmt))
+    if model is not None:
+        check_distinct(Path(model), None if out is None else Path(out), [p for p, _ in targets])
     return targets
 
 
@@ -185,7 +193,8 @@ def _run(command: str, model, clean, reports, progress, plugins, load_installed,
     if command == "scan" and options.get("out") is not None:
         raise UsageError("scan writes no model: drop out=")
     request = make_request(model, clean, **options)
-    targets = report_targets(_paths(reports))
+    out = pipeline.output_path(request) if command == "sanitize" else None
+    targets = report_targets(_paths(reports), model=request.model, out=out)
     report = getattr(pipeline, command)(request, progress=progress)
     write_reports(report, targets)
     return report

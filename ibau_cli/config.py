@@ -21,6 +21,7 @@ PERTURBATIONS = ("auto", "additive", "additive+warp")
 SMALL_SET_PASSES = 4
 SMALL_SET_CLIP = 0.3  # ... so the gradient clip is scaled by this
 SMALL_SET_ROUNDS = 2  # ... and the rounds multiplied by this
+EARLY_STOP_PATIENCE = 2  # early_stop: rounds in a row the proxy trigger must have stopped working
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class UnlearnConfig:
     clean_loss: str = "teacher"  # "labels": cross-entropy; "teacher": KL to the input model's outputs
     teacher_views: str = "off"  # teacher term on fresh views of the clean images: off, shift, shift-flip, mix
     small_set: str = "auto"  # "auto": shorter steps and twice the rounds on tiny additive-only sets; "on"; "off"
+    early_stop: str = "probes"  # "probes": stop once the fixed probe that named the guided class stops working; "off"
+    early_stop_flip: float = 0.02  # ... working: it sends more than this share of the unlearning images to the class
     neumann_terms: int = 5
     fixed_point_lr: float = 0.1
     optimizer: str = "sgd"
@@ -96,6 +99,10 @@ class UnlearnConfig:
             p.append(f"unlearn.lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
         if self.clean_loss not in ("labels", "teacher"):
             p.append(f"unlearn.clean_loss must be 'labels' or 'teacher', not {self.clean_loss!r}")
+        if self.early_stop not in ("probes", "off"):
+            p.append(f"unlearn.early_stop must be 'probes' or 'off', not {self.early_stop!r}")
+        if not 0 <= self.early_stop_flip < 1:
+            p.append("unlearn.early_stop_flip must be in [0, 1)")
         if self.teacher_views not in TEACHER_VIEWS:
             p.append(f"unlearn.teacher_views must be one of {', '.join(TEACHER_VIEWS)}, not {self.teacher_views!r}")
         if self.perturbations not in PERTURBATIONS:

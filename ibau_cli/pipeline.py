@@ -6,6 +6,7 @@ No terminal, no click: progress goes through a callback and problems are IbauErr
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -16,8 +17,9 @@ from typing import Any
 import torch
 
 from .artifacts import render_images, write_artifacts
-from .config import Settings
+from .config import EARLY_STOP_PATIENCE, Settings
 from .data import load_clean_folder, stratified_split
+from .destinations import check_artifacts_folder, check_writable_folder
 from .device import amp_dtype, resolve_device
 from .errors import ModelMismatchError, RuntimeFailure, UsageError
 from .evaluate import accuracy, attack_success, logits
@@ -28,7 +30,7 @@ from .progress import NoProgress, Progress
 from .report import Figures, Gate, Report
 from .settings_resolve import SettingsSources, resolve_settings
 from .triggers import load_trigger
-from .unlearn import unlearn
+from .unlearn import ProxyTriggerStop, unlearn
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,37 @@ def _check_output_path(model: Path, out: Path) -> None:
         )
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file path")
+    if not out.parent.exists():
+        raise UsageError(f"--out {out}: output folder does not exist: {out.parent}", hint="create it first")
+    check_writable_folder(out.parent, f"--out {out}")
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message in one line. TorchScript errors carry a whole traceback whose last
+    "SomeError: ..." line is the cause; others are cut to their first line."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)]
+    text = causes[-1] if causes else (lines[0] if lines else type(exc).__name__)
+    return text[:300]
+
+
+def _check_finite_weights(module: torch.nn.Module, path: Path) -> None:
+    """NaN or infinite weights make every figure meaningless and spread through the repair."""
+    bad = [(name, t) for name, t in [*module.named_parameters(), *module.named_buffers()]
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip
+    if bad:
+        count = sum(int((~torch.isfinite(t)).sum()) for _, t in bad)
+        raise ModelMismatchError(
+            f"{path}: {count} weights are NaN or infinite (in {len(bad)} tensors, first {bad[0][0]})",
+            hint="the file is corrupt or its training diverged; ibau cannot evaluate or repair it",
+        )
+
+
+def output_path(request: SanitizeRequest) -> Path | None:
+    """Where sanitize will write the repaired model (None when it writes none)."""
+    if not request.save:
+        return None
+    return Path(request.out) if request.out else default_output_path(Path(request.model))
 
 
 @dataclass
@@ -166,19 +199,24 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
             )
     settings, sources = settings_for(loaded, request)
     pre = settings.preprocess
+    _check_finite_weights(loaded.module, Path(request.model))
     model = Normalized(loaded.module, pre).to(device).eval()
     amp = amp_dtype(device, settings.unlearn.amp)
-    num_classes = loaded.num_classes
-    if not num_classes:
-        with torch.no_grad():
-            dummy = torch.zeros(1, pre.channels, *pre.input_size, device=device)
-            try:
-                num_classes = int(model(dummy).shape[-1])
-            except Exception as exc:
-                raise ModelMismatchError(
-                    f"{request.model}: the model does not run on a {pre.channels}x{pre.input_size[0]}x{pre.input_size[1]} input ({exc})",
-                    hint="set the input size with --preset, --config or --set preprocess.input_size=[H,W]",
-                ) from exc
+    with torch.no_grad():
+        dummy = torch.zeros(1, pre.channels, *pre.input_size, device=device)
+        try:
+            outputs = int(model(dummy).shape[-1])
+        except Exception as exc:
+            raise ModelMismatchError(
+                f"{request.model}: the model does not run on a {pre.channels}x{pre.input_size[0]}x{pre.input_size[1]} input ({_first_line(exc)})",
+                hint="set the input size with --input-size, --preset, --config or --set preprocess.input_size=[H,W]",
+            ) from None
+    num_classes = loaded.num_classes or outputs
+    if num_classes != outputs:
+        raise ModelMismatchError(
+            f"{request.model}: the file says {num_classes} classes but the model has {outputs} outputs",
+            hint="fix the file's ibau.num_classes metadata (or its architecture's num_classes)",
+        )
 
     with timer.phase("data"):
         clean = load_clean_folder(Path(request.clean), pre, num_classes, classes_file=request.classes_file)
@@ -189,6 +227,14 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         else:  # nothing is unlearned: every image is held out
             x_u, y_u = clean.images[:0], clean.labels[:0]
             x_h, y_h = clean.images, clean.labels
+    present = set(torch.unique(clean.labels).tolist())
+    if len(present) < num_classes:
+        missing = [c for c in range(num_classes) if c not in present]
+        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        warnings.append(
+            f"the clean set has images of {len(present)} of the model's {num_classes} classes (none of {shown}): "
+            "every figure is measured on those classes only, and the repair cannot keep what it never sees"
+        )
     if split and len(y_u) < 50:
         warnings.append(f"only {len(y_u)} images for unlearning; I-BAU is tested down to 80")
     if len(y_h) < 100:
@@ -259,10 +305,11 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
 def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Report:
     """Run the whole sanitize pipeline and return its report (the caller applies the gate)."""
     progress = progress or NoProgress()
-    out_path = None
-    if request.save:
-        out_path = Path(request.out) if request.out else default_output_path(Path(request.model))
+    out_path = output_path(request)
+    if out_path is not None:
         _check_output_path(Path(request.model), out_path)
+    if request.artifacts is not None:
+        check_artifacts_folder(Path(request.artifacts))
     p = _prepare(request, split=True, out_path=out_path)
     loaded, settings, model, num_classes = p.loaded, p.settings, p.model, p.num_classes
     x_u, y_u, x_h, y_h, trigger = p.x_u, p.y_u, p.x_h, p.y_h, p.trigger
@@ -289,6 +336,8 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         f = figures()
         return {"accuracy": f.accuracy.value, "asr": None if f.asr is None else f.asr.value}
 
+    stop = _early_stop(settings, probes_before, guide_class, x_u, y_u, device, amp)
+
     with timer.phase("unlearn"):
         model, log = unlearn(
             model,
@@ -300,6 +349,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             progress=progress,
             on_round=on_round,
             target_hint=guide_class,
+            stop=stop,
         )
     with timer.phase("evaluate_after"):
         after = figures()
@@ -377,6 +427,8 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             "perturbations": log.perturbations,
             "teacher_views": log.teacher_views,
             "small_set": log.small_set,
+            "rounds_planned": log.rounds_planned,
+            "early_stop": None if stop is None else stop.to_dict(),
         },
         verification=verification,
         gates=gates,
@@ -431,6 +483,8 @@ def _report_common(p: _Prepared, request: SanitizeRequest, command: str, probes_
 def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
     """Probes only, no repair: a verdict (suspected / no evidence / inconclusive) and gates."""
     progress = progress or NoProgress()
+    if request.artifacts is not None:
+        check_artifacts_folder(Path(request.artifacts))
     p = _prepare(request, split=False, out_path=None)
     with p.timer.phase("probes"):
         suite = _run_probes(p.model, p.x_h, p.y_h, p.num_classes, p.settings, p.device, p.amp, progress)
@@ -555,6 +609,31 @@ def _guide_class(settings, probes_before) -> int | None:
         return None
     cls = probes_before.evidence.get("suspected_class")
     return None if cls is None else int(cls)
+
+
+def _early_stop(settings, probes_before, guide_class, x_u, y_u, device, amp):
+    """``unlearn.early_stop = "probes"`` on a guided repair: stop once the fixed probe pattern that
+    sent the most held-out images to the guided class no longer sends the unlearning images there
+    (docs/algorithm.md). None (the full schedule) when no fixed pattern named the class."""
+    from .probes import proxy_trigger
+
+    if settings.unlearn.early_stop != "probes" or guide_class is None or probes_before is None:
+        return None
+    found = proxy_trigger(probes_before, guide_class, settings.seed)
+    if found is None:
+        return None
+    name, apply = found
+    return ProxyTriggerStop(
+        name=name,
+        apply=apply,
+        images=x_u,
+        labels=y_u,
+        target=guide_class,
+        threshold=settings.unlearn.early_stop_flip,
+        patience=EARLY_STOP_PATIENCE,
+        device=device,
+        amp=amp,
+    )
 
 
 def _perturbation_families(settings, probes_before) -> str:

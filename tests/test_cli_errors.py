@@ -221,3 +221,63 @@ def test_user_model_code_via_arch_flag(backdoored, tmp_path):
     # Metadata names user code, which is never run on the file's say-so.
     code, _, err = invoke("sanitize", out, "--clean", backdoored["clean100"], "--out", tmp_path / "o2.safetensors")
     assert_one_line_error(code, err, 2, "never runs", "--arch")
+
+
+def test_report_destinations_that_would_destroy_a_model_are_refused_before_any_work(backdoored, tmp_path):
+    """A report may not replace the input model, the repaired model or another report, and every
+    destination must take files: all refused up front (exit 2), nothing written, the input intact."""
+    model = tmp_path / "model.json"  # a model whose name says JSON, as a report's would
+    shutil.copy(backdoored["model"], model)
+    before = model.read_bytes()
+    common = ("--clean", backdoored["clean100"], "--rounds", "1")
+    code, _, err = invoke("sanitize", model, "--arch", "small-cnn", *common, "--out", tmp_path / "o.safetensors",
+                          "--report", model)  # fmt: skip
+    assert_one_line_error(code, err, 2, f"--report {model} is the input model")
+    code, _, err = invoke("scan", model, "--arch", "small-cnn", "--clean", backdoored["clean100"], "--report", model)
+    assert_one_line_error(code, err, 2, "is the input model")
+    out = tmp_path / "fixed.json"
+    code, _, err = invoke("sanitize", backdoored["model"], *common, "--out", out, "--report", out)
+    assert_one_line_error(code, err, 2, "also the --out path")
+    report = tmp_path / "r.json"
+    code, _, err = invoke("sanitize", backdoored["model"], *common, "--report", report, "--report", report)
+    assert_one_line_error(code, err, 2, "given twice")
+    for flag, dest in (("--out", "/proc/x.safetensors"), ("--report", "/proc/r.json")):
+        code, _, err = invoke("sanitize", backdoored["model"], *common, flag, dest)
+        assert_one_line_error(code, err, 2, f"{flag} {dest}: cannot write in folder /proc")
+    code, _, err = invoke("sanitize", backdoored["model"], *common, "--artifacts", model)
+    assert_one_line_error(code, err, 2, "is a file; give a folder")
+    assert model.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_not_repaired(backdoored, tmp_path, bad):
+    """A NaN or infinite weight would spread through the repair and every figure: exit 2 before any
+    work, naming the file and the tensor, for sanitize and scan, even with --force."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(backdoored["model"]))
+    with safe_open(str(backdoored["model"]), "pt") as sf:  # keep ibau's metadata: only one weight changes
+        metadata = sf.metadata()
+    name = sorted(tensors)[-1]
+    tensors[name].view(-1)[0] = bad
+    path = tmp_path / "broken.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    out = tmp_path / "o.safetensors"
+    code, _, err = invoke("sanitize", path, "--clean", backdoored["clean100"], "--out", out, "--force")
+    assert_one_line_error(code, err, 2, str(path), "1 weights are NaN or infinite", name)
+    code, _, err = invoke("scan", path, "--clean", backdoored["clean100"], "--force")
+    assert_one_line_error(code, err, 2, "NaN or infinite")
+    assert not out.exists()
+
+
+def test_a_clean_set_missing_classes_is_reported(backdoored, tmp_path):
+    """Figures measured on some of the classes only: said in the report's warnings, with the classes."""
+    for c in ("0", "1", "2"):
+        shutil.copytree(backdoored["clean500"] / c, tmp_path / "some" / c)
+    code, out, err = invoke("sanitize", backdoored["model"], "--clean", tmp_path / "some", "--rounds", "1",
+                            "--out", tmp_path / "o.safetensors", "--json", "-q")  # fmt: skip
+    assert code == 0, err
+    warnings = json.loads(out)["warnings"]
+    assert any("3 of the model's 10 classes (none of 3, 4, 5, 6, 7, 8, 9)" in w for w in warnings), warnings

@@ -17,7 +17,7 @@ from test_cli_errors import assert_one_line_error, invoke
 from ibau_cli.demo import TARGET, add_badnets_trigger
 
 
-def _export(module, path, *, dynamo: bool, channels_last: bool = False):
+def _export(module, path, *, dynamo: bool, channels_last: bool = False, fixed_batch: int | None = None):
     module = module.eval()
     if channels_last:
         inner = module
@@ -31,7 +31,8 @@ def _export(module, path, *, dynamo: bool, channels_last: bool = False):
                 return self.inner(x.permute(0, 3, 1, 2))
 
         module = NHWC().eval()
-    x = torch.rand(2, 32, 32, 3) if channels_last else torch.rand(2, 3, 32, 32)
+    b = fixed_batch or 2
+    x = torch.rand(b, 32, 32, 3) if channels_last else torch.rand(b, 3, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
@@ -42,7 +43,7 @@ def _export(module, path, *, dynamo: bool, channels_last: bool = False):
                 dynamo=True,
                 input_names=["image"],
                 output_names=["scores"],
-                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                dynamic_shapes=None if fixed_batch else {"x": {0: torch.export.Dim("batch")}},
             )
         else:
             torch.onnx.export(
@@ -53,7 +54,7 @@ def _export(module, path, *, dynamo: bool, channels_last: bool = False):
                 opset_version=17,
                 input_names=["image"],
                 output_names=["scores"],
-                dynamic_axes={"image": {0: "batch"}, "scores": {0: "batch"}},
+                dynamic_axes=None if fixed_batch else {"image": {0: "batch"}, "scores": {0: "batch"}},
             )
     return path
 
@@ -99,6 +100,27 @@ def test_onnx_sanitize_round_trip(backdoored, tmp_path, dynamo):
     assert batch_dim.dim_param and not batch_dim.dim_value  # dynamic batch axis kept
     meta = {p.key: p.value for p in b.metadata_props}
     assert meta["ibau.source_sha256"] == report["input"]["sha256"]
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["opset18plus", "opset17"])
+def test_onnx_exported_with_a_fixed_batch_size_is_repaired_in_chunks(backdoored, tmp_path, dynamo):
+    """torch.onnx.export without dynamic axes fixes the batch (here 1; the default exporter also bakes
+    it into a Reshape): ibau runs such a graph in chunks of that size, repairs it and writes it back
+    with the same fixed input, which plain onnxruntime runs one image at a time."""
+    src = _export(backdoored["module"], tmp_path / "model.onnx", dynamo=dynamo, fixed_batch=1)
+    assert onnx.load(str(src)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    out = tmp_path / "fixed.onnx"
+    res = run_cli(*sanitize_with_trigger(backdoored, src, "clean100", out, "--json", "--quiet"))
+    report = json.loads(res.stdout)
+    assert res.returncode == 0, report["gates"]
+    assert report["parity_before"]["argmax_agreement"] == 1.0 and report["verification"]["argmax_agreement"] == 1.0
+    assert any("fixed batch of 1" in note for note in report["model"]["notes"]), report["model"]["notes"]
+    assert report["after"]["asr"]["value"] < report["before"]["asr"]["value"]
+    assert onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = backdoored["x_eval"][:8].numpy().astype(np.float32)
+    pred = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i : i + 1]})[0] for i in range(8)])
+    assert pred.shape == (8, 10)
 
 
 def test_onnx_zero_rounds_keeps_the_graph_bit_for_bit(backdoored, tmp_path):

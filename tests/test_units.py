@@ -357,3 +357,71 @@ def test_bf16_on_a_cpu_only_when_asked_and_the_repair_runs_under_it():
     assert log.amp == "bfloat16"
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_unlearn_stops_when_asked_and_logs_the_rounds_that_ran():
+    """``stop(r, model)`` is asked after every round but the last two; True ends the repair after one
+    more (cool-down) round."""
+    from ibau_cli.config import UnlearnConfig
+    from ibau_cli.unlearn import unlearn
+
+    torch.manual_seed(0)
+    x, y = torch.rand(24, 3, 8, 8), torch.arange(24) % 3
+    cfg = UnlearnConfig(rounds=4, inner_steps=2, min_steps_per_round=2, small_set="off")
+
+    def small_model() -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3)
+        )
+
+    asked = []
+    _, log = unlearn(small_model(), x, y, cfg, stop=lambda r, m: asked.append(r) or r == 2)
+    assert asked == [1, 2] and len(log.rounds) == 3
+    assert log.stopped_after == 2 and log.rounds_planned == 4
+
+    asked.clear()
+    _, log = unlearn(small_model(), x, y, cfg, stop=lambda r, m: asked.append(r) or False)
+    assert asked == [1, 2] and len(log.rounds) == 4  # not asked when stopping would save nothing
+    assert log.stopped_after is None
+
+
+def test_proxy_trigger_stop_measures_the_trigger_and_waits_for_its_patience(backdoored):
+    """On the real backdoored demo model the true patch sends nearly every other image to the target:
+    no stop. With a threshold every rate meets, it stops only after ``patience`` rounds in a row."""
+    from ibau_cli.demo import TARGET, add_badnets_trigger
+    from ibau_cli.unlearn import ProxyTriggerStop
+
+    model = backdoored["module"].eval()
+    x, y = backdoored["x_eval"][:300], backdoored["y_eval"][:300]
+
+    def make(threshold: float) -> ProxyTriggerStop:
+        return ProxyTriggerStop(
+            "badnets", add_badnets_trigger, x, y, TARGET, threshold, patience=2, device=torch.device("cpu")
+        )
+
+    strict = make(0.02)
+    assert strict(1, model) is False and strict(2, model) is False
+    assert strict.rates[0] > 0.9 and strict.rates == [strict.rates[0]] * 2  # same trigger, same model
+    assert strict.to_dict()["n_images"] == int((y != TARGET).sum()) and strict.stopped_after is None
+
+    lenient = make(1.0)
+    assert lenient(1, model) is False  # one round at or under the threshold is not enough
+    assert lenient(2, model) is True and lenient.stopped_after == 2
+
+
+def test_proxy_trigger_is_the_fixed_pattern_that_names_the_class(backdoored):
+    """``proxy_trigger`` picks, among the fixed patterns, the one sending the most held-out images to
+    the class, and none when no pattern sends half of them there."""
+    from ibau_cli.demo import NUM_CLASSES, TARGET
+    from ibau_cli.probes import PROBES, proxy_trigger, run_probes
+
+    model = backdoored["module"].eval()
+    names = [n for n in PROBES.names() if n.startswith(("patch-", "colour-"))]
+    x, y = backdoored["x_eval"][:200], backdoored["y_eval"][:200]
+    suite = run_probes(model, x, y, NUM_CLASSES, device=torch.device("cpu"), names=names)
+    name, apply = proxy_trigger(suite, TARGET, seed=0)
+    best = max((r for r in suite.results if r.family == "patch"), key=lambda r: r.per_class[TARGET])
+    assert name == best.name and best.per_class[TARGET] >= 0.5
+    assert apply(x[:4]).shape == x[:4].shape and not torch.equal(apply(x[:4]), x[:4])
+    other = next(c for c in range(NUM_CLASSES) if c != TARGET and all(r.per_class[c] < 0.5 for r in suite.results))
+    assert proxy_trigger(suite, other, seed=0) is None

@@ -25,8 +25,9 @@ def _dims(value_info) -> list[int | None]:
     return dims
 
 
-def ort_runner(path: Path, channels_last: bool) -> Callable[[np.ndarray], np.ndarray]:
-    """A function running the file in onnxruntime on NCHW float32 input."""
+def ort_runner(path: Path, channels_last: bool, fixed_batch: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A function running the file in onnxruntime on NCHW float32 input (in chunks of ``fixed_batch``,
+    the last one padded, for a graph exported with a fixed batch size)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -35,10 +36,23 @@ def ort_runner(path: Path, channels_last: bool) -> Callable[[np.ndarray], np.nda
     session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     name = session.get_inputs()[0].name
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run_one(x: np.ndarray) -> np.ndarray:
         if channels_last:
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         return session.run(None, {name: x.astype(np.float32)})[0]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        b = fixed_batch
+        if b is None or len(x) == b:
+            return run_one(x)
+        outs = []
+        for s in range(0, len(x), b):
+            chunk = x[s : s + b]
+            n = len(chunk)
+            if n < b:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
+            outs.append(run_one(chunk)[:n])
+        return np.concatenate(outs)
 
     return run
 
@@ -89,12 +103,19 @@ class OnnxFormat(ModelFormat):
             elif dims[3] in (1, 3):
                 module.channels_last = True
                 hint = (dims[3], dims[1], dims[2])
+        if dims and dims[0] is not None:
+            module.fixed_batch = dims[0]
         out_dims = _dims(model.graph.output[0])
         meta = {p.key: p.value for p in model.metadata_props}
         opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
         notes = [f"ONNX graph: {len(model.graph.node)} nodes, opset {opset}, input {graph_inputs[0].name} {dims}"]
         if module.channels_last:
             notes.append("the graph takes NHWC input; ibau feeds it channels-last")
+        if module.fixed_batch is not None:
+            notes.append(
+                f"the graph was exported with a fixed batch of {module.fixed_batch}: ibau runs it in chunks of "
+                f"{module.fixed_batch} (slower; export with a dynamic batch axis to avoid this)"
+            )
         if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
             notes.append(
                 "no BatchNormalization nodes (an eval-mode export folds them into the convolutions); "
@@ -111,7 +132,7 @@ class OnnxFormat(ModelFormat):
         )
         loaded.input_hint = hint
         try:
-            loaded.reference = ort_runner(path, module.channels_last)
+            loaded.reference = ort_runner(path, module.channels_last, module.fixed_batch)
         except ImportError:
             loaded.reference = None
             loaded.notes.append("onnxruntime is not installed: no parity check against it")

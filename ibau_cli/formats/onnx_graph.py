@@ -315,12 +315,28 @@ class OnnxGraphModule(nn.Module):
         self.inputs = [v.name for v in graph.input if v.name not in init_names]
         self.outputs = [v.name for v in graph.output]
         self.channels_last = False
+        self.fixed_batch: int | None = None  # the graph's batch size, when the export fixed one
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The graph on ``x``; a graph exported with a fixed batch size runs on chunks of that size,
+        the last one padded with copies of its last image (eval mode: images do not interact)."""
+        b = self.fixed_batch
+        if b is None or len(x) == b:
+            return self._run(x)
+        outs = []
+        for s in range(0, len(x), b):
+            chunk = x[s : s + b]
+            n = len(chunk)
+            if n < b:
+                chunk = torch.cat([chunk, chunk[-1:].expand(b - n, *chunk.shape[1:])])
+            outs.append(self._run(chunk)[:n])
+        return torch.cat(outs)
 
     def _value(self, name: str) -> Tensor:
         key = self.param_keys[name]
         return self.params[key] if key in self.params else getattr(self, key)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _run(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.permute(0, 2, 3, 1)
         env: dict[str, Tensor | None] = {self.inputs[0]: x, "": None}

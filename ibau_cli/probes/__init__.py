@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +13,7 @@ from ..metrics import Rate
 from ..progress import NoProgress, Progress
 from ..registry import Registry
 from .base import Probe, ProbeContext, ProbeResult, predict
-from .patterns import builtin_patterns
+from .patterns import PatternProbe, builtin_patterns
 from .synthesised import MaskPatternProbe, UniversalPerturbationProbe, WarpPerturbationProbe
 
 PROBES: Registry[Probe] = Registry("probe")
@@ -256,4 +257,33 @@ def run_probes(
     return ProbeSuite(results, verdict, evidence, time.perf_counter() - t0, len(y), artifacts)
 
 
-__all__ = ["PROBES", "ProbeResult", "ProbeSuite", "judge", "reconcile_after_repair", "register_probe", "run_probes"]
+def proxy_trigger(suite: ProbeSuite, target: int, seed: int) -> tuple[str, Callable[[Tensor], Tensor]] | None:
+    """The fixed pattern that sent the largest share of held-out images to ``target`` in ``suite``,
+    as its name and the trigger itself (drawn with the probes' ``seed``, so the very pattern
+    measured), when that share is at least FIXED_FLIP_SUSPECT; None otherwise. Synthesised probes
+    and the weak families do not count: the first were fitted to the model, the second move clean
+    models too."""
+    best: tuple[float, str, PatternProbe] | None = None
+    for r in suite.results:
+        probe = PROBES.get(r.name) if r.name in PROBES.names() else None
+        if not isinstance(probe, PatternProbe) or r.family in WEAK_FAMILIES or len(r.per_class) <= target:
+            continue
+        share = r.per_class[target]
+        if share >= FIXED_FLIP_SUSPECT and (best is None or share > best[0]):
+            best = (share, r.name, probe)
+    if best is None:
+        return None
+    _, name, probe = best
+    return name, lambda x: probe.transform(x, torch.Generator().manual_seed(seed))
+
+
+__all__ = [
+    "PROBES",
+    "ProbeResult",
+    "ProbeSuite",
+    "judge",
+    "proxy_trigger",
+    "reconcile_after_repair",
+    "register_probe",
+    "run_probes",
+]

@@ -61,11 +61,24 @@ def render_console(report: dict[str, Any], console: Console) -> None:
         notes.append(f"guided toward class {guided}, suspected by the probes")
     if unlearning.get("small_set"):
         notes.append("small-set schedule: shorter steps, twice the rounds")
+    stop = unlearning.get("early_stop")
+    if stop and stop["stopped_after_round"] is not None:
+        notes.append(
+            f"done after round {stop['stopped_after_round']} of {unlearning.get('rounds_planned', '?')} "
+            f"(then one cool-down round): {stop['proxy_trigger']} sent at most {stop['threshold']:.0%} of "
+            f"{stop['n_images']} unlearning images to class {stop['target']} for {stop['patience']} rounds"
+        )
     title = "I-BAU rounds" + (f" ({'; '.join(notes)})" if notes else "")
     rounds = Table(title=title, title_justify="left")
-    for col in ("round", "|delta|2", "delta fools", "outer loss", "steps", "held-out acc", "held-out ASR", "time"):
+    columns = ["round", "|delta|2", "delta fools", "outer loss", "steps", "held-out acc", "held-out ASR", "time"]
+    if stop:
+        columns.insert(7, f"{stop['proxy_trigger']} -> {stop['target']}")
+    for col in columns:
         rounds.add_column(col, justify="right")
-    for r in report.get("rounds", []):
+    for i, r in enumerate(report.get("rounds", [])):
+        proxy = []
+        if stop:
+            proxy = [f"{stop['rates'][i]:.0%}" if i < len(stop["rates"]) else "-"]
         rounds.add_row(
             str(r["round"]),
             f"{r['delta_l2']:.2f}",
@@ -74,6 +87,7 @@ def render_console(report: dict[str, Any], console: Console) -> None:
             str(r["outer_steps"]),
             "-" if r["holdout_accuracy"] is None else f"{r['holdout_accuracy']:.1%}",
             "-" if r["holdout_asr"] is None else f"{r['holdout_asr']:.1%}",
+            *proxy,
             f"{r['seconds']:.1f}s",
         )
 

@@ -60,6 +60,10 @@ class UnlearnLog:
     perturbations: list[dict] = field(default_factory=list)  # the inner problem's families and their bounds
     teacher_views: str = "off"  # the views the teacher term used (teacher_views resolved for this set)
     small_set: bool = False  # whether the small-set schedule ran (config.small_set resolved for this set)
+    rounds_planned: int = 0  # the schedule's rounds (config.rounds, doubled on the small-set schedule)
+    stopped_after: int | None = (
+        None  # the round after which ``stop`` ended the repair (one cool-down round followed); None: it did not
+    )
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
@@ -186,6 +190,7 @@ def unlearn(
     progress: Progress | None = None,
     on_round: Callable[[int, nn.Module], dict] | None = None,
     target_hint: int | None = None,
+    stop: Callable[[int, nn.Module], bool] | None = None,
 ) -> tuple[nn.Module, UnlearnLog]:
     """Run I-BAU on ``model`` in place and return it with a per-round log.
 
@@ -194,6 +199,9 @@ def unlearn(
     ``target_hint``: a class suspected to be a backdoor's target (the pipeline passes the probes'
     suspected class); each round then also finds the easiest universal delta toward it, and the
     outer steps alternate between the untargeted and the targeted delta (docs/algorithm.md).
+    ``stop(r, model)``: asked after every round but the last two; True ends the repair after one
+    more round whose learning rate falls linearly to zero (for instance ``ProxyTriggerStop``, once a
+    trigger that worked before no longer does).
     ``config.perturbations``: "additive+warp" adds a universal warp to the inner problem; "auto" is
     "additive" here (the pipeline resolves it from the probes before calling).
     """
@@ -252,6 +260,9 @@ def unlearn(
             )
 
     rounds: list[RoundLog] = []
+    stopped_after = None  # the round after which ``stop`` said the repair is done
+    cooldown_lrs: list[float] | None = None  # set for the one round after that: its lr falls to zero
+    last_round = n_rounds
     t_start = time.perf_counter()
     inner_total = outer_total = 0.0
     for r in range(1, n_rounds + 1):
@@ -318,7 +329,10 @@ def unlearn(
                 p.grad = None if g is None else g.detach()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if scheduler is not None:
+            if cooldown_lrs is not None:
+                for group, lr0 in zip(opt.param_groups, cooldown_lrs, strict=True):
+                    group["lr"] = lr0 * (1 - (step + 1) / steps_per_round)
+            elif scheduler is not None:
                 scheduler.step()
             outer_losses.append(float(loss_out.detach()))
             progress.advance()
@@ -337,6 +351,13 @@ def unlearn(
         if on_round is not None:
             log.evaluation = on_round(r, model)
         rounds.append(log)
+        if r == last_round:
+            break
+        if stop is not None and stopped_after is None and r < n_rounds - 1 and stop(r, model):
+            # one cool-down round still runs, its lr falling linearly to zero as the cosine schedule's
+            # tail would: the round where the signal came may sit in a high-lr dip of accuracy
+            stopped_after, last_round = r, r + 1
+            cooldown_lrs = [group["lr"] for group in opt.param_groups]
     progress.finish()
     return model, UnlearnLog(
         rounds=rounds,
@@ -350,4 +371,6 @@ def unlearn(
         perturbations=[{"family": f.name, "radius": f.radius} for f in families],
         teacher_views=views,
         small_set=small_set,
+        rounds_planned=n_rounds,
+        stopped_after=stopped_after,
     )

@@ -1,0 +1,65 @@
+"""Checks on where ibau will write (the repaired model, reports, artifacts), made before any work:
+every destination writable, none of them the input model, no two of them the same file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import UsageError
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same resolved path, or (both existing) one inode."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Create and remove a scratch file in ``folder``: the only test that holds for every user and
+    file system (root passes permission checks, /proc and read-only mounts do not take new files)."""
+    try:
+        fd, scratch = tempfile.mkstemp(dir=folder, prefix=".ibau-write-check-")
+    except OSError as e:
+        raise UsageError(
+            f"{what}: cannot write in folder {folder} ({e.strerror or e})", hint="choose a writable location"
+        ) from None
+    os.close(fd)
+    os.unlink(scratch)
+
+
+def check_artifacts_folder(path: Path) -> None:
+    """``--artifacts``: a folder (created if missing) whose nearest existing ancestor takes files."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--artifacts {path} is a file; give a folder (created if missing)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UsageError(f"--artifacts {path}: {existing} is a file, so the folder cannot be created")
+    check_writable_folder(existing, f"--artifacts {path}")
+
+
+def check_distinct(model: Path, out: Path | None, reports: Iterable[Path]) -> None:
+    """No report may overwrite the input model, the repaired model or another report."""
+    seen: list[Path] = []
+    for report in reports:
+        if same_file(report, model):
+            raise UsageError(
+                f"--report {report} is the input model; ibau never modifies its input",
+                hint="choose another report path",
+            )
+        if out is not None and same_file(report, out):
+            raise UsageError(
+                f"--report {report} is also the --out path: the report would replace the repaired model",
+                hint="give the report its own file name",
+            )
+        if any(same_file(report, other) for other in seen):
+            raise UsageError(f"--report {report} is given twice", hint="give each report its own file name")
+        seen.append(report)
