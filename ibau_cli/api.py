@@ -113,8 +113,24 @@ def make_request(
             additive=trigger_additive,
             position=trigger_pos,
         )
-    elif target is not None or trigger_mask is not None:
-        raise UsageError("--target and --trigger-mask need --trigger IMAGE")
+    else:
+        given = [
+            flag
+            for flag, value in (
+                ("--target", target is not None),
+                ("--trigger-mask", trigger_mask is not None),
+                ("--trigger-blend", trigger_blend is not None),
+                ("--trigger-additive", bool(trigger_additive)),
+                ("--trigger-pos", trigger_pos != "br"),
+            )
+            if value
+        ]
+        if given:
+            many = len(given) > 1
+            raise UsageError(
+                f"{', '.join(given)} {'describe' if many else 'describes'} a trigger: "
+                f"{'they need' if many else 'it needs'} --trigger IMAGE"
+            )
     overrides = overrides_layer(
         settings,
         input_size=input_size,

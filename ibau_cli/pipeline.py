@@ -486,6 +486,11 @@ def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
     if request.artifacts is not None:
         check_artifacts_folder(Path(request.artifacts))
     p = _prepare(request, split=False, out_path=None)
+    if not p.settings.probes.enabled:
+        raise UsageError(
+            "scan runs the probes and nothing else, so probes.enabled = false leaves it nothing to do",
+            hint="drop that setting (sanitize --no-probes repairs without them)",
+        )
     with p.timer.phase("probes"):
         suite = _run_probes(p.model, p.x_h, p.y_h, p.num_classes, p.settings, p.device, p.amp, progress)
     with p.timer.phase("images"):

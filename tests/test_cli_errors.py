@@ -281,3 +281,19 @@ def test_a_clean_set_missing_classes_is_reported(backdoored, tmp_path):
     assert code == 0, err
     warnings = json.loads(out)["warnings"]
     assert any("3 of the model's 10 classes (none of 3, 4, 5, 6, 7, 8, 9)" in w for w in warnings), warnings
+
+
+def test_settings_that_would_be_silently_ignored_are_errors(backdoored, tmp_path):
+    """Trigger options without --trigger, an output name whose extension no format uses, and a scan
+    told not to probe: each refused in one line (exit 2), not ignored."""
+    clean = ("--clean", backdoored["clean100"])
+    code, _, err = invoke("scan", backdoored["model"], *clean, "--trigger-pos", "tl", "--trigger-blend", "0.1")
+    assert_one_line_error(code, err, 2, "--trigger-blend, --trigger-pos describe a trigger", "need --trigger")
+    code, _, err = invoke("scan", backdoored["model"], *clean, "--target", "0")
+    assert_one_line_error(code, err, 2, "--target describes a trigger: it needs --trigger IMAGE")
+    out = tmp_path / "fixed.txt"
+    code, _, err = invoke("sanitize", backdoored["model"], *clean, "--out", out)
+    assert_one_line_error(code, err, 2, "extension '.txt'", ".safetensors")
+    code, _, err = invoke("scan", backdoored["model"], *clean, "--set", "probes.enabled=false")
+    assert_one_line_error(code, err, 2, "probes.enabled = false leaves it nothing to do")
+    assert not out.exists()

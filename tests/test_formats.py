@@ -93,10 +93,16 @@ def test_malicious_pickle_never_runs(backdoored, tmp_path):
     legacy = tmp_path / "evil_legacy.pth"
     with open(legacy, "wb") as fh:
         pickle.dump({"net": _Payload(marker)}, fh, protocol=2)
-    for path in (evil, legacy):
+    raw = tmp_path / "evil.pkl"  # a plain pickle, protocol 4, named as one
+    raw.write_bytes(pickle.dumps(_Payload(marker), protocol=4))
+    for path in (evil, legacy, raw):
         code, _, err = invoke("sanitize", path, "--clean", backdoored["clean100"], "--arch", "small-cnn")
         assert_one_line_error(code, err, 2, "refused", "arbitrary code")
         assert not marker.exists()
+        # what the safe loader objected to, never torch's advice to load the file unsafely
+        assert "weights_only" not in err and "Re-running" not in err and "\x1b" not in err, err
+    code, _, err = invoke("sanitize", evil, "--clean", backdoored["clean100"], "--arch", "small-cnn")
+    assert "posix.system" in err or "os.system" in err, err
 
 
 def test_extension_disagreeing_with_content(backdoored, tmp_path):

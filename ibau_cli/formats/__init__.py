@@ -66,11 +66,16 @@ def detect_format(path: Path) -> ModelFormat:
     by_suffix = [FORMATS.get(n) for n in FORMATS.names() if path.suffix.lower() in FORMATS.get(n).suffixes]
     if not matches:
         known = ", ".join(FORMATS.names())
-        raise InputError(f"{path}: not a model format ibau reads (formats: {known})")
+        raise InputError(
+            f"{path}: not a model format ibau reads, or a damaged file (formats: {known})",
+            hint="check that the download is complete (size, sha256)",
+        )
     fmt = matches[0]
     if len(matches) > 1 and by_suffix:
         fmt = next((m for m in matches if m in by_suffix), fmt)
     claimed = by_suffix[0].name if by_suffix else OTHER_SUFFIXES.get(path.suffix.lower())
+    if claimed == "pickle" and fmt.name == "checkpoint":
+        return fmt  # a torch.save pickle named .pkl: it goes through the safe loader like any checkpoint
     if claimed is not None and fmt not in by_suffix:
         raise InputError(
             f"{path}: the extension {path.suffix!r} says {claimed} but the content is {fmt.name}",
@@ -81,7 +86,8 @@ def detect_format(path: Path) -> ModelFormat:
 
 def format_for_output(path: Path, fallback: str) -> ModelFormat:
     """The format to write ``path`` in: ``fallback`` (the input's) when the suffix allows it, else
-    the first format that claims the suffix, else ``fallback``."""
+    the first format that claims the suffix, else ``fallback`` for a name without a suffix. A
+    suffix no format claims (``fixed.txt``) is an error: the file would lie about its content."""
     preferred = FORMATS.get(fallback)
     if preferred is not None and path.suffix.lower() in preferred.suffixes:
         return preferred
@@ -92,6 +98,11 @@ def format_for_output(path: Path, fallback: str) -> ModelFormat:
     fmt = FORMATS.get(fallback)
     if fmt is None:
         raise UsageError(f"cannot write format {fallback!r}")
+    if path.suffix:
+        raise UsageError(
+            f"--out {path}: no format ibau writes uses the extension {path.suffix!r}",
+            hint=f"end the name in {' or '.join(fmt.suffixes)} (the input's format, {fmt.name}), or another format's",
+        )
     return fmt
 
 

@@ -7,6 +7,8 @@ never falls back to an unsafe load.
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,18 +52,35 @@ def find_state_dict(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], s
     return sd, where
 
 
+def _refusal_reason(exc: Exception) -> str:
+    """What the safe loader objected to, from torch's message: the unsupported global when it names
+    one, without torch's advice on how to load the file unsafely, and without terminal escapes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    for line in text.splitlines():
+        m = re.search(
+            r"(unsupported GLOBAL \S+|Unsupported (?:global|operand):? (?:GLOBAL )?\S+)", line, flags=re.IGNORECASE
+        )
+        if m:
+            return m.group(1).strip().rstrip(".")[:200]
+    return "it holds objects other than tensors and plain containers"
+
+
 def safe_load(path: Path) -> object:
     """``torch.load(weights_only=True)``; anything that needs more is refused, never retried."""
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for the user
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "refused by the safe loader"
         raise InputError(
-            f"{path}: refused: loading it needs full unpickling, which can run arbitrary code ({first})",
+            f"{path}: refused: loading it needs full unpickling, which can run arbitrary code ({_refusal_reason(exc)})",
             hint="ask the publisher for a safetensors or state-dict file, or convert it in a sandbox",
-        ) from exc
+        ) from None
     except Exception as exc:
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise InputError(
+            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
+            hint="the file may be truncated or damaged; check its size and sha256",
+        ) from None
 
 
 class CheckpointFormat(ModelFormat):
