@@ -74,6 +74,13 @@ def map_classes(folders: list[Path], num_classes: int, classes_file: Path | None
         mapping = ClassMapping("integer-folders", {n: int(n) for n in names})
         if len(set(mapping.folder_to_index.values())) != len(names):
             raise InputError("two class folders name the same integer index (e.g. '7' and '007')")
+    elif any(n.isdigit() for n in names):
+        others = [n for n in names if not n.isdigit()]
+        raise InputError(
+            f"class folders mix class indices ({', '.join(n for n in names if n.isdigit())[:40]}) with other "
+            f"names ({', '.join(others[:5])}): ibau cannot tell which index each folder is",
+            hint="name every folder by its class index (0, 1, ...) or pass --classes FILE in the model's output order",
+        )
     else:
         mapping = ClassMapping("sorted-folders", {n: i for i, n in enumerate(names)})
     too_big = [n for n, i in mapping.folder_to_index.items() if i >= num_classes]

@@ -351,6 +351,11 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             target_hint=guide_class,
             stop=stop,
         )
+    if not all(bool(torch.isfinite(t).all()) for t in model.parameters()):
+        raise RuntimeFailure(
+            "the repair diverged: the weights became NaN or infinite; nothing was written",
+            hint="lower unlearn.lr or unlearn.max_grad_norm (or report the model: the defaults should not diverge)",
+        )
     with timer.phase("evaluate_after"):
         after = figures()
     probes_after = None
@@ -571,7 +576,7 @@ def _verify(out_path: Path, arch_flag: str | None, model, pre, x_h, eval_kw) -> 
     agree = float((a.argmax(1) == b.argmax(1)).float().mean()) if len(a) else 1.0
     scale = max(1.0, float(a.abs().max())) if len(a) else 1.0
     need = 0.99 if reloaded.reference is not None else 1.0
-    if agree < need or max_diff > PARITY_TOL * scale:
+    if agree < need or not max_diff <= PARITY_TOL * scale:  # "not <=": a NaN difference fails too
         out_path.unlink(missing_ok=True)
         raise RuntimeFailure(
             f"the written model {out_path} does not reproduce the repaired model "

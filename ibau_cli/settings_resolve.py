@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 from .archs import ARCHS
 from .config import Settings, apply_layer, load_preset, load_toml
+from .errors import ConfigError
 from .preprocess import Preprocess
 
 ENV_PREFIX = "IBAU_"
@@ -112,8 +114,22 @@ def resolve_settings(
     pre = settings.preprocess
     if pre.channels == 1 and len(pre.mean) == 3 and pre.mean == (0.0, 0.0, 0.0):
         settings = replace(settings, preprocess=replace(pre, mean=(0.0,), std=(1.0,)))
-    settings.check()
+    try:
+        settings.check()
+    except ConfigError as exc:
+        raise ConfigError(_with_origins(str(exc), sources.origins)) from None
     return settings, sources
+
+
+def _with_origins(message: str, origins: dict[str, str]) -> str:
+    """Each problem of a failed check followed by the layer that set its key: "unlearn.rounds must
+    be >= 0 (set by config file x.toml)"."""
+    head, _, body = message.partition(": ")
+    problems = []
+    for problem in body.split("; "):
+        keys = [k for k in re.findall(r"\b[a-z_]+\.[a-z_]+\b", problem) if k in origins]
+        problems.append(problem + (f" (set by {origins[keys[0]]})" if keys else ""))
+    return f"{head}: {'; '.join(problems)}"
 
 
 def parse_assignment(text: str) -> tuple[str, str, Any]:

@@ -297,3 +297,23 @@ def test_settings_that_would_be_silently_ignored_are_errors(backdoored, tmp_path
     code, _, err = invoke("scan", backdoored["model"], *clean, "--set", "probes.enabled=false")
     assert_one_line_error(code, err, 2, "probes.enabled = false leaves it nothing to do")
     assert not out.exists()
+
+
+def test_a_repair_that_diverges_exits_3_and_writes_nothing(backdoored, tmp_path):
+    """Settings that blow the weights up: a runtime failure (exit 3) naming the cause, no model written
+    (and so no NaN in any report)."""
+    out = tmp_path / "o.safetensors"
+    code, _, err = invoke("sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--rounds", "1",
+                          "--out", out, "--set", "unlearn.lr=1e30", "--set", "unlearn.max_grad_norm=1e30")  # fmt: skip
+    assert_one_line_error(code, err, 3, "the repair diverged", "unlearn.lr")
+    assert not out.exists()
+
+
+def test_out_of_range_config_value_names_where_it_was_set(backdoored, tmp_path, monkeypatch):
+    cfg = tmp_path / "team.toml"
+    cfg.write_text("[unlearn]\nrounds = -2\n")
+    code, _, err = invoke("scan", backdoored["model"], "--clean", backdoored["clean100"], "--config", cfg)
+    assert_one_line_error(code, err, 2, "unlearn.rounds must be >= 0", f"(set by config {cfg})")
+    monkeypatch.setenv("IBAU_GATE__MAX_ASR", "3")
+    code, _, err = invoke("scan", backdoored["model"], "--clean", backdoored["clean100"])
+    assert_one_line_error(code, err, 2, "gate.max_asr", "(set by environment IBAU_GATE__MAX_ASR)")

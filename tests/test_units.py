@@ -92,6 +92,9 @@ def test_class_mapping_rules(tmp_path):
     assert m.rule == "classes-file" and m.folder_to_index == {"dog": 0, "cat": 1}
     with pytest.raises(InputError, match="index >= the model's 5 classes"):
         map_classes(sorted(_folder(tmp_path / "c", ["1", "9"]).iterdir()), 5, None)
+    # "-1" beside "0".."3": sorting names would silently shift every class by one
+    with pytest.raises(InputError, match=r"mix class indices \(0, 1, 2, 3\) with other names \(-1\)"):
+        map_classes(sorted(_folder(tmp_path / "d", ["0", "1", "2", "3", "-1"]).iterdir()), 10, None)
 
 
 def test_clean_folder_resizes_and_scales(tmp_path):

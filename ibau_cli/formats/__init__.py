@@ -36,7 +36,7 @@ def _read_head(path: Path, n: int = 64) -> bytes:
     if not path.exists():
         raise InputError(f"model file not found: {path}")
     if path.is_dir():
-        raise InputError(f"model path is a folder, not a file: {path}")
+        raise InputError(f"model path {path} is a folder, not a file")
     try:
         with open(path, "rb") as fh:
             return fh.read(n)
