@@ -148,10 +148,13 @@ def _guided(g: list[dict]) -> str:
     classes = sorted({r["guided_class"] for r in g if r.get("guided_class") is not None})
     k = sum(r.get("guided_class") is not None for r in g)
     warp = sum("warp" in (r.get("perturbations") or []) for r in g)
+    stopped = [r for r in g if (r.get("early_stop") or {}).get("stopped_after_round") is not None]
+    rounds = statistics.mean(r["rounds_run"] for r in stopped) if stopped else 0
     return (
         f"{k} of {len(g)}"
         + (f" ({', '.join(map(str, classes))})" if classes else "")
         + (f"; warp in {warp}" if warp else "")
+        + (f"; early stop in {len(stopped)}, {rounds:.1f} rounds" if stopped else "")
     )
 
 
@@ -216,7 +219,8 @@ def main() -> int:
         "label is not the target, or for all2all not label + 1), which no run ever uses for unlearning.",
         "ibau holds out 20 % of each clean set for its own report. Methods: `ibau + probes` (what",
         "`ibau sanitize` does by default: probes on the held-out part before and after, the unlearning",
-        "guided toward the class they suspect; `guided` says in how many seeds and toward which class),",
+        "guided toward the class they suspect; `guided` says in how many seeds and toward which class, and",
+        "in how many the early stop ended the repair, after how many rounds on average),",
         "`ibau` (the same without the probes, so never guided),",
         "`no-implicit` (the same loop with the implicit hypergradient off), `finetune` (the same loop with",
         "the perturbation forced to zero: plain fine-tuning with the same optimiser and steps).",
