@@ -215,7 +215,9 @@ def _common_options(fn):
 @_common_options
 @click.option("--out", type=click.Path(path_type=Path), help="Repaired model path [default: MODEL.sanitized.EXT].")
 @click.option("--holdout", type=float, help="Fraction of the clean set held out for evaluation [0.2].")
-@click.option("--rounds", type=int, help="I-BAU rounds [5].")
+@click.option(
+    "--rounds", type=int, help="I-BAU rounds [5; doubled on sets of at most 160 unlearning images: unlearn.small_set]."
+)
 @click.option("--batch-size", type=int, help="Batch size [64].")
 @click.option("--max-acc-drop", type=float, help="Gate: largest clean-accuracy drop, fraction [0.05].")
 @click.option("--no-probes", is_flag=True, help="Skip the built-in trigger probes.")

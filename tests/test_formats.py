@@ -170,3 +170,12 @@ def test_torch_export_program_round_trip(backdoored, tmp_path):
         plain = torch.export.load(str(out)).module()  # plain torch, no ibau
     acc1, asr1 = independent_figures(FixedMode(plain), backdoored["x_eval"], backdoored["y_eval"])
     assert asr1 < 0.2, asr1
+    # converting to .pt2 from the command line, quietly: nothing on stderr (torch's exporter used to
+    # warn about the temporary file's name), no temporary file left
+    conv = tmp_path / "conv" / "converted.pt2"
+    conv.parent.mkdir()
+    res = run_cli(
+        "sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--out", conv, "--rounds", "1", "-q"
+    )
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert [p.name for p in conv.parent.iterdir()] == ["converted.pt2"]

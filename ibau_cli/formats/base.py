@@ -87,7 +87,8 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     if not path.parent.exists():
         raise InputError(f"output folder does not exist: {path.parent}", hint="create it first")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # hidden, marked .tmp, and ending in the real extension (writers such as torch.export check it)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
