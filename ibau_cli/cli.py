@@ -507,7 +507,11 @@ def _demo(workdir: Path | None, device: str, json_stdout: bool, report_paths: tu
     from .pipeline import sanitize as run_sanitize
 
     root = workdir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ibau" / "demo"
-    targets = _report_targets({"report_paths": report_paths, "json_stdout": json_stdout})
+    targets = _report_targets(
+        {"report_paths": report_paths, "json_stdout": json_stdout},
+        root / "model.safetensors",
+        root / "fixed.safetensors",
+    )
     err = Console(stderr=True)
     if not (root / "model.safetensors").exists() or not (root / "clean").exists():
         with err.status("building the demo: training a small CNN with a BadNets backdoor (about 20 s on a CPU)"):

@@ -58,3 +58,18 @@ def test_shell_completion_documented_in_the_readme_works():
     )
     res = subprocess.run([sys.executable, "-m", "ibau_cli"], capture_output=True, text=True, env=env, timeout=120)
     assert "--format" in res.stdout and "--force" in res.stdout
+
+
+def test_the_readme_demo_command_runs_end_to_end(tmp_path):
+    """`ibau demo`, the README's first command, as a subprocess: it trains the demo model, sanitizes it
+    and removes the backdoor (the held-out figures in its report), and writes the report it is asked for."""
+    env = dict(os.environ, COLUMNS="120")
+    cmd = [sys.executable, "-m", "ibau_cli", "demo", "--dir", str(tmp_path / "demo"), "--json",
+           "--report", str(tmp_path / "demo.html")]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stderr
+    import json
+
+    report = json.loads(res.stdout)
+    assert report["before"]["asr"]["value"] > 0.9 and report["after"]["asr"]["value"] < 0.1, report["after"]
+    assert (tmp_path / "demo.html").stat().st_size > 0 and (tmp_path / "demo" / "fixed.safetensors").exists()
