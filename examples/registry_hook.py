@@ -2,15 +2,16 @@
 """Model-registry hook: scan every new model in an incoming folder, move failures to quarantine.
 
     python examples/registry_hook.py INCOMING --clean CLEAN_DIR [--approved DIR] [--quarantine DIR]
-        [--sanitize] [-- EXTRA IBAU ARGS...]
+        [--originals DIR] [--sanitize] [-- EXTRA IBAU ARGS...]
 
 For each model file in INCOMING (safetensors, TorchScript, .pt2, ONNX, checkpoints), oldest first:
-- ``ibau scan`` (or, with ``--sanitize``, ``ibau sanitize``, whose repaired model goes beside it in
-  the approved folder) runs with a JSON report;
-- exit 0 (passed): the model and its report move to APPROVED (default INCOMING/../approved);
+- ``ibau scan`` (or, with ``--sanitize``, ``ibau sanitize``) runs with a JSON report;
+- exit 0 (passed): the model and its report move to APPROVED (default INCOMING/../approved); with
+  ``--sanitize`` only the repaired model goes there, beside the report, and the input model (the
+  one that was repaired, so possibly backdoored) moves to ORIGINALS (default INCOMING/../originals);
 - exit 1 (gate failed: a backdoor is suspected or the ASR is past the limit), 2 (bad input) or 3
   (runtime failure): the model and what ibau said move to QUARANTINE (default
-  INCOMING/../quarantine); nothing is ever deleted.
+  INCOMING/../quarantine); nothing is ever deleted. An ONNX model's external-data files move with it.
 A ``hook-log.jsonl`` line is appended per model (time, file, sha256, exit code, outcome, verdict).
 The hook's own exit code is 1 when any model was quarantined, else 0 — so it can gate a cron job or
 a CI step too. Everything after ``--`` is passed to ibau unchanged (e.g. ``-- --preset cifar10``).
@@ -44,6 +45,23 @@ def _move(src: Path, folder: Path) -> Path:
     return dest
 
 
+def _companions(model: Path) -> list[Path]:
+    """Files a model needs beside it: an ONNX graph's external-data files (``model.onnx.data``...)."""
+    if model.suffix.lower() != ".onnx":
+        return []
+    try:
+        import onnx
+
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:
+        return []
+    names = set()
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            names |= {entry.value for entry in tensor.external_data if entry.key == "location"}
+    return [model.parent / n for n in sorted(names) if (model.parent / n).is_file()]
+
+
 def process(model: Path, args: argparse.Namespace, extra: list[str]) -> dict:
     work = args.quarantine.parent / ".ibau-hook-work"
     work.mkdir(parents=True, exist_ok=True)
@@ -62,15 +80,23 @@ def process(model: Path, args: argparse.Namespace, extra: list[str]) -> dict:
     res = subprocess.run([*cmd, *extra], capture_output=True, text=True)
     code = res.returncode if res.returncode in OUTCOMES else 3
     folder = args.approved if code == 0 else args.quarantine
-    dest = _move(model, folder)
+    # a repaired model is approved, not its input: that goes to the originals folder
+    model_folder = args.originals if code == 0 and args.sanitize else folder
+    companions = _companions(model)
+    dest = _move(model, model_folder)
+    stranded = []
+    for companion in companions:  # moved under their own names: the graph refers to them by name
+        if (dest.parent / companion.name).exists():  # never overwrite: leave it, and say so in the log
+            stranded.append(companion.name)
+        else:
+            shutil.move(str(companion), str(dest.parent / companion.name))
     verdict = None
     if report.exists():
         verdict = json.loads(report.read_text()).get("verdict")
         _move(report, folder)
     else:  # ibau stopped before a report (exit 2/3): keep what it said instead
         (folder / f"{dest.name}.error.txt").write_text(res.stderr)
-    if repaired is not None and repaired.exists():
-        _move(repaired, folder)
+    repaired_dest = _move(repaired, folder) if repaired is not None and repaired.exists() else None
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "file": model.name,
@@ -79,6 +105,8 @@ def process(model: Path, args: argparse.Namespace, extra: list[str]) -> dict:
         "outcome": OUTCOMES[code],
         "verdict": verdict,
         "moved_to": str(dest),
+        "approved": None if code != 0 else str(repaired_dest or dest),
+        **({"companions_not_moved": stranded} if stranded else {}),
         "seconds": round(time.time() - started, 1),
         "message": res.stderr.strip().splitlines()[-1] if code in (2, 3) and res.stderr.strip() else None,
     }
@@ -96,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clean", type=Path, required=True, help="clean images, DIR/<class>/<image>")
     ap.add_argument("--approved", type=Path)
     ap.add_argument("--quarantine", type=Path)
+    ap.add_argument("--originals", type=Path, help="with --sanitize: where repaired inputs go [INCOMING/../originals]")
     ap.add_argument("--log", type=Path, help="default: INCOMING/../hook-log.jsonl")
     ap.add_argument("--sanitize", action="store_true", help="repair with I-BAU instead of scanning only")
     ap.add_argument("--ibau", nargs="+", default=[sys.executable, "-m", "ibau_cli"], help="how to run ibau")
@@ -106,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.incoming.resolve().parent
     args.approved = args.approved or root / "approved"
     args.quarantine = args.quarantine or root / "quarantine"
+    args.originals = args.originals or root / "originals"
     args.log = args.log or root / "hook-log.jsonl"
     models = sorted(
         (p for p in args.incoming.iterdir() if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES),

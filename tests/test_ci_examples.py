@@ -100,3 +100,42 @@ def test_registry_hook_quarantines_backdoored_and_broken_models(backdoored, demo
         "backdoored.safetensors": 1,
         "truncated.safetensors": 2,
     }
+
+
+def test_registry_hook_in_sanitize_mode_approves_the_repaired_model_not_its_input(backdoored, demo_zoo, tmp_path):
+    """With --sanitize a passing model's *repaired* file is approved; the input, which may be the
+    backdoored one, goes to originals/. An ONNX graph's external-data file moves with it."""
+    import onnx
+    import torch
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "backdoored.safetensors").write_bytes(backdoored["model"].read_bytes())
+    exported = tmp_path / "exported.onnx"
+    torch.onnx.export(demo_zoo["clean0"][1].model.eval(), (torch.rand(2, 3, 32, 32),), str(exported), dynamo=False,
+                      opset_version=17, input_names=["image"], dynamic_axes={"image": {0: "batch"}})  # fmt: skip
+    onnx.save_model(onnx.load(str(exported)), str(incoming / "graph.onnx"), save_as_external_data=True,
+                    location="graph.onnx.data", size_threshold=0)  # fmt: skip
+    assert (incoming / "graph.onnx.data").exists()
+    res = subprocess.run(
+        [sys.executable, str(EXAMPLES / "registry_hook.py"), str(incoming), "--clean", str(backdoored["clean100"]),
+         "--sanitize", "--", "--trigger", str(backdoored["trigger"]), "--target", "0", "--no-probes",
+         "--max-acc-drop", "0.2"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    approved, originals = tmp_path / "approved", tmp_path / "originals"
+    assert sorted(p.name for p in approved.iterdir()) == [
+        "backdoored.safetensors.report.json",
+        "backdoored.sanitized.safetensors",
+        "graph.onnx.report.json",
+        "graph.sanitized.onnx",
+    ]
+    assert sorted(p.name for p in originals.iterdir()) == ["backdoored.safetensors", "graph.onnx", "graph.onnx.data"]
+    assert list(incoming.iterdir()) == []
+    onnx.load(str(originals / "graph.onnx"))  # loads: its external data moved with it
+    log = [json.loads(line) for line in (tmp_path / "hook-log.jsonl").read_text().splitlines()]
+    assert {e["file"]: Path(e["approved"]).name for e in log} == {
+        "backdoored.safetensors": "backdoored.sanitized.safetensors",
+        "graph.onnx": "graph.sanitized.onnx",
+    }
