@@ -31,4 +31,8 @@ def wilson_interval(hits: int, n: int, z: float = 1.959963984540054) -> tuple[fl
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    if hits == 0:  # exact ends: float rounding gave 1.7e-18 and 0.9999999999999999
+        return 0.0, min(1.0, centre + half)
+    if hits == n:
+        return max(0.0, centre - half), 1.0
     return max(0.0, centre - half), min(1.0, centre + half)

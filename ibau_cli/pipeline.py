@@ -689,8 +689,10 @@ def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repai
         status,
         gate_cfg.max_asr,
         value,
-        f"no --trigger; strongest probe toward suspected class {cls} {stage} ({name}, "
-        f"n={probes_after.n_images}); probe verdict {stage}: {probes_after.verdict.replace('_', ' ')}",
+        f"no --trigger; strongest probe toward suspected class {cls} {stage} ({name}: the share of the "
+        f"held-out images of other classes, not already called {cls}, that it sends there; "
+        f"{probes_after.n_images} held out, half of them for a synthesised probe); "
+        f"probe verdict {stage}: {probes_after.verdict.replace('_', ' ')}",
     )
 
 

@@ -57,10 +57,11 @@ def load_entry_point_plugins() -> list[LoadedPlugin]:
                 obj = ep.load()
                 if callable(obj) and not isinstance(obj, ModuleType):
                     obj()
-        except Exception as exc:  # a broken plugin is the user's input: say which and why
+        except (Exception, SystemExit) as exc:  # a broken plugin is the user's input: say which and why
             raise PluginError(
                 f"plugin {ep.name} ({ep.value}, from {dist}) failed to load: {type(exc).__name__}: {exc}",
-                hint=f"fix or uninstall {ep.dist.name if ep.dist else 'the package'}",
+                hint=f"fix or uninstall {ep.dist.name if ep.dist else 'the package'}, "
+                "or run ibau --no-plugins to skip installed plugins",
             ) from exc
         _LOADED[key] = LoadedPlugin(ep.name, origin, ep.value)
     _ENTRY_POINTS_DONE = True  # only once every entry point loaded: a caller that caught an error can retry
@@ -86,7 +87,7 @@ def load_plugin_file(path: Path) -> LoadedPlugin:
                 register()
     except PluginError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # SystemExit too: a plugin must not end the run as a pass
         raise PluginError(f"plugin {path} failed to load: {type(exc).__name__}: {exc}") from exc
     plugin = LoadedPlugin(path.stem, origin, str(path))
     _LOADED[key] = plugin

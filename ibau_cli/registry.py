@@ -12,14 +12,20 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 _ORIGINS: list[str] = ["builtin"]
+_REGISTRIES: list[Registry] = []
 
 
 @contextmanager
 def registering_from(origin: str) -> Iterator[None]:
-    """Entries registered inside this block are recorded as coming from ``origin``."""
+    """Entries registered inside this block are recorded as coming from ``origin``; if the block
+    fails, they are removed again (a plugin loads whole or not at all)."""
     _ORIGINS.append(origin)
     try:
         yield
+    except BaseException:
+        for registry in _REGISTRIES:
+            registry.forget_origin(origin)
+        raise
     finally:
         _ORIGINS.pop()
 
@@ -31,6 +37,12 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._origin: dict[str, str] = {}
+        _REGISTRIES.append(self)
+
+    def forget_origin(self, origin: str) -> None:
+        """Remove every entry registered from ``origin``."""
+        for key in [k for k, o in self._origin.items() if o == origin]:
+            del self._items[key], self._origin[key]
 
     def register(self, name: str, item: T, *, origin: str | None = None) -> T:
         origin = origin or _ORIGINS[-1]

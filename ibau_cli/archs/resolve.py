@@ -21,7 +21,8 @@ def builtin_spec(arch: str) -> ArchSpec:
     if spec is None:
         raise InputError(
             f"unknown architecture {arch!r}",
-            hint=f"use one of {', '.join(ARCHS.names())} or --arch path/to/file.py:ClassOrFactory",
+            hint=f"use one of {', '.join(ARCHS.names())}, --arch path/to/file.py:ClassOrFactory, or load "
+            "the plugin that registers it (ibau --plugin FILE, or install it; `ibau plugins` lists what is loaded)",
         )
     return spec
 

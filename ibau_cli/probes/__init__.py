@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..errors import RuntimeFailure
 from ..metrics import Rate
 from ..progress import NoProgress, Progress
 from ..registry import Registry
@@ -247,7 +248,13 @@ def run_probes(
     progress.start("probes", len(selected))
     for probe in selected:
         t_probe = time.perf_counter()
-        result = probe.run(model, ctx)
+        try:
+            result = probe.run(model, ctx)
+        except Exception as exc:  # a plugin's probe, most likely: say which one
+            raise RuntimeFailure(
+                f"probe {probe.name} (from {PROBES.origin(probe.name)}) failed: {type(exc).__name__}: {exc}",
+                hint="fix or remove the plugin that registers it (ibau --no-plugins skips installed plugins)",
+            ) from exc
         result.seconds = time.perf_counter() - t_probe
         results.append(result)
         progress.advance()

@@ -17,7 +17,7 @@ from urllib.parse import quote
 from .. import __version__
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
-INFORMATION_URI = "https://pypi.org/project/ibau/"
+INFORMATION_URI = "https://arxiv.org/abs/2110.03735"  # the I-BAU paper: ibau itself is not on PyPI
 
 RULES: dict[str, tuple[str, str]] = {
     "asr": ("AttackSuccessRateGate", "Attack success rate (true trigger, else the strongest probe) past the limit"),
