@@ -23,9 +23,9 @@ from .report import Report
 def overrides_layer(
     settings: Mapping[str, Any] | Iterable[str] | None,
     *,
-    input_size: Sequence[int] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    input_size: Sequence[int] | int | str | None = None,
+    mean: Sequence[float] | str | None = None,
+    std: Sequence[float] | str | None = None,
     seed: int | None = None,
     holdout: float | None = None,
     rounds: int | None = None,
@@ -69,6 +69,32 @@ def overrides_layer(
     return layer
 
 
+def parse_size(text: str | None, flag: str = "--input-size") -> list[int] | None:
+    """``"32x32"``, ``"32,32"`` or ``"32"`` (square) -> [H, W]."""
+    if text is None:
+        return None
+    parts = str(text).lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected HxW or a single size, e.g. 32x32") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise UsageError(f"{flag} {text!r}: expected HxW")
+    return values
+
+
+def parse_floats(text: str | None, flag: str) -> list[float] | None:
+    """``"0.5,0.5,0.5"`` -> [0.5, 0.5, 0.5]."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers") from None
+
+
 def make_request(
     model: str | Path,
     clean: str | Path,
@@ -79,9 +105,9 @@ def make_request(
     preset: str | None = None,
     config: str | Path | None = None,
     settings: Mapping[str, Any] | Iterable[str] | None = None,
-    input_size: Sequence[int] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    input_size: Sequence[int] | int | str | None = None,
+    mean: Sequence[float] | str | None = None,
+    std: Sequence[float] | str | None = None,
     seed: int | None = None,
     device: str = "auto",
     trigger: str | Path | None = None,
@@ -100,7 +126,16 @@ def make_request(
     artifacts: str | Path | None = None,
     environment: Mapping[str, str] | None = os.environ,
 ) -> SanitizeRequest:
-    """Build the request the CLI would build from the same flags (``settings`` is ``--set``)."""
+    """Build the request the CLI would build from the same flags (``settings`` is ``--set``; sizes and
+    statistics may be given as the CLI writes them: ``input_size="32x32"``, ``mean="0.5,0.5,0.5"``)."""
+    if isinstance(input_size, str | int):
+        input_size = parse_size(str(input_size))
+    if isinstance(mean, str):
+        mean = parse_floats(mean, "--mean")
+    if isinstance(std, str):
+        std = parse_floats(std, "--std")
+    if isinstance(settings, str):  # one assignment, as one --set
+        settings = [settings]
     spec = None
     if trigger is not None:
         if target is None:
@@ -201,11 +236,35 @@ def _paths(value: str | Path | Iterable[str | Path]) -> list[Path]:
     return [Path(value)] if isinstance(value, str | Path) else [Path(v) for v in value]
 
 
+# CLI flags whose keyword is spelled differently in the API
+_RENAMED = {"no_probes": "probes=False", "report": "reports=[...]", "set": "settings", "classes_file": "classes"}
+
+
+def _check_keywords(command: str, options: Mapping[str, Any]) -> None:
+    """An unknown keyword is a usage error naming it (and the right spelling), not a bare TypeError."""
+    import difflib
+    import inspect
+
+    known = [p for p in inspect.signature(make_request).parameters if p not in ("model", "clean")]
+    for key in options:
+        if key in known:
+            continue
+        if key in _RENAMED:
+            hint = f"use {_RENAMED[key]}"
+        elif key in ("quiet", "json", "debug", "format"):
+            hint = "the API prints nothing; read the returned Report (report.to_dict() is the JSON)"
+        else:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"the keywords are {', '.join(known)}"
+        raise UsageError(f"{command}(): unknown keyword {key!r}", hint=hint)
+
+
 def _run(command: str, model, clean, reports, progress, plugins, load_installed, options) -> Report:
     from . import pipeline
     from .plugins import load_plugins
 
     load_plugins(_paths(plugins), entry_points=load_installed)
+    _check_keywords(command, options)
     if command == "scan" and options.get("out") is not None:
         raise UsageError("scan writes no model: drop out=")
     request = make_request(model, clean, **options)

@@ -107,30 +107,6 @@ def _run(debug: bool, fn) -> Any:
         _fail(failure, debug)
 
 
-def _parse_size(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    parts = text.lower().replace("x", ",").split(",")
-    try:
-        values = [int(p) for p in parts if p.strip()]
-    except ValueError:
-        raise UsageError(f"--input-size {text!r}: expected HxW or a single size, e.g. 32x32") from None
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2:
-        raise UsageError(f"--input-size {text!r}: expected HxW")
-    return values
-
-
-def _parse_floats(text: str | None, flag: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers") from None
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ibau")
 @click.option(
@@ -253,9 +229,9 @@ def _request(opts: dict[str, Any]):
         preset=opts["preset"],
         config=opts["config_file"],
         settings=opts.get("assignments", ()),
-        input_size=_parse_size(opts.get("input_size")),
-        mean=_parse_floats(opts.get("mean"), "--mean"),
-        std=_parse_floats(opts.get("std"), "--std"),
+        input_size=opts.get("input_size"),
+        mean=opts.get("mean"),
+        std=opts.get("std"),
         seed=opts.get("seed"),
         device=opts["device"],
         trigger=opts["trigger"],

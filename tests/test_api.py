@@ -6,6 +6,7 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
+import torch
 from conftest import independent_figures, run_cli, sanitize_with_trigger
 
 import ibau_cli
@@ -57,5 +58,27 @@ def test_api_errors_carry_the_cli_exit_codes(backdoored, tmp_path):
         ibau_cli.scan(backdoored["model"], backdoored["clean100"], reports=[tmp_path / "r.txt"])
     with pytest.raises(UsageError, match="scan writes no model"):
         ibau_cli.scan(backdoored["model"], backdoored["clean100"], out=tmp_path / "x.safetensors")
-    with pytest.raises(TypeError):
+    with pytest.raises(UsageError, match="unknown keyword 'max_asrr'") as err:
         ibau_cli.scan(backdoored["model"], backdoored["clean100"], max_asrr=0.1)
+    assert err.value.hint == "did you mean max_asr?"
+    with pytest.raises(UsageError, match="unknown keyword 'no_probes'") as err:
+        ibau_cli.sanitize(backdoored["model"], backdoored["clean100"], no_probes=True)
+    assert err.value.hint == "use probes=False"
+
+
+def test_api_takes_sizes_and_settings_as_the_cli_writes_them(backdoored, tmp_path):
+    """input_size="32x32", mean="0,0,0" and one --set string, as on the command line."""
+    report = ibau_cli.sanitize(backdoored["model"], backdoored["clean100"], out=tmp_path / "o.safetensors",
+                               probes=False, rounds=0, input_size="32x32", mean="0,0,0", std="1,1,1",
+                               settings="unlearn.batch_size=32")  # fmt: skip
+    config = report.to_dict()["config"]
+    assert config["preprocess"]["input_size"] == [32, 32] and config["unlearn"]["batch_size"] == 32
+
+
+def test_unlearn_checks_its_config():
+    from ibau_cli.config import UnlearnConfig
+    from ibau_cli.unlearn import unlearn
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    with pytest.raises(ValueError, match="unlearn.rounds must be >= 0"):
+        unlearn(model, torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 0, 1]), UnlearnConfig(rounds=-1))

@@ -205,6 +205,9 @@ def unlearn(
     ``config.perturbations``: "additive+warp" adds a universal warp to the inner problem; "auto" is
     "additive" here (the pipeline resolves it from the probes before calling).
     """
+    problems = config.check()
+    if problems:
+        raise ValueError("invalid UnlearnConfig: " + "; ".join(problems))
     if target_hint is not None and target_hint < 0:
         raise ValueError(f"target_hint must be a class index >= 0, not {target_hint}")
     if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
