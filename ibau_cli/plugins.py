@@ -14,6 +14,8 @@ A plugin registers with ``ibau_cli.archs.register_arch``, ``ibau_cli.probes.regi
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -53,7 +55,7 @@ def load_entry_point_plugins() -> list[LoadedPlugin]:
         if key in _LOADED:
             continue
         try:
-            with registering_from(origin):
+            with registering_from(origin), contextlib.redirect_stdout(sys.stderr):  # keep --json stdout clean
                 obj = ep.load()
                 if callable(obj) and not isinstance(obj, ModuleType):
                     obj()
@@ -80,7 +82,7 @@ def load_plugin_file(path: Path) -> LoadedPlugin:
         raise PluginError(f"plugin {path} is not a .py file")
     origin = f"file {path}"
     try:
-        with registering_from(origin):
+        with registering_from(origin), contextlib.redirect_stdout(sys.stderr):  # keep --json stdout clean
             module = import_file(path, "ibau_plugin")
             register = getattr(module, "register", None)
             if callable(register):

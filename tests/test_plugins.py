@@ -37,3 +37,14 @@ def test_a_plugin_that_fails_half_way_leaves_nothing_registered(backdoored, tmp_
         with pytest.raises(PluginError, match="failed to load: RuntimeError: half-way"):
             scan(backdoored["model"], backdoored["clean100"], plugins=plugin, installed_plugins=False)
         assert "partial-a" not in ARCHS
+
+
+def test_a_plugin_that_prints_does_not_corrupt_json_on_stdout(backdoored, tmp_path):
+    import json
+
+    plugin = tmp_path / "chatty.py"
+    plugin.write_text("print('hello from a plugin')\n")
+    code, out, err = invoke("--plugin", plugin, "scan", backdoored["model"], "--clean", backdoored["clean100"],
+                            "--json", "-q", "--set", "probes.budget_steps=30")  # fmt: skip
+    assert code in (0, 1), err
+    assert json.loads(out)["command"] == "scan" and "hello from a plugin" in err
