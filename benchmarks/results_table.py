@@ -50,10 +50,11 @@ def _same_path_as_0_3_2(r: dict) -> bool:
 
 
 def _same_path_as_0_3_3(r: dict) -> bool:
-    """0.3.3 added the early stop, which can only act on a guided repair (``guided_class`` set, with
-    the probes on) that does not turn it off: every other run took 0.3.3's path."""
-    early_stop = r.get("unlearn_config", {}).get("early_stop", "probes")
-    return r.get("guided_class") is None or early_stop == "off"
+    """0.3.3 added the early stop, which by default (``early_stop = "auto"``) can only act on a guided
+    repair (``guided_class`` set, with the probes on) on the small-set schedule: every other run took
+    0.3.3's path."""
+    early_stop = r.get("unlearn_config", {}).get("early_stop", "auto")
+    return r.get("guided_class") is None or early_stop == "off" or not _row_small_set(r, small_set="auto")
 
 
 SAME_PATH = {

@@ -44,7 +44,7 @@ class UnlearnConfig:
     clean_loss: str = "teacher"  # "labels": cross-entropy; "teacher": KL to the input model's outputs
     teacher_views: str = "off"  # teacher term on fresh views of the clean images: off, shift, shift-flip, mix
     small_set: str = "auto"  # "auto": shorter steps and twice the rounds on tiny additive-only sets; "on"; "off"
-    early_stop: str = "probes"  # "probes": stop once the fixed probe that named the guided class stops working; "off"
+    early_stop: str = "auto"  # "probes": stop once the fixed probe that named the guided class stops working; "auto": so on the small-set schedule only; "off"
     early_stop_flip: float = 0.02  # ... working: it sends more than this share of the unlearning images to the class
     neumann_terms: int = 5
     fixed_point_lr: float = 0.1
@@ -99,8 +99,8 @@ class UnlearnConfig:
             p.append(f"unlearn.lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
         if self.clean_loss not in ("labels", "teacher"):
             p.append(f"unlearn.clean_loss must be 'labels' or 'teacher', not {self.clean_loss!r}")
-        if self.early_stop not in ("probes", "off"):
-            p.append(f"unlearn.early_stop must be 'probes' or 'off', not {self.early_stop!r}")
+        if self.early_stop not in ("auto", "probes", "off"):
+            p.append(f"unlearn.early_stop must be 'auto', 'probes' or 'off', not {self.early_stop!r}")
         if not 0 <= self.early_stop_flip < 1:
             p.append("unlearn.early_stop_flip must be in [0, 1)")
         if self.teacher_views not in TEACHER_VIEWS:

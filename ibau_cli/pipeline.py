@@ -336,7 +336,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         f = figures()
         return {"accuracy": f.accuracy.value, "asr": None if f.asr is None else f.asr.value}
 
-    stop = _early_stop(settings, probes_before, guide_class, x_u, y_u, device, amp)
+    stop = _early_stop(settings, unlearn_config, probes_before, guide_class, x_u, y_u, device, amp)
 
     with timer.phase("unlearn"):
         model, log = unlearn(
@@ -621,13 +621,18 @@ def _guide_class(settings, probes_before) -> int | None:
     return None if cls is None else int(cls)
 
 
-def _early_stop(settings, probes_before, guide_class, x_u, y_u, device, amp):
-    """``unlearn.early_stop = "probes"`` on a guided repair: stop once the fixed probe pattern that
-    sent the most held-out images to the guided class no longer sends the unlearning images there
-    (docs/algorithm.md). None (the full schedule) when no fixed pattern named the class."""
+def _early_stop(settings, unlearn_config, probes_before, guide_class, x_u, y_u, device, amp):
+    """``unlearn.early_stop = "probes"`` (or ``"auto"`` on the small-set schedule) on a guided repair:
+    stop once the fixed probe pattern that sent the most held-out images to the guided class no
+    longer sends the unlearning images there (docs/algorithm.md). None (the full schedule) when no
+    fixed pattern named the class."""
     from .probes import proxy_trigger
 
-    if settings.unlearn.early_stop != "probes" or guide_class is None or probes_before is None:
+    mode = settings.unlearn.early_stop
+    if mode == "auto":
+        families = 2 if unlearn_config.perturbations == "additive+warp" else 1
+        mode = "probes" if unlearn_config.resolved_small_set(len(y_u), families) else "off"
+    if mode != "probes" or guide_class is None or probes_before is None:
         return None
     found = proxy_trigger(probes_before, guide_class, settings.seed)
     if found is None:
