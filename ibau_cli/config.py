@@ -76,6 +76,14 @@ class UnlearnConfig:
             and n_samples * SMALL_SET_PASSES <= self.batch_size * self.min_steps_per_round
         )
 
+    def resolved_early_stop(self, n_samples: int) -> bool:
+        """Whether a guided repair may stop early: ``"probes"``, or ``"auto"`` where the small-set
+        schedule runs (on larger sets stopping after round 2-3 of 5 cost accuracy: docs/algorithm.md).
+        ``perturbations`` is the resolved family choice ("additive+warp" is two families)."""
+        if self.early_stop != "auto":
+            return self.early_stop == "probes"
+        return self.resolved_small_set(n_samples, 2 if self.perturbations == "additive+warp" else 1)
+
     def check(self) -> list[str]:
         p = []
         if self.small_set not in ("auto", "on", "off"):

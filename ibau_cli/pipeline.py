@@ -5,7 +5,6 @@ No terminal, no click: progress goes through a callback and problems are IbauErr
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -19,7 +18,7 @@ import torch
 from .artifacts import render_images, write_artifacts
 from .config import EARLY_STOP_PATIENCE, Settings
 from .data import load_clean_folder, stratified_split
-from .destinations import check_artifacts_folder, check_writable_folder
+from .destinations import check_artifacts_folder, check_writable_folder, same_file
 from .device import amp_dtype, resolve_device
 from .errors import ModelMismatchError, RuntimeFailure, UsageError
 from .evaluate import accuracy, attack_success, logits
@@ -93,7 +92,7 @@ def default_output_path(model: Path) -> Path:
 
 
 def _check_output_path(model: Path, out: Path) -> None:
-    if out.resolve() == model.resolve() or (out.exists() and os.path.samefile(out, model)):
+    if same_file(out, model):
         raise UsageError(
             f"--out {out} is the input model; ibau never modifies its input",
             hint="choose another output path",
@@ -622,17 +621,13 @@ def _guide_class(settings, probes_before) -> int | None:
 
 
 def _early_stop(settings, unlearn_config, probes_before, guide_class, x_u, y_u, device, amp):
-    """``unlearn.early_stop = "probes"`` (or ``"auto"`` on the small-set schedule) on a guided repair:
+    """``unlearn.early_stop`` (``UnlearnConfig.resolved_early_stop``) on a guided repair:
     stop once the fixed probe pattern that sent the most held-out images to the guided class no
     longer sends the unlearning images there (docs/algorithm.md). None (the full schedule) when no
     fixed pattern named the class."""
     from .probes import proxy_trigger
 
-    mode = settings.unlearn.early_stop
-    if mode == "auto":
-        families = 2 if unlearn_config.perturbations == "additive+warp" else 1
-        mode = "probes" if unlearn_config.resolved_small_set(len(y_u), families) else "off"
-    if mode != "probes" or guide_class is None or probes_before is None:
+    if not unlearn_config.resolved_early_stop(len(y_u)) or guide_class is None or probes_before is None:
         return None
     found = proxy_trigger(probes_before, guide_class, settings.seed)
     if found is None:

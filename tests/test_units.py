@@ -428,3 +428,13 @@ def test_proxy_trigger_is_the_fixed_pattern_that_names_the_class(backdoored):
     assert apply(x[:4]).shape == x[:4].shape and not torch.equal(apply(x[:4]), x[:4])
     other = next(c for c in range(NUM_CLASSES) if c != TARGET and all(r.per_class[c] < 0.5 for r in suite.results))
     assert proxy_trigger(suite, other, seed=0) is None
+
+
+def test_early_stop_applies_on_the_small_set_schedule_by_default():
+    from ibau_cli.config import UnlearnConfig
+
+    auto = UnlearnConfig()
+    assert auto.resolved_early_stop(80) and not auto.resolved_early_stop(400)
+    assert not UnlearnConfig(perturbations="additive+warp").resolved_early_stop(80)  # no small-set schedule there
+    assert UnlearnConfig(early_stop="probes").resolved_early_stop(4000)
+    assert not UnlearnConfig(early_stop="off").resolved_early_stop(80)

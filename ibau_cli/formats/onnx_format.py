@@ -42,17 +42,11 @@ def ort_runner(path: Path, channels_last: bool, fixed_batch: int | None = None) 
         return session.run(None, {name: x.astype(np.float32)})[0]
 
     def run(x: np.ndarray) -> np.ndarray:
-        b = fixed_batch
-        if b is None or len(x) == b:
+        from .onnx_graph import fixed_batches
+
+        if fixed_batch is None or len(x) == fixed_batch:
             return run_one(x)
-        outs = []
-        for s in range(0, len(x), b):
-            chunk = x[s : s + b]
-            n = len(chunk)
-            if n < b:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
-            outs.append(run_one(chunk)[:n])
-        return np.concatenate(outs)
+        return np.concatenate([run_one(x[idx])[:n] for idx, n in fixed_batches(len(x), fixed_batch)])
 
     return run
 

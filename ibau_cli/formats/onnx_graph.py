@@ -11,7 +11,7 @@ replaced, so input/output names, opset, dynamic axes and every other node surviv
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -284,6 +284,15 @@ def _attrs(node) -> dict:
     return out
 
 
+def fixed_batches(total: int, size: int) -> Iterator[tuple[list[int], int]]:
+    """Index lists of ``size`` covering ``range(total)`` in order, the last one padded by repeating its
+    last index, each with how many of its entries are real: the batches a graph exported with a
+    fixed batch size runs on (torch tensors and numpy arrays both take the index list)."""
+    for start in range(0, total, size):
+        real = min(size, total - start)
+        yield [start + min(i, real - 1) for i in range(size)], real
+
+
 class OnnxGraphModule(nn.Module):
     """Executes an ONNX graph with torch ops; float initializers are trainable parameters."""
 
@@ -318,19 +327,11 @@ class OnnxGraphModule(nn.Module):
         self.fixed_batch: int | None = None  # the graph's batch size, when the export fixed one
 
     def forward(self, x: Tensor) -> Tensor:
-        """The graph on ``x``; a graph exported with a fixed batch size runs on chunks of that size,
-        the last one padded with copies of its last image (eval mode: images do not interact)."""
-        b = self.fixed_batch
-        if b is None or len(x) == b:
+        """The graph on ``x``; a graph exported with a fixed batch size runs on chunks of that size
+        (``fixed_batches``; eval mode: images do not interact)."""
+        if self.fixed_batch is None or len(x) == self.fixed_batch:
             return self._run(x)
-        outs = []
-        for s in range(0, len(x), b):
-            chunk = x[s : s + b]
-            n = len(chunk)
-            if n < b:
-                chunk = torch.cat([chunk, chunk[-1:].expand(b - n, *chunk.shape[1:])])
-            outs.append(self._run(chunk)[:n])
-        return torch.cat(outs)
+        return torch.cat([self._run(x[idx])[:n] for idx, n in fixed_batches(len(x), self.fixed_batch)])
 
     def _value(self, name: str) -> Tensor:
         key = self.param_keys[name]

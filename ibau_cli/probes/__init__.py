@@ -272,7 +272,7 @@ def proxy_trigger(suite: ProbeSuite, target: int, seed: int) -> tuple[str, Calla
     models too."""
     best: tuple[float, str, PatternProbe] | None = None
     for r in suite.results:
-        probe = PROBES.get(r.name) if r.name in PROBES.names() else None
+        probe = PROBES.get(r.name)
         if not isinstance(probe, PatternProbe) or r.family in WEAK_FAMILIES or len(r.per_class) <= target:
             continue
         share = r.per_class[target]
