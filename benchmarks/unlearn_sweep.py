@@ -14,7 +14,8 @@ and ASR measured on the first 2,000 images of the second half. Guidance is given
         --variant "unlearn.perturbations=additive+warp"
     PYTHONPATH=. python benchmarks/unlearn_sweep.py --model gtsrb-smallcnn-blend --n 100 --hint 5 --trace
 
-`--trace` prints accuracy and ASR on the evaluation images after every round (and each round's
+`--trace` prints accuracy and ASR on the evaluation images after every round (with `--watch-probe
+NAME`, also that fixed probe's flip rate toward `--hint` on the unlearning | evaluation images) (and each round's
 untargeted delta's fooling rate on the unlearning images): where in the repair the backdoor goes
 and where the accuracy goes.
 
@@ -111,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.watch_probe:
         from ibau_cli.probes.patterns import builtin_patterns
 
-        watch = next(p for p in builtin_patterns() if p.name == args.watch_probe)
+        watch = next((p for p in builtin_patterns() if p.name == args.watch_probe), None)
+        if watch is None or args.hint is None:
+            raise SystemExit(
+                f"unlearn_sweep: --watch-probe needs --hint and a fixed probe name, not {args.watch_probe!r}"
+            )
     acc0, asr0 = figures(fresh())
     print(f"{args.model}: before accuracy {acc0:.3f}, ASR {asr0:.3f} ({len(y_eval)} / {int(keep.sum())} images)")
     for seed in args.seeds:
