@@ -50,27 +50,54 @@ METHODS = {
 
 
 @torch.no_grad()
-def figures(model, x_eval: np.ndarray, y_eval: np.ndarray, x_trig: np.ndarray, target_of: np.ndarray, keep: np.ndarray):
-    pred = np.concatenate(
-        [model(zoo.to_float(x_eval[i : i + 500])).argmax(1).numpy() for i in range(0, len(x_eval), 500)]
-    )
-    trig = x_trig[keep]
-    pred_t = np.concatenate(
-        [model(zoo.to_float(trig[i : i + 500])).argmax(1).numpy() for i in range(0, len(trig), 500)]
-    )
+def figures(
+    model,
+    x_eval: np.ndarray,
+    y_eval: np.ndarray,
+    x_trig: np.ndarray,
+    target_of: np.ndarray,
+    keep: np.ndarray,
+    device: torch.device = torch.device("cpu"),
+):
+    """Clean accuracy and ASR in full precision (fp32), whatever the repair's autocast was."""
+    model = model.to(device)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [model(zoo.to_float(x[i : i + 500]).to(device)).argmax(1).cpu().numpy() for i in range(0, len(x), 500)]
+        )
+
+    pred, pred_t = predict(x_eval), predict(x_trig[keep])
     return float((pred == y_eval).mean()), float((pred_t == target_of[keep]).mean()), int(keep.sum())
 
 
-def plain_epoch_seconds(model, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
-    """One epoch of plain fine-tuning (forward + backward + Adam step) over the same images."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_epoch_seconds(
+    model, x: torch.Tensor, y: torch.Tensor, batch: int, device: torch.device = torch.device("cpu")
+) -> float:
+    """One epoch of plain fine-tuning (forward + backward + Adam step) over the same images, moved to
+    the device a batch at a time as ibau moves them; on a GPU after one untimed warm-up step."""
+    model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=0.0)
     model.eval()
-    t = time.perf_counter()
-    for s in range(0, len(x), batch):
-        loss = F.cross_entropy(model(x[s : s + batch]), y[s : s + batch])
+
+    def step(s: int) -> None:
+        loss = F.cross_entropy(model(x[s : s + batch].to(device)), y[s : s + batch].to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+    if device.type == "cuda":
+        step(0)
+    _sync(device)
+    t = time.perf_counter()
+    for s in range(0, len(x), batch):
+        step(s)
+    _sync(device)
     return time.perf_counter() - t
 
 
@@ -86,17 +113,24 @@ def main() -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra config, SECTION.KEY=VALUE")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda or cuda:N: the repair, the evaluation and the timed plain epoch (GPU rows go to results/gpu/)",
+    )
+    ap.add_argument(
         "--probes", action="store_true", help="run the probes in ibau runs (the CLI default; they guide the unlearning)"
     )
     ap.add_argument("--results", type=Path, default=None, help="JSON-lines file [benchmarks/results/<model>.jsonl]")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
 
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
     attack, target, dataset = manifest["attack"], manifest.get("target"), manifest["dataset"]
     trigger_seed = manifest.get("trigger_seed", 0)
-    results = args.results or REPO / "benchmarks" / "results" / f"{args.model_dir.name}.jsonl"
+    results = args.results or REPO / "benchmarks" / "results" / ("gpu" if gpu else "") / f"{args.model_dir.name}.jsonl"
     done = {
         (
             r["model"],
@@ -131,7 +165,7 @@ def main() -> int:
     base = load_model(model_path)
     pre = base.preprocess
     base_wrapped = Normalized(base.module, pre).eval()
-    acc0, asr0, n_asr = figures(base_wrapped, x_eval, y_eval, x_trig, target_of, keep)
+    acc0, asr0, n_asr = figures(base_wrapped, x_eval, y_eval, x_trig, target_of, keep, device)
     print(
         f"{args.model_dir.name}: before acc {acc0:.4f} asr {asr0:.4f} on {len(y_eval)} / {n_asr} evaluation images",
         flush=True,
@@ -158,13 +192,13 @@ def main() -> int:
                     t = time.perf_counter()
                     report = sanitize(
                         SanitizeRequest(
-                            model=model_path, clean=tmp / "clean", out=out, overrides=overrides, device="cpu"
+                            model=model_path, clean=tmp / "clean", out=out, overrides=overrides, device=args.device
                         )
                     ).to_dict()
                     wall = time.perf_counter() - t
                     fixed = load_model(out)
                     wrapped = Normalized(fixed.module, pre).eval()
-                    acc1, asr1, _ = figures(wrapped, x_eval, y_eval, x_trig, target_of, keep)
+                    acc1, asr1, _ = figures(wrapped, x_eval, y_eval, x_trig, target_of, keep, device)
                     # cost ratio, timed now in this process on the same unlearning images
                     fresh = Normalized(load_model(model_path).module, pre)
                     xs = torch.stack([zoo.to_float(x_te[chosen][i : i + 1])[0] for i in range(len(chosen))])
@@ -174,6 +208,7 @@ def main() -> int:
                         xs[:n_unlearn],
                         torch.as_tensor(y_te[chosen][:n_unlearn]),
                         report["config"]["unlearn"]["batch_size"],
+                        device,
                     )
                     # the rounds that ran: the small-set schedule doubles the configured number
                     rounds = len(report["rounds"]) or report["config"]["unlearn"]["rounds"]
@@ -206,6 +241,8 @@ def main() -> int:
                         "perturbations": [f["family"] for f in report["unlearning"].get("perturbations", [])],
                         "probe_verdict_before": ((report.get("probes") or {}).get("before") or {}).get("verdict"),
                         "torch": torch.__version__,
+                        "device": report["device"],
+                        "amp": report["unlearning"].get("amp"),
                     }
                     append_row(results, row)
                     print(

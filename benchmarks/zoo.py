@@ -83,6 +83,14 @@ def load_split(data_dir: Path, dataset: str, split: str) -> tuple[np.ndarray, np
     return x, y, classes, path
 
 
+def arrays_sha256(path: Path) -> dict[str, str]:
+    """sha256 of the ``images`` and ``labels`` arrays' bytes (C order) in a split's .npz."""
+    import hashlib
+
+    with np.load(path, allow_pickle=False) as d:
+        return {k: hashlib.sha256(np.ascontiguousarray(d[k]).tobytes()).hexdigest() for k in ("images", "labels")}
+
+
 def to_float(x_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [0, 1]."""
     t = torch.as_tensor(x_uint8)
@@ -433,6 +441,11 @@ def cmd_train(args) -> int:
             "data_files": {
                 f"{args.dataset}/train.npz": sha256_file(tr_path),
                 f"{args.dataset}/test.npz": sha256_file(te_path),
+            },
+            # the arrays' own hashes, equal wherever the same images are re-packed (the .npz bytes are not)
+            "data_arrays": {
+                f"{args.dataset}/{split}": arrays_sha256(path)
+                for split, path in (("train", tr_path), ("test", te_path))
             },
             "subset_rng": "np.random.default_rng([seed, 0]).permutation(n)[:train_subset]",
             "poison_rng": "np.random.default_rng([seed, 1]).choice(candidates, n_poison, replace=False)",

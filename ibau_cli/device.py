@@ -58,6 +58,25 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Plain fp32 matrix products and convolutions on CUDA (no TF32, which cuDNN uses for fp32
+    convolutions by default and which moves logits by ~1e-2): for comparisons with another runtime."""
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    try:
+        saved = [f.allow_tf32 for f in flags]
+    except RuntimeError:  # a process that set the newer fp32_precision API: leave its choice alone
+        yield
+        return
+    for f in flags:
+        f.allow_tf32 = False
+    try:
+        yield
+    finally:
+        for f, value in zip(flags, saved, strict=True):
+            f.allow_tf32 = value
+
+
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """The CPUs this process may use under a cgroup quota (``docker run --cpus 2``, a Kubernetes CPU
     limit), or None without one. cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``."""

@@ -19,7 +19,7 @@ from .artifacts import render_images, write_artifacts
 from .config import EARLY_STOP_PATIENCE, Settings
 from .data import load_clean_folder, stratified_split
 from .destinations import check_artifacts_folder, check_writable_folder, same_file
-from .device import amp_dtype, resolve_device
+from .device import amp_dtype, full_precision, resolve_device
 from .errors import ModelMismatchError, RuntimeFailure, UsageError
 from .evaluate import accuracy, attack_success, logits
 from .formats import format_for_output, load_model, save_model, sha256_file
@@ -545,7 +545,8 @@ EPS = 1e-9  # rates are ratios of counts: gates compare with a tolerance, not bi
 
 def reference_parity(model: Normalized, reference, x: torch.Tensor, eval_kw) -> dict:
     """Compare the torch module with an independent runtime on the same (normalised) inputs."""
-    a = logits(model, x, **dict(eval_kw, amp=None))
+    with full_precision():
+        a = logits(model, x, **dict(eval_kw, amp=None))
     b = torch.from_numpy(reference(model.normalize(x.to(model.scale.device)).cpu().numpy())).float()
     return {
         "runtime": "onnxruntime",
@@ -562,12 +563,14 @@ def _verify(out_path: Path, arch_flag: str | None, model, pre, x_h, eval_kw) -> 
     try:
         reloaded = load_model(out_path, arch=arch_flag if arch_flag and ":" in arch_flag else None, device="cpu")
         kw = dict(eval_kw, amp=None)
-        a = logits(model, x_h, **kw)
-        if reloaded.reference is not None:
-            b = torch.from_numpy(reloaded.reference(model.normalize(x_h.to(model.scale.device)).cpu().numpy())).float()
-        else:
-            wrapped = Normalized(reloaded.module, pre).to(eval_kw["device"]).eval()
-            b = logits(wrapped, x_h, **kw)
+        with full_precision():
+            a = logits(model, x_h, **kw)
+            if reloaded.reference is not None:
+                b = torch.from_numpy(reloaded.reference(model.normalize(x_h.to(model.scale.device)).cpu().numpy()))
+                b = b.float()
+            else:
+                wrapped = Normalized(reloaded.module, pre).to(eval_kw["device"]).eval()
+                b = logits(wrapped, x_h, **kw)
     except Exception as exc:
         out_path.unlink(missing_ok=True)
         raise RuntimeFailure(f"the written model {out_path} could not be reloaded ({exc}); it was removed") from exc

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from ibau_cli.unlearn import fixed_point_hypergradient
-from ibau_cli.unlearn.perturbations import Additive, Warp
+from ibau_cli.unlearn.perturbations import Additive, Warp, bilinear_border_sample
 
 
 def _images(n: int = 3, h: int = 12, w: int = 10) -> torch.Tensor:
@@ -111,3 +113,56 @@ def test_a_warp_backdoor_is_flagged_by_the_synthesised_warp_and_repaired_with_th
         acc = float((fixed(x_eval).argmax(1) == y_eval).float().mean())
         asr = float((fixed(_warp_trigger(x_eval[keep])).argmax(1) == TARGET).float().mean())
     assert asr < 0.2 and acc > trained.clean_acc - 0.05, (trained.asr, asr, trained.clean_acc, acc)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (28, 28), (5, 9), (1, 6)])
+def test_warp_sampler_matches_grid_sample(size: tuple[int, int]) -> None:
+    h, w = size
+    gen = torch.Generator().manual_seed(h * 100 + w)
+    x = torch.rand(3, 3, h, w, generator=gen, requires_grad=True)
+    grid = (torch.rand(1, h, w, 2, generator=gen) * 2.4 - 1.2).requires_grad_(True)  # past the border too
+    ours = bilinear_border_sample(x, grid)
+    ref = F.grid_sample(x, grid.expand(3, -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    g_ours = torch.autograd.grad(ours.pow(2).sum(), [x, grid])
+    g_ref = torch.autograd.grad(ref.pow(2).sum(), [x, grid])
+    assert torch.allclose(g_ours[0], g_ref[0], atol=1e-5)
+    assert torch.allclose(g_ours[1], g_ref[1], atol=1e-4)
+
+
+def _graph_ops(t: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo += [nxt for nxt, _ in fn.next_functions]
+    return names
+
+
+def test_warp_is_twice_differentiable_without_grid_sampler() -> None:
+    # the implicit hypergradient differentiates d(loss)/d(flow) again; CUDA's grid_sampler has no
+    # derivative for its backward (found on an H100), so the warp must not go through it
+    warp = Warp.with_rms_pixels(0.5, (3, 32, 32))
+    x = torch.rand(4, 3, 32, 32)
+    p = (torch.randn(1, 2, warp.k, warp.k) * 0.3).requires_grad_(True)
+    out = warp.apply(x, p)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), p, create_graph=True)
+    assert not any("GridSampler" in name for name in _graph_ops(g))
+    (h,) = torch.autograd.grad(g.pow(2).sum(), p)
+    assert torch.isfinite(h).all() and h.abs().sum() > 0
+
+
+def test_full_precision_turns_tf32_off_and_restores_it() -> None:
+    from ibau_cli.device import full_precision
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with full_precision():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -72,7 +72,8 @@ def _true_figures(dataset: str, attack: str, target: int, *paths: Path) -> list[
         "gtsrb-smallcnn-trojan-square",  # magenta/green squares: no fixed probe flips it, the synthesised one does
         "gtsrb-smallcnn-all2all",  # all-to-all (label -> label + 1)
         "gtsrb-smallcnn-clean-s0",  # clean, trained the same way (weak colour evidence only: inconclusive)
-        "cifar10-smallvgg-clean-s0",  # the paper's small VGG, clean (no evidence)
+        # the clean small VGG (no evidence) is left to benchmarks/probe_eval.py (PROBES.md): its scan took
+        # 154 s of the suite's 823, the synthesised probes spending their whole budget on every class
     ],
 )
 def test_scan_flags_the_backdoored_zoo_models_and_not_the_clean_one(name, tmp_path):

@@ -72,5 +72,30 @@ class Warp:
         xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
         grid = torch.stack((gx + flow[:, 0] * (2.0 / max(w - 1, 1)), gy + flow[:, 1] * (2.0 / max(h - 1, 1))), dim=-1)
-        grid = grid.to(x.dtype).expand(len(x), -1, -1, -1)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return bilinear_border_sample(x, grid.to(x.dtype))
+
+
+def bilinear_border_sample(x: Tensor, grid: Tensor) -> Tensor:
+    """``F.grid_sample(x, grid, "bilinear", padding_mode="border", align_corners=True)`` written with
+    gathers, so that it is differentiable twice on every device: the implicit hypergradient of a warp
+    differentiates the gradient with respect to the flow again, and CUDA's grid_sampler (and a CPU's
+    before torch 2.13) has no derivative for its own backward. ``grid``: [1 or N, H', W', 2], (x, y)
+    in [-1, 1]; one grid for all images when its first dimension is 1."""
+    n, c, h, w = x.shape
+    gx = ((grid[..., 0] + 1) * ((w - 1) / 2)).clamp(0, w - 1)
+    gy = ((grid[..., 1] + 1) * ((h - 1) / 2)).clamp(0, h - 1)
+    x0 = gx.detach().floor().clamp(max=max(w - 2, 0))
+    y0 = gy.detach().floor().clamp(max=max(h - 2, 0))
+    wx, wy = (gx - x0).unsqueeze(1), (gy - y0).unsqueeze(1)
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+    flat = x.reshape(n, c, h * w)
+    out_hw = grid.shape[1:3]
+
+    def at(yi: Tensor, xi: Tensor) -> Tensor:
+        idx = (yi * w + xi).reshape(len(yi), 1, -1).expand(n, c, -1)
+        return flat.gather(2, idx).reshape(n, c, *out_hw)
+
+    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+    return top * (1 - wy) + bottom * wy
