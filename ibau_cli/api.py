@@ -125,6 +125,7 @@ def make_request(
     force: bool = False,
     artifacts: str | Path | None = None,
     environment: Mapping[str, str] | None = os.environ,
+    argv: Sequence[str] | None = None,
 ) -> SanitizeRequest:
     """Build the request the CLI would build from the same flags (``settings`` is ``--set``; sizes and
     statistics may be given as the CLI writes them: ``input_size="32x32"``, ``mean="0.5,0.5,0.5"``)."""
@@ -193,6 +194,7 @@ def make_request(
         force=force,
         artifacts=artifacts,
         environment=None if environment is None else dict(environment),
+        argv=None if argv is None else list(argv),
     )
 
 

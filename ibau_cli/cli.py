@@ -249,7 +249,13 @@ def _request(opts: dict[str, Any]):
         force=opts["force"],
         artifacts=opts.get("artifacts"),
         environment=os.environ,
+        argv=_argv(),
     )
+
+
+def _argv() -> list[str]:
+    """This process's command line as the user typed it: ``ibau`` and the arguments."""
+    return ["ibau", *sys.argv[1:]]
 
 
 def _sanitize(opts: dict[str, Any]) -> None:
@@ -396,8 +402,11 @@ def _config_show(model, arch, preset, config_file, assignments, json_stdout) -> 
             overrides=overrides,
             environment=dict(os.environ),
         )
-        settings, sources = settings_for(load_model(model, arch=arch), request)
+        loaded = load_model(model, arch=arch)
+        settings, sources = settings_for(loaded, request)
+        num_classes = loaded.num_classes
     else:
+        num_classes = None
         settings, sources = resolve_settings(
             arch=arch,
             model_preprocess=None,
@@ -406,7 +415,7 @@ def _config_show(model, arch, preset, config_file, assignments, json_stdout) -> 
             overrides=overrides,
             environment=dict(os.environ),
         )
-    sys.stdout.write((render_json if json_stdout else render_toml)(settings, sources))
+    sys.stdout.write((render_json if json_stdout else render_toml)(settings, sources, num_classes))
 
 
 @main.command()
@@ -505,6 +514,7 @@ def _demo(workdir: Path | None, device: str, json_stdout: bool, report_paths: tu
         out=root / "fixed.safetensors",
         device=device,
         trigger=TriggerSpec(image=paths["trigger"], target=0),
+        argv=_argv(),
     )
     with _RichProgress(err, enabled=err.is_terminal) as progress:
         report = run_sanitize(request, progress=progress)

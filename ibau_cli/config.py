@@ -182,6 +182,29 @@ class Settings:
     probes: ProbesConfig = field(default_factory=ProbesConfig)
     seed: int = 0
 
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.preprocess.channels, *self.preprocess.input_size)
+
+    def resolved_probe_radius(self, shape: tuple[int, ...]) -> float:
+        """probes.radius, or 0.3 x the unlearning radius for images of ``shape``."""
+        if self.probes.radius is not None:
+            return float(self.probes.radius)
+        return 0.3 * self.unlearn.resolved_radius(shape)
+
+    def automatic_values(self, num_classes: int | None) -> dict[str, str]:
+        """For each key left unset (automatic), what it resolves to for this preprocessing and class
+        count, and the rule (``ibau config show`` prints these)."""
+        shape = self.image_shape()
+        size = "x".join(map(str, shape))
+        floor = "chance + 25 % of the way to 1"
+        return {
+            "unlearn.radius": f"{self.unlearn.resolved_radius(shape):.4g} for {size} images: 10 x sqrt(pixels / 3072)",
+            "probes.radius": f"{self.resolved_probe_radius(shape):.4g} for {size} images: 0.3 x unlearn.radius",
+            "gate.min_clean_acc": f"{floor}: {self.gate.resolved_min_clean_acc(num_classes):.4g} for {num_classes} classes"
+            if num_classes
+            else f"{floor}, from the model's class count",
+        }
+
     def to_dict(self) -> dict:
         return {
             "preprocess": self.preprocess.to_dict(),

@@ -19,8 +19,10 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
-def render_toml(settings: Settings, sources: SettingsSources) -> str:
+def render_toml(settings: Settings, sources: SettingsSources, num_classes: int | None = None) -> str:
+    """``num_classes``: the model's, when one was given (the accuracy floor depends on it)."""
     data = settings.to_dict()
+    automatic = settings.automatic_values(num_classes)
     lines = [
         "# ibau resolved configuration (load it again with --config FILE)",
         "# layers, lowest first: " + " < ".join(sources.layers),
@@ -30,7 +32,8 @@ def render_toml(settings: Settings, sources: SettingsSources) -> str:
     def line(key: str, name: str, value: Any) -> str:
         origin = sources.origins.get(key, "defaults")
         if value is None:
-            return f"# {name} = (unset: automatic)  # {origin}"
+            rule = automatic.get(key)
+            return f"# {name} = (unset: automatic{': ' + rule if rule else ''})  # {origin}"
         return f"{name} = {_toml_value(value)}  # {origin}"
 
     lines.append(line("seed", "seed", data.pop("seed")))
@@ -40,8 +43,12 @@ def render_toml(settings: Settings, sources: SettingsSources) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_json(settings: Settings, sources: SettingsSources) -> str:
-    return (
-        json.dumps({"config": settings.to_dict(), "layers": sources.layers, "origins": sources.origins}, indent=2)
-        + "\n"
-    )
+def render_json(settings: Settings, sources: SettingsSources, num_classes: int | None = None) -> str:
+    data = settings.to_dict()
+    automatic = {
+        key: rule
+        for key, rule in settings.automatic_values(num_classes).items()
+        if data[key.split(".")[0]][key.split(".")[1]] is None
+    }
+    body = {"config": data, "layers": sources.layers, "origins": sources.origins, "automatic": automatic}
+    return json.dumps(body, indent=2) + "\n"

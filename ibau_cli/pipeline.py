@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -69,6 +69,7 @@ class SanitizeRequest:
     save: bool = True
     artifacts: Path | None = None
     environment: Mapping[str, str] | None = None  # IBAU_SECTION__KEY variables (the CLI passes os.environ)
+    argv: Sequence[str] | None = None  # the command line that asked for the run, for the report (the CLI's own)
 
     def __post_init__(self) -> None:
         _as_paths(self, ("model", "clean", "out", "classes_file", "config_file", "artifacts"))
@@ -454,6 +455,7 @@ def _report_common(p: _Prepared, request: SanitizeRequest, command: str, probes_
     device = p.device
     return {
         "command": command,
+        "invocation": None if request.argv is None else {"argv": [str(a) for a in request.argv]},
         "input": {"path": str(request.model), "format": p.loaded.fmt, "sha256": p.input_sha},
         "model": {"architecture": p.loaded.arch, "num_classes": p.num_classes, "notes": p.loaded.notes},
         "config": p.settings.to_dict(),
@@ -597,9 +599,7 @@ def _verify(out_path: Path, arch_flag: str | None, model, pre, x_h, eval_kw) -> 
 def _run_probes(model, x, y, num_classes, settings, device, amp, progress):
     from .probes import run_probes
 
-    radius = settings.probes.radius
-    if radius is None:
-        radius = 0.3 * settings.unlearn.resolved_radius(tuple(x.shape[1:]))
+    radius = settings.resolved_probe_radius(tuple(x.shape[1:]))
     return run_probes(
         model,
         x,

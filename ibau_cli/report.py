@@ -60,6 +60,7 @@ class Report:
     gates: list[Gate]
     verdict: str
     warnings: list[str] = field(default_factory=list)
+    invocation: dict[str, Any] | None = None  # {"argv": [...]}: the command line, when the CLI ran it
     images: dict[str, bytes] = field(default_factory=dict, repr=False)  # PNGs for the HTML report; not in JSON
 
     @property
@@ -77,6 +78,7 @@ class Report:
                 "platform": platform.platform(),
             },
             "command": self.command,
+            "invocation": self.invocation,
             "input": self.input,
             "output": self.output,
             "model": self.model,

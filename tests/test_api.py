@@ -39,6 +39,7 @@ def test_sanitize_from_the_package_matches_the_cli(backdoored, tmp_path):
     assert res.returncode == report.exit_code
     assert cli["before"] == written["before"] and cli["config"] == written["config"]
     assert [g["status"] for g in cli["gates"]] == [g["status"] for g in written["gates"]]
+    assert written["invocation"] is None and cli["invocation"]["argv"][:2] == ["ibau", "sanitize"]
     assert abs(cli["after"]["asr"]["value"] - written["after"]["asr"]["value"]) <= 0.05
 
 

@@ -94,6 +94,9 @@ def test_config_show_prints_loadable_toml_with_origins(tmp_path, backdoored):
     assert "max_asr = 0.1  # environment IBAU_GATE__MAX_ASR" in res.stdout
     assert "mean = [0.3403, 0.3121, 0.3214]  # preset gtsrb" in res.stdout
     assert "model metadata" in res.stdout.splitlines()[1]
+    # automatic keys say what they resolve to for this model (10 classes, 3x32x32 images)
+    assert "# radius = (unset: automatic: 10 for 3x32x32 images" in res.stdout
+    assert "0.325 for 10 classes" in res.stdout and "3 for 3x32x32 images: 0.3 x unlearn.radius" in res.stdout
     saved = tmp_path / "resolved.toml"
     saved.write_text(res.stdout)
     again = _cli("config", "show", "--config", saved, "--json")
@@ -102,6 +105,7 @@ def test_config_show_prints_loadable_toml_with_origins(tmp_path, backdoored):
 
     data = json.loads(again.stdout)
     assert data["config"]["unlearn"]["rounds"] == 3 and data["config"]["gate"]["max_asr"] == 0.1
+    assert "from the model's class count" in data["automatic"]["gate.min_clean_acc"]  # no model: the rule
 
 
 def test_config_show_rejects_unknown_keys_and_archs():

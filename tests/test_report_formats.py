@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shlex
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from importlib import resources
@@ -73,6 +74,11 @@ def test_sarif_report_is_valid_and_lists_no_finding_for_a_passing_model(sanitize
     notes = run["invocations"][0]["toolExecutionNotifications"]
     assert [n["message"]["text"] for n in notes] == json.loads((sanitized / "report.json").read_text())["warnings"]
     assert {g["name"] for g in run["properties"]["gates"]} == {"asr", "accuracy_drop"}
+    # the command line as typed, flags included (it was once rebuilt from the command and the model)
+    argv = json.loads((sanitized / "report.json").read_text())["invocation"]["argv"]
+    assert argv[:2] == ["ibau", "sanitize"] and "--trigger" in argv and "--report" in argv
+    assert run["invocations"][0]["commandLine"] == shlex.join(argv)
+    assert run["invocations"][0]["arguments"] == argv[1:]
 
 
 def test_junit_report_has_one_passing_case_per_gate(sanitized):

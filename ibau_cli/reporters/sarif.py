@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -57,6 +58,15 @@ def _rule(name: str) -> dict[str, Any]:
     }
 
 
+def _command_line(report: dict[str, Any], model: str) -> dict[str, Any]:
+    """SARIF's commandLine (and arguments): the CLI's own command line where the report has it (a run
+    from the Python API has none: the command and the model then)."""
+    argv = (report.get("invocation") or {}).get("argv")
+    if not argv:
+        return {"commandLine": f"ibau {report['command']} {model}"}
+    return {"commandLine": shlex.join(argv), "arguments": list(argv[1:])}
+
+
 def render_sarif(report: dict[str, Any]) -> str:
     model = report["input"]["path"]
     sha = report["input"]["sha256"]
@@ -100,7 +110,7 @@ def render_sarif(report: dict[str, Any]) -> str:
                     {
                         "executionSuccessful": True,
                         "exitCode": 0 if report["verdict"] == "pass" else 1,
-                        "commandLine": f"ibau {report['command']} {model}",
+                        **_command_line(report, model),
                         "toolExecutionNotifications": notifications,
                     }
                 ],
