@@ -334,6 +334,7 @@ def _inspect(model: Path, json_stdout: bool) -> None:
         "architecture",
         "graph",
         "num_classes",
+        "num_classes_source",
         "input_shape",
         "parameters",
         "tensors",

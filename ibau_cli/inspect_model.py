@@ -93,12 +93,20 @@ def inspect_file(path: Path) -> dict[str, Any]:
     info.update(_tensor_summary(shapes))
     arch = meta.get(META_ARCH)
     info["architecture"] = arch
-    num_classes = meta.get(META_CLASSES)
+    num_classes, source = meta.get(META_CLASSES), "metadata"
     if num_classes is None and arch and ARCHS.get(arch) and ARCHS.get(arch).classifier_key in shapes:
-        num_classes = shapes[ARCHS.get(arch).classifier_key][0][0]
+        key = ARCHS.get(arch).classifier_key
+        num_classes, source = shapes[key][0][0], f"architecture {arch}: {key}"
+    if num_classes is None and "num_classes_from_graph" in info:
+        num_classes, source = info["num_classes_from_graph"], "graph output"
+    info.pop("num_classes_from_graph", None)
     if num_classes is None:
-        num_classes = info.pop("num_classes_from_graph", None)
+        last_2d = [k for k, (s, _) in shapes.items() if len(s) == 2]
+        if last_2d:  # a classifier's last linear layer: [classes, features]
+            num_classes = shapes[last_2d[-1]][0][0]
+            source = f"a guess: the last 2-D weight, {last_2d[-1]} (sanitize checks it by running the model)"
     info["num_classes"] = int(num_classes) if num_classes is not None else None
+    info["num_classes_source"] = source if num_classes is not None else None
     if META_PRE in meta:
         import json
 

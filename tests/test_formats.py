@@ -136,10 +136,23 @@ def test_inspect_reads_safetensors_header_only(backdoored, tmp_path):
     info = json.loads(stdout)
     assert info["format"] == "safetensors" and info["architecture"] == "small-cnn"
     assert info["num_classes"] == 10 and info["input_shape"] == [3, 32, 32]
+    assert info["num_classes_source"] == "metadata"
     n_params = sum(v.numel() for v in backdoored["module"].state_dict().values())
     assert info["parameters"] == n_params
     code, _, err = invoke("inspect", tmp_path / "missing.safetensors")
     assert_one_line_error(code, err, 2, "not found")
+
+
+def test_inspect_of_torchscript_without_metadata_names_the_class_count_and_its_source(backdoored, tmp_path):
+    src = tmp_path / "bare.torchscript.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(_jit(backdoored["module"], traced=True), str(src))  # no ibau metadata in it
+    code, stdout, err = invoke("inspect", src, "--json")
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert info["format"] == "torchscript" and info["metadata"] == {}
+    assert info["num_classes"] == 10 and info["num_classes_source"].startswith("a guess: the last 2-D weight")
 
 
 def test_inspect_refuses_malicious_pickle(tmp_path):
