@@ -685,16 +685,20 @@ def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repai
             None,
             f"no --trigger; probes {stage}: {probes_after.verdict.replace('_', ' ')}",
         )
-    name, value = probes_after.probe_asr(cls)
+    name, value, counts = probes_after.probe_asr(cls)
     status = "pass" if value <= gate_cfg.max_asr + EPS and probes_after.verdict != "suspected" else "fail"
+    share = (
+        f"{counts.hits} of the {counts.n} held-out images of other classes, not already called {cls}, go there"
+        if counts is not None
+        else f"the share of the held-out images of other classes, not already called {cls}, that it sends there; "
+        f"{probes_after.n_images} held out, half of them for a synthesised probe"
+    )
     return Gate(
         "asr",
         status,
         gate_cfg.max_asr,
         value,
-        f"no --trigger; strongest probe toward suspected class {cls} {stage} ({name}: the share of the "
-        f"held-out images of other classes, not already called {cls}, that it sends there; "
-        f"{probes_after.n_images} held out, half of them for a synthesised probe); "
+        f"no --trigger; strongest probe toward suspected class {cls} {stage} ({name}: {share}); "
         f"probe verdict {stage}: {probes_after.verdict.replace('_', ' ')}",
     )
 

@@ -4,6 +4,7 @@ outside the fixed-pattern list caught by the synthesised probes; probes fall aft
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -82,3 +83,17 @@ def test_probe_figures_fall_with_the_true_asr_after_sanitize(backdoored, tmp_pat
     uap_a = next(p for p in after["probes"] if p["name"] == "synth-universal-perturbation")
     assert uap_b["flip_rate"]["value"] > 0.9 and uap_a["flip_rate"]["value"] < 0.5
     assert report["after"]["asr"]["value"] < 0.2
+
+
+def test_probe_gate_without_a_trigger_gives_its_sample_count(backdoored, tmp_path):
+    # no --trigger, a repair too weak to change anything: the ASR gate falls back on the probes, and
+    # its figure says how many held-out images it counted (hits of n), as every other figure does
+    res = run_cli("sanitize", backdoored["model"], "--clean", backdoored["clean500"], "--out",
+                  tmp_path / "o.safetensors", "--rounds", "1", "--set", "unlearn.lr=1e-12", "--json", "--quiet",
+                  *FAST, probes=True)  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    report = json.loads(res.stdout)
+    gate = next(g for g in report["gates"] if g["name"] == "asr")
+    assert gate["status"] == "fail" and "suspected class 0" in gate["detail"]
+    hits, n = (int(v) for v in re.search(r"(\d+) of the (\d+) held-out images", gate["detail"]).groups())
+    assert 0 < n <= report["data"]["n_holdout"] and gate["value"] == pytest.approx(hits / n)

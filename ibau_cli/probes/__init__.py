@@ -62,11 +62,13 @@ class ProbeSuite:
         """The strongest probe that estimates an ASR."""
         return max(self._estimators() or self.results, key=lambda r: r.flip.value or 0.0)
 
-    def probe_asr(self, target: int) -> tuple[str, float]:
-        """The strongest ASR-estimating probe toward ``target``."""
+    def probe_asr(self, target: int) -> tuple[str, float, Rate | None]:
+        """The strongest ASR-estimating probe toward ``target``: its name, its rate, and that rate as
+        hits of n where the probe counted them (None for a plugin's probe that gives rates only)."""
         candidates = [r for r in self._estimators() if len(r.per_class) > target]
         best = max(candidates, key=lambda r: r.per_class[target])
-        return best.name, best.per_class[target]
+        counts = best.per_class_counts[target] if len(best.per_class_counts) > target else None
+        return best.name, best.per_class[target], counts
 
     def to_dict(self) -> dict:
         worst = self.worst()

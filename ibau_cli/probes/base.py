@@ -34,6 +34,7 @@ class ProbeResult:
     flip: Rate  # non-target images, not already predicted as the class, flipped to it
     details: dict = field(default_factory=dict)
     per_class: list[float] = field(default_factory=list)  # flip rate toward every class
+    per_class_counts: list[Rate] = field(default_factory=list)  # the same as hits of n, where the probe has them
     seconds: float | None = None  # wall time of the probe (run_probes sets it)
 
     def to_dict(self) -> dict:
@@ -63,18 +64,28 @@ def predict(model: nn.Module, x: Tensor, ctx: ProbeContext) -> Tensor:
     return torch.cat(out)
 
 
-def flip_rates(pred: Tensor, y: Tensor, clean_pred: Tensor, num_classes: int) -> tuple[int, Rate, list[float]]:
-    """Per class t: among images with label != t that the model did not already call t, the
-    fraction now called t. Returns the worst class, its rate and every class's rate."""
-    best, best_rate, rates = 0, Rate(0, 0), []
+def class_rates(pred: Tensor, y: Tensor, clean_pred: Tensor, num_classes: int) -> list[Rate]:
+    """Per class t: among images with label != t that the model did not already call t, how many
+    are now called t (hits of n)."""
+    out = []
     for t in range(num_classes):
         eligible = (y != t) & (clean_pred != t)
-        n = int(eligible.sum())
-        hits = int(((pred == t) & eligible).sum())
-        rates.append(hits / n if n else 0.0)
-        if n and (best_rate.n == 0 or hits / n > best_rate.value):
-            best, best_rate = t, Rate(hits, n)
-    return best, best_rate, rates
+        out.append(Rate(int(((pred == t) & eligible).sum()), int(eligible.sum())))
+    return out
+
+
+def worst_class(counts: list[Rate]) -> tuple[int, Rate, list[float]]:
+    """The class with the highest rate, that rate, and every class's rate (0 where n is 0)."""
+    best, best_rate = 0, Rate(0, 0)
+    for t, r in enumerate(counts):
+        if r.n and (best_rate.n == 0 or r.hits / r.n > best_rate.hits / best_rate.n):
+            best, best_rate = t, r
+    return best, best_rate, [r.hits / r.n if r.n else 0.0 for r in counts]
+
+
+def flip_rates(pred: Tensor, y: Tensor, clean_pred: Tensor, num_classes: int) -> tuple[int, Rate, list[float]]:
+    """``worst_class`` of ``class_rates``: the worst class, its rate and every class's rate."""
+    return worst_class(class_rates(pred, y, clean_pred, num_classes))
 
 
 def remap_rate(pred: Tensor, y: Tensor, clean_pred: Tensor, num_classes: int) -> tuple[Rate, int, int]:

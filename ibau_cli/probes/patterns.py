@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ProbeContext, ProbeResult, flip_rates, predict, remap_rate
+from .base import ProbeContext, ProbeResult, class_rates, predict, remap_rate, worst_class
 
 Transform = Callable[[Tensor, torch.Generator], Tensor]
 
@@ -25,10 +25,11 @@ class PatternProbe:
     def run(self, model: nn.Module, ctx: ProbeContext) -> ProbeResult:
         gen = torch.Generator().manual_seed(ctx.seed)
         pred = predict(model, self.transform(ctx.x, gen), ctx)
-        worst, rate, rates = flip_rates(pred, ctx.y, ctx.clean_pred, ctx.num_classes)
+        counts = class_rates(pred, ctx.y, ctx.clean_pred, ctx.num_classes)
+        worst, rate, rates = worst_class(counts)
         remap, targets, sources = remap_rate(pred, ctx.y, ctx.clean_pred, ctx.num_classes)
         details = {"remap_rate": remap.to_dict(), "remap_targets": targets, "remap_sources": sources}
-        return ProbeResult(self.name, self.family, worst, rate, details, per_class=rates)
+        return ProbeResult(self.name, self.family, worst, rate, details, per_class=rates, per_class_counts=counts)
 
 
 def _patch(size_frac: float, where: str, colour: str) -> Transform:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..device import autocast
 from ..metrics import Rate
 from ..unlearn.perturbations import Warp
-from .base import ProbeContext, ProbeResult, flip_rates, predict
+from .base import ProbeContext, ProbeResult, class_rates, predict, worst_class
 
 BATCH = 64
 
@@ -135,6 +135,7 @@ class MaskPatternProbe:
                 ],
             },
             per_class=[f.value or 0.0 for f in flips],
+            per_class_counts=list(flips),
         )
         result.artifacts = {"mask": masks[worst], "pattern": patterns[worst]}  # type: ignore[attr-defined]
         return result
@@ -205,6 +206,7 @@ class UniversalPerturbationProbe:
                 ],
             },
             per_class=rates,
+            per_class_counts=[f[i] if f else Rate(0, 0) for f in flips],
         )
         result.artifacts = {"delta": None if deltas[worst] is None else scale * deltas[worst]}  # type: ignore[attr-defined]
         return result
@@ -246,7 +248,8 @@ class WarpPerturbationProbe:
                 ]
             )
         pred = predict(model, x_test, ctx)
-        worst, rate, rates = flip_rates(pred, ctx.y[test_idx], ctx.clean_pred[test_idx], ctx.num_classes)
+        counts = class_rates(pred, ctx.y[test_idx], ctx.clean_pred[test_idx], ctx.num_classes)
+        worst, rate, rates = worst_class(counts)
         others = [r for k, r in enumerate(rates) if k != worst]
         return ProbeResult(
             self.name,
@@ -260,4 +263,5 @@ class WarpPerturbationProbe:
                 "median_other_flip_rate": statistics.median(others) if others else 0.0,
             },
             per_class=rates,
+            per_class_counts=counts,
         )
