@@ -83,11 +83,6 @@ def worst_class(counts: list[Rate]) -> tuple[int, Rate, list[float]]:
     return best, best_rate, [r.hits / r.n if r.n else 0.0 for r in counts]
 
 
-def flip_rates(pred: Tensor, y: Tensor, clean_pred: Tensor, num_classes: int) -> tuple[int, Rate, list[float]]:
-    """``worst_class`` of ``class_rates``: the worst class, its rate and every class's rate."""
-    return worst_class(class_rates(pred, y, clean_pred, num_classes))
-
-
 def remap_rate(pred: Tensor, y: Tensor, clean_pred: Tensor, num_classes: int) -> tuple[Rate, int, int]:
     """All-to-all evidence: among images the model classifies correctly, the fraction sent to their
     class's most common new label (a class-dependent target). Returns that rate, how many distinct
