@@ -59,7 +59,8 @@ def figures(
     keep: np.ndarray,
     device: torch.device = torch.device("cpu"),
 ):
-    """Clean accuracy and ASR in full precision (fp32), whatever the repair's autocast was."""
+    """Clean accuracy and ASR in full precision (fp32), whatever the repair's autocast was; the ASR
+    is None when no image is kept for it (a clean model: no trigger)."""
     model = model.to(device)
 
     def predict(x: np.ndarray) -> np.ndarray:
@@ -67,8 +68,15 @@ def figures(
             [model(zoo.to_float(x[i : i + 500]).to(device)).argmax(1).cpu().numpy() for i in range(0, len(x), 500)]
         )
 
-    pred, pred_t = predict(x_eval), predict(x_trig[keep])
+    pred = predict(x_eval)
+    if not keep.any():
+        return float((pred == y_eval).mean()), None, 0
+    pred_t = predict(x_trig[keep])
     return float((pred == y_eval).mean()), float((pred_t == target_of[keep]).mean()), int(keep.sum())
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _sync(device: torch.device) -> None:
@@ -124,7 +132,12 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise SystemExit(f"efficacy: --device {args.device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"efficacy: --device {args.device}: this torch build sees no CUDA device")
     gpu = device.type == "cuda"
 
     manifest = json.loads((args.model_dir / "manifest.json").read_text())
@@ -160,6 +173,8 @@ def main() -> int:
     num_classes = manifest.get("num_classes") or int(y_te.max()) + 1
     target_of = attacks.target_labels(attack, torch.as_tensor(y_eval), target or 0, num_classes).numpy()
     keep = target_of != y_eval
+    if attack == "clean":  # no trigger: accuracy only (what sanitizing a clean model costs)
+        keep = np.zeros_like(keep)
 
     model_path = args.model_dir / "model.safetensors"
     base = load_model(model_path)
@@ -167,7 +182,7 @@ def main() -> int:
     base_wrapped = Normalized(base.module, pre).eval()
     acc0, asr0, n_asr = figures(base_wrapped, x_eval, y_eval, x_trig, target_of, keep, device)
     print(
-        f"{args.model_dir.name}: before acc {acc0:.4f} asr {asr0:.4f} on {len(y_eval)} / {n_asr} evaluation images",
+        f"{args.model_dir.name}: before acc {acc0:.4f} asr {_pct(asr0)} on {len(y_eval)} / {n_asr} evaluation images",
         flush=True,
     )
 
@@ -246,7 +261,7 @@ def main() -> int:
                     }
                     append_row(results, row)
                     print(
-                        f"{method:12s} n={n:5d} seed={seed}: acc {acc0:.4f}->{acc1:.4f}  asr {asr0:.4f}->{asr1:.4f}  "
+                        f"{method:12s} n={n:5d} seed={seed}: acc {acc0:.4f}->{acc1:.4f}  asr {_pct(asr0)}->{_pct(asr1)}  "
                         f"unlearn {row['unlearn_seconds']:.0f}s  round/epoch {row['round_over_epoch']:.1f}",
                         flush=True,
                     )

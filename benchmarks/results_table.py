@@ -155,6 +155,7 @@ def _both_tables(rows: list[dict]) -> list[str]:
         "### Against the targets (default settings, worst seed per model)",
         "",
         *_targets_table(rows),
+        *_clean_table(rows),
         "",
         "### Every run",
         "",
@@ -180,14 +181,16 @@ def _efficacy_table(rows: list[dict]) -> list[str]:
         g = groups[key]
         model, n, method, extra = key
         accs = [r["acc_after"] for r in g]
-        asrs = [r["asr_after"] for r in g]
+        asrs = [r["asr_after"] for r in g if r["asr_after"] is not None]
+        asr_before = "-" if g[0]["asr_before"] is None else f"{g[0]['asr_before']:.1%}"
+        asr_after = f"{statistics.mean(asrs):.1%} / {max(asrs):.1%}" if asrs else "- (clean model)"
         label = method + ("" if extra == "{}" else f" {extra}")
         carried = sum("carried_from" in r for r in g)
         seeds = f"{len(g)}" + (f" ({carried} by {g[0].get('carried_from') or 'an earlier version'})" if carried else "")
         out.append(
             f"| {model} | {g[0].get('n_eval', '?')} | {n} ({g[0]['n_unlearn']}) | {label} | {seeds} | {_guided(g)} | {g[0]['acc_before']:.1%} | "
-            f"{statistics.mean(accs):.1%} / {min(accs):.1%} | {g[0]['asr_before']:.1%} | "
-            f"{statistics.mean(asrs):.1%} / {max(asrs):.1%} | {statistics.mean(r['unlearn_seconds'] for r in g):.0f} | "
+            f"{statistics.mean(accs):.1%} / {min(accs):.1%} | {asr_before} | "
+            f"{asr_after} | {statistics.mean(r['unlearn_seconds'] for r in g):.0f} | "
             f"{statistics.mean(round_over_epoch(r) for r in g):.1f} |"
         )
     return out
@@ -209,13 +212,46 @@ def _guided(g: list[dict]) -> str:
     )
 
 
+def _clean_table(rows: list[dict]) -> list[str]:
+    """What `ibau sanitize` (default settings, probes on) costs a model with no backdoor: most models
+    an intake pipeline sees. Empty when no clean model was run."""
+    by: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["method"] == "ibau" and r["attack"] == "clean" and not r.get("extra_config") and r.get("probes"):
+            by[(r["model"].split("-")[0], r["n_clean"])].append(r)
+    if not by:
+        return []
+    out = [
+        "",
+        "### Clean models (no backdoor): what the default repair costs",
+        "",
+        "| data | clean images | models | runs | guided (runs) | accuracy drop, mean | worst drop |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for data, n in sorted(by, key=lambda k: (k[0], -k[1])):
+        g = by[(data, n)]
+        drops = [r["acc_before"] - r["acc_after"] for r in g]
+        worst = max(g, key=lambda r: r["acc_before"] - r["acc_after"])
+        guided = sum(r.get("guided_class") is not None for r in g)
+        out.append(
+            f"| {data} | {n} | {len({r['model'] for r in g})} | {len(g)} | {guided} | "
+            f"{100 * statistics.mean(drops):.1f} pts | {100 * max(drops):.1f} pts ({worst['model']}, seed {worst['seed']}) |"
+        )
+    return out
+
+
 def _targets_table(rows: list[dict]) -> list[str]:
     """Per clean-set size, the default ibau runs against the issue's targets (worst seed per model):
     as the CLI runs by default, so with the probes where such rows exist."""
     by: dict[tuple, list[dict]] = defaultdict(list)
     with_probes = any(r.get("probes") for r in rows if r["method"] == "ibau")
     for r in rows:
-        if r["method"] == "ibau" and not r.get("extra_config") and bool(r.get("probes")) == with_probes:
+        if (
+            r["method"] == "ibau"
+            and r["attack"] != "clean"
+            and not r.get("extra_config")
+            and bool(r.get("probes")) == with_probes
+        ):
             by[(r["model"].split("-")[0], r["n_clean"], r["model"])].append(r)
     out = [
         "| data | clean images | models | seeds | ASR after, worst seed: models <= 2 % (all-to-all <= 5 %) | worst ASR | accuracy drop, worst seed: models <= 1 pt / <= 3 pts | mean drop | worst drop |",
