@@ -166,3 +166,22 @@ def test_probe_guided_sanitize_of_a_small_set_stops_when_the_backdoor_is_gone(tm
     (acc0, asr0), (acc1, asr1) = _true_figures("gtsrb", "blend", target, model, out)
     assert asr0 > 0.9 and asr1 < 0.05, (asr0, asr1)
     assert acc1 > acc0 - 0.06, (acc0, acc1)  # 96.2 -> 91.0 % here; 80 images of 43 classes cost accuracy
+
+
+def test_a_clean_model_sanitized_with_100_images_is_not_called_backdoored(tmp_path):
+    """100 clean GTSRB images of 43 classes leave 23 held out, under one per class: every changed
+    image was then its class's "most common" new label, and a black patch moving half of them read as
+    an all-to-all backdoor (0.3.4 failed this gate on these very images). A class now counts only when
+    two of its images agree on the new label."""
+    import zoo
+
+    x, y, _, _ = zoo.load_split(SHARED_DATA, "gtsrb", "test")
+    pick = np.random.default_rng(0).permutation(len(y))[:100]  # zoo.py export-clean --n 100 --seed 0
+    zoo.write_folder(x[pick], y[pick], tmp_path / "clean")
+    res = run_cli("sanitize", ZOO / "gtsrb-smallcnn-clean-s0" / "model.safetensors", "--clean", tmp_path / "clean",
+                  "--out", tmp_path / "fixed.safetensors", "--json", "-q", probes=True)  # fmt: skip
+    report = json.loads(res.stdout)
+    probes = report["probes"]
+    assert probes["before"]["verdict"] != "suspected", probes["before"]["evidence"]
+    assert probes["after"]["verdict"] != "suspected", probes["after"]["evidence"]
+    assert res.returncode == 0, [g for g in report["gates"] if g["status"] == "fail"]

@@ -83,10 +83,19 @@ def worst_class(counts: list[Rate]) -> tuple[int, Rate, list[float]]:
     return best, best_rate, [r.hits / r.n if r.n else 0.0 for r in counts]
 
 
-def remap_rate(pred: Tensor, y: Tensor, clean_pred: Tensor, num_classes: int) -> tuple[Rate, int, int]:
+MIN_REMAP_AGREEMENT = 2  # images of one class that must agree on a new label to count as remapped
+
+
+def remap_rate(
+    pred: Tensor, y: Tensor, clean_pred: Tensor, num_classes: int, agreement: int = MIN_REMAP_AGREEMENT
+) -> tuple[Rate, int, int]:
     """All-to-all evidence: among images the model classifies correctly, the fraction sent to their
     class's most common new label (a class-dependent target). Returns that rate, how many distinct
-    targets the classes go to, and how many classes had a changed image."""
+    targets the classes go to, and how many classes had a changed image.
+
+    A class counts only when at least ``agreement`` (two) of its images agree on the new label: one changed image
+    is always its class's "most common" new label, so on a small set (under two images per class)
+    any pattern that moves images would otherwise look like a class-dependent remapping."""
     ok = clean_pred == y
     hits, targets, sources = 0, set(), 0
     for c in range(num_classes):
@@ -96,6 +105,8 @@ def remap_rate(pred: Tensor, y: Tensor, clean_pred: Tensor, num_classes: int) ->
         sources += 1
         counts = torch.bincount(changed, minlength=num_classes)
         top = int(counts.argmax())
+        if int(counts[top]) < agreement:
+            continue
         hits += int(counts[top])
         targets.add(top)
     return Rate(hits, int(ok.sum())), len(targets), sources
