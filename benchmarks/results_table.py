@@ -75,6 +75,16 @@ SAME_PATH = {
         "0.3.1": lambda r: _same_path_as_0_3_3(r) and _same_path_as_0_3_2(r),
         "0.3.0": lambda r: _same_path_as_0_3_3(r) and _same_path_as_0_3_1(r),
     },
+    # 0.3.5 changed input checks and the all-to-all rule of the verdict, which names no class, so
+    # never guides the unlearning: every 0.3.4 run takes its code path (its recorded probe verdict
+    # may differ at 100 images).
+    "0.3.5": {
+        "0.3.4": lambda r: True,
+        "0.3.3": lambda r: True,
+        "0.3.2": _same_path_as_0_3_3,
+        "0.3.1": lambda r: _same_path_as_0_3_3(r) and _same_path_as_0_3_2(r),
+        "0.3.0": lambda r: _same_path_as_0_3_3(r) and _same_path_as_0_3_1(r),
+    },
 }
 
 

@@ -53,7 +53,10 @@ def overrides_layer(
     else:
         for text in settings or ():
             section, key, value = parse_assignment(text)
-            put(section, key, value)
+            if key is None:  # a top-level key (seed)
+                layer[section] = value
+            else:
+                put(section, key, value)
     put("preprocess", "input_size", None if input_size is None else list(input_size))
     put("preprocess", "mean", None if mean is None else list(mean))
     put("preprocess", "std", None if std is None else list(std))

@@ -24,6 +24,7 @@ Exit codes:
   {EXIT_GATE_FAILED}  gate failed: ASR or accuracy drop past the limit, or (scan) a backdoor suspected
   {EXIT_BAD_INPUT}  bad usage or bad input (one line says which file and what to do)
   {EXIT_RUNTIME}  runtime failure (device, numerics, writing the output)
+  130  interrupted (Ctrl-C); nothing is written
 """
 
 
@@ -522,5 +523,19 @@ def _demo(workdir: Path | None, device: str, json_stdout: bool, report_paths: tu
     _emit(report, targets, False, err)
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The ``ibau`` entry point: ``main`` with Ctrl-C mapped to exit 130 at any moment (click's own
+    handling prints "Aborted!" and exits 1, the gate-failed code, when it comes during start-up)."""
+    try:
+        rv = main.main(args=argv, prog_name="ibau", standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    run()

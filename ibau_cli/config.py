@@ -273,6 +273,9 @@ def _coerce(section: str, f: dataclasses.Field, value: Any, source: str) -> Any:
     return value
 
 
+MAX_SEED = 2**32 - 1  # what every random generator ibau seeds (torch, numpy) accepts
+
+
 def apply_layer(settings: Settings, layer: dict[str, Any], source: str) -> Settings:
     """Overlay one layer (a parsed TOML table or flag values) onto ``settings``."""
     updates: dict[str, Any] = {}
@@ -280,6 +283,8 @@ def apply_layer(settings: Settings, layer: dict[str, Any], source: str) -> Setti
         if section == "seed":
             if isinstance(values, bool) or not isinstance(values, int):
                 raise ConfigError(f"{source}: seed must be an integer, not {values!r}")
+            if not 0 <= values <= MAX_SEED:
+                raise ConfigError(f"{source}: seed must be between 0 and {MAX_SEED}, not {values}")
             updates["seed"] = values
             continue
         if section not in _SECTIONS:

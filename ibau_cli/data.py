@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
+from .images import open_image
 from .preprocess import Preprocess
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp"}
@@ -38,12 +39,23 @@ class Split:
     holdout_idx: Tensor
 
 
+def _listed(items: list, limit: int = 5) -> str:
+    shown = ", ".join(map(str, items[:limit]))
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def _class_folders(root: Path) -> list[Path]:
     if not root.exists():
         raise InputError(f"clean data folder not found: {root}", hint="pass --clean DIR with one sub-folder per class")
     if not root.is_dir():
         raise InputError(f"--clean {root} is not a folder", hint="pass a folder laid out as DIR/<class>/<image>")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if loose:
+        raise InputError(
+            f"{len(loose)} image(s) at the top of {root} belong to no class folder ({_listed(loose, 3)})",
+            hint="move each image into DIR/<class>/ (ImageFolder layout)",
+        )
     if not folders:
         raise InputError(
             f"clean data folder {root} has no class sub-folders",
@@ -56,17 +68,23 @@ def map_classes(folders: list[Path], num_classes: int, classes_file: Path | None
     names = [f.name for f in folders]
     if classes_file is not None:
         try:
-            lines = [ln.strip() for ln in classes_file.read_text(encoding="utf-8").splitlines()]
+            # utf-8-sig: a byte-order mark (Windows editors) is not part of the first class name
+            lines = [ln.strip() for ln in classes_file.read_text(encoding="utf-8-sig").splitlines()]
         except OSError as exc:
             raise InputError(f"cannot read --classes file {classes_file} ({exc.strerror})") from exc
         order = [ln for ln in lines if ln]
         if len(set(order)) != len(order):
             raise InputError(f"--classes file {classes_file} lists a class name twice")
+        if len(order) > num_classes:
+            raise InputError(
+                f"--classes file {classes_file} lists {len(order)} class names but the model has {num_classes} outputs",
+                hint="list the model's classes only, one per line, in its output order",
+            )
         index = {name: i for i, name in enumerate(order)}
         unknown = [n for n in names if n not in index]
         if unknown:
             raise InputError(
-                f"class folder(s) {', '.join(unknown[:5])} are not listed in {classes_file}",
+                f"class folder(s) {_listed(unknown)} are not listed in {classes_file}",
                 hint="list every folder name, one per line, in the model's output order",
             )
         mapping = ClassMapping("classes-file", {n: index[n] for n in names})
@@ -86,27 +104,20 @@ def map_classes(folders: list[Path], num_classes: int, classes_file: Path | None
     too_big = [n for n, i in mapping.folder_to_index.items() if i >= num_classes]
     if too_big:
         raise InputError(
-            f"class folder(s) {', '.join(too_big[:5])} map to an index >= the model's {num_classes} classes",
+            f"class folder(s) {_listed(too_big)} map to an index >= the model's {num_classes} classes",
             hint="check the folder names or pass --classes FILE in the model's output order",
         )
     return mapping
 
 
 def _load_image(path: Path, pre: Preprocess) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if pre.channels == 1 else "RGB")
-            h, w = pre.input_size
-            if img.size != (w, h):
-                img = img.resize((w, h), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InputError(
-            f"cannot read image {path} ({type(exc).__name__}: {exc})",
-            hint="remove or replace the file",
-        ) from exc
+    img = open_image(path, "L" if pre.channels == 1 else "RGB")
+    h, w = pre.input_size
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -118,8 +129,14 @@ def load_clean_folder(root: Path, pre: Preprocess, num_classes: int, *, classes_
     ignored = []
     for folder in folders:
         for path in sorted(folder.iterdir()):
-            if path.is_dir() or path.name.startswith("."):
+            if path.name.startswith("."):
                 continue
+            if path.is_dir():
+                raise InputError(
+                    f"class folder {folder} holds a sub-folder, {path.name}: ibau reads the images directly in each "
+                    "class folder and would skip it",
+                    hint="move its images up into the class folder, or remove it",
+                )
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 ignored.append(path)
                 continue

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from .archs import ARCHS
+from .errors import InputError
 from .formats import detect_format, sha256_file
-from .formats.metadata import META_ARCH, META_CLASSES, META_PRE
+from .formats.metadata import META_ARCH, META_CLASSES, num_classes_from_metadata, preprocess_from_metadata
 
 
 def _tensor_summary(shapes: dict[str, tuple[list[int], str]]) -> dict[str, Any]:
@@ -37,13 +38,19 @@ def inspect_file(path: Path) -> dict[str, Any]:
     meta: dict[str, str] = {}
     shapes: dict[str, tuple[list[int], str]] = {}
     if fmt.name == "safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            for k in fh.keys():
-                sl = fh.get_slice(k)
-                shapes[k] = (list(sl.get_shape()), str(sl.get_dtype()))
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = dict(fh.metadata() or {})
+                for k in fh.keys():
+                    sl = fh.get_slice(k)
+                    shapes[k] = (list(sl.get_shape()), str(sl.get_dtype()))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(
+                f"{path}: not a readable safetensors file ({exc})",
+                hint="check that the download is complete (size, sha256)",
+            ) from exc
     elif fmt.name == "checkpoint":
         from .formats.checkpoint_format import META_KEY, find_state_dict, safe_load
 
@@ -60,7 +67,10 @@ def inspect_file(path: Path) -> dict[str, Any]:
         from .formats.onnx_format import _dims
         from .formats.onnx_graph import unsupported_ops
 
-        model = onnx.load(str(path))
+        try:
+            model = onnx.load(str(path))
+        except Exception as exc:  # a damaged file or missing external data: the same error as sanitize's
+            raise InputError(f"{path}: not a readable ONNX model ({exc})") from exc
         meta = {p.key: p.value for p in model.metadata_props}
         for t in model.graph.initializer:
             arr = numpy_helper.to_array(t)
@@ -93,7 +103,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
     info.update(_tensor_summary(shapes))
     arch = meta.get(META_ARCH)
     info["architecture"] = arch
-    num_classes, source = meta.get(META_CLASSES), "metadata"
+    num_classes, source = num_classes_from_metadata(meta, path), "metadata"
     if num_classes is None and arch and ARCHS.get(arch) and ARCHS.get(arch).classifier_key in shapes:
         key = ARCHS.get(arch).classifier_key
         num_classes, source = shapes[key][0][0], f"architecture {arch}: {key}"
@@ -107,11 +117,9 @@ def inspect_file(path: Path) -> dict[str, Any]:
             source = f"a guess: the last 2-D weight, {last_2d[-1]} (sanitize checks it by running the model)"
     info["num_classes"] = int(num_classes) if num_classes is not None else None
     info["num_classes_source"] = source if num_classes is not None else None
-    if META_PRE in meta:
-        import json
-
-        pre = json.loads(meta[META_PRE])
-        info["input_shape"] = [pre.get("channels"), *pre.get("input_size", [])]
+    pre = preprocess_from_metadata(meta, path)
+    if pre is not None:
+        info["input_shape"] = [pre.channels, *pre.input_size]
     else:
         info["input_shape"] = info.pop("input_shape_from_graph", None)
     info.pop("input_shape_from_graph", None)

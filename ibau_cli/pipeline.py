@@ -23,7 +23,7 @@ from .device import amp_dtype, full_precision, resolve_device
 from .errors import ModelMismatchError, RuntimeFailure, UsageError
 from .evaluate import accuracy, attack_success, logits
 from .formats import format_for_output, load_model, save_model, sha256_file
-from .preprocess import Normalized
+from .preprocess import Normalized, output_kind
 from .probes import FIXED_FLIP_SUSPECT
 from .progress import NoProgress, Progress
 from .report import Figures, Gate, Report
@@ -195,7 +195,8 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         if not out_fmt.can_save_from(loaded.fmt):
             raise UsageError(
                 f"--out {out_path}: cannot write {out_fmt.name} from a {loaded.fmt} model",
-                hint=f"use a {loaded.fmt} output path (writing ONNX is supported for ONNX input only)",
+                hint=f"write {loaded.fmt} (the input's format); conversions: safetensors <-> checkpoint, either "
+                "-> TorchScript or .pt2; ONNX only from ONNX",
             )
     settings, sources = settings_for(loaded, request)
     pre = settings.preprocess
@@ -205,12 +206,13 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
     with torch.no_grad():
         dummy = torch.zeros(1, pre.channels, *pre.input_size, device=device)
         try:
-            outputs = int(model(dummy).shape[-1])
+            raw = model(dummy)
         except Exception as exc:
             raise ModelMismatchError(
                 f"{request.model}: the model does not run on a {pre.channels}x{pre.input_size[0]}x{pre.input_size[1]} input ({_first_line(exc)})",
                 hint="set the input size with --input-size, --preset, --config or --set preprocess.input_size=[H,W]",
             ) from None
+    outputs = _class_count(raw, request.model)
     num_classes = loaded.num_classes or outputs
     if num_classes != outputs:
         raise ModelMismatchError(
@@ -235,8 +237,11 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
             f"the clean set has images of {len(present)} of the model's {num_classes} classes (none of {shown}): "
             "every figure is measured on those classes only, and the repair cannot keep what it never sees"
         )
-    if split and len(y_u) < 50:
-        warnings.append(f"only {len(y_u)} images for unlearning; I-BAU is tested down to 80")
+    if split and len(y_u) < MIN_TESTED_UNLEARN:
+        warnings.append(
+            f"only {len(y_u)} images for unlearning; ibau is tested down to {MIN_TESTED_UNLEARN} "
+            "(100 clean images, 22 held out)"
+        )
     if len(y_h) < 100:
         warnings.append(f"only {len(y_h)} held-out images: the rates below have wide confidence intervals")
 
@@ -264,6 +269,20 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
                 f"(max logit difference {parity['max_abs_logit_diff']:.2e}, argmax agreement {parity['argmax_agreement']:.1%})",
                 hint="report the model's exporter and opset; repairing it would not be trustworthy",
             )
+    _check_deterministic(model, clean.images, eval_kw, request.model)
+    kind = _output_kind(model, clean.images, eval_kw)
+    if kind != "logits":
+        what = "probabilities (a softmax)" if kind == "probabilities" else "scores in [0, 1] (sigmoids)"
+        if split:
+            # measured: I-BAU's inner maximisation drives the true class's probability to exactly 0 in
+            # float32, where the softmax passes no gradient at all, so the repair changes nothing
+            raise ModelMismatchError(
+                f"{request.model}: the model outputs {what}, not logits; I-BAU cannot repair it: its "
+                "adversarial images push probabilities to exactly 0, where no gradient flows",
+                hint="export the model without its final softmax/sigmoid and sanitize that (ibau scan reads it as it is)",
+            )
+        model.log_outputs = True  # after the ONNX parity check, which compares raw outputs
+        warnings.append(f"the model outputs {what}, not logits: the probes optimise on their logarithm")
     with timer.phase("evaluate_before"):
         before = _figures(model, x_h, y_h, trigger, eval_kw)
     floor = settings.gate.resolved_min_clean_acc(num_classes)
@@ -351,6 +370,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             target_hint=guide_class,
             stop=stop,
         )
+    _round_to_stored_dtypes(model.model, loaded.stored_dtypes)
     if not all(bool(torch.isfinite(t).all()) for t in model.parameters()):
         raise RuntimeFailure(
             "the repair diverged: the weights became NaN or infinite; nothing was written",
@@ -386,6 +406,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
                 num_classes=num_classes,
                 preprocess=pre,
                 extra_metadata=extra,
+                stored_dtypes=loaded.stored_dtypes if fmt.name in ("safetensors", "checkpoint") else None,
             )
         with timer.phase("verify"):
             verification = _verify(
@@ -542,6 +563,7 @@ def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
 
 
 PARITY_TOL = 1e-3
+MIN_TESTED_UNLEARN = 78  # the smallest unlearning set of the benchmarks (100 GTSRB images, 43 classes)
 EPS = 1e-9  # rates are ratios of counts: gates compare with a tolerance, not bit for bit
 
 
@@ -559,14 +581,72 @@ def reference_parity(model: Normalized, reference, x: torch.Tensor, eval_kw) -> 
     }
 
 
+def _class_count(out: object, model_path: object) -> int:
+    """The class count from the model's output on one image; anything but one [batch, classes]
+    tensor of logits is an error saying what the model returns."""
+    if isinstance(out, dict):
+        what = f"a dict (keys {', '.join(map(str, list(out)[:5]))})"
+    elif isinstance(out, tuple | list):
+        what = f"a {type(out).__name__} of {len(out)} values"
+    elif not isinstance(out, torch.Tensor):
+        what = f"a {type(out).__name__}"
+    elif out.dim() != 2 or out.shape[0] != 1:
+        what = f"a tensor of shape {list(out.shape)} for one image"
+    else:
+        return int(out.shape[-1])
+    raise ModelMismatchError(
+        f"{model_path}: the model returns {what}; ibau needs one logits tensor of shape [batch, classes]",
+        hint="wrap or re-export the model so that forward returns only the class logits",
+    )
+
+
+@torch.no_grad()
+def _round_to_stored_dtypes(module: torch.nn.Module, stored: dict[str, torch.dtype]) -> None:
+    """Round the repaired weights to the dtypes the input stored them in (an fp16 file stays fp16),
+    so every figure after the repair is measured on the weights that are written."""
+    if not stored:
+        return
+    for k, v in module.state_dict(keep_vars=True).items():
+        if k in stored and v.is_floating_point():
+            v.copy_(v.to(stored[k]).to(v.dtype))
+
+
+def _check_deterministic(model: Normalized, images: torch.Tensor, eval_kw: dict, model_path: object) -> None:
+    """An image's logits must not depend on the rest of its batch nor change between calls: a graph
+    exported in training mode (batch statistics, dropout) would make every figure noise and fail
+    the write-back check only after the whole repair."""
+    x = images[:16]
+    if len(x) < 4:
+        return
+    kw = dict(eval_kw, amp=None)
+    with full_precision():
+        whole = logits(model, x, **kw)
+        half = logits(model, x[: len(x) // 2], **kw)
+    diff = float((whole[: len(half)] - half).abs().max())
+    if not diff <= 1e-3 * max(1.0, float(whole.abs().max())):
+        raise ModelMismatchError(
+            f"{model_path}: the model's output for an image changes with the rest of its batch or between calls "
+            f"(logits differ by up to {diff:.3g}): batch norm or dropout in training mode was baked into it",
+            hint="re-export the model after model.eval()",
+        )
+
+
+def _output_kind(model: Normalized, images: torch.Tensor, eval_kw: dict) -> str:
+    """What the model's outputs are (logits, probabilities or [0, 1] scores), from up to 256 clean images."""
+    with full_precision():
+        out = logits(model, images[:256], **dict(eval_kw, amp=None))
+    return output_kind(out)
+
+
 def _verify(out_path: Path, arch_flag: str | None, model, pre, x_h, eval_kw) -> dict:
     """Reload the written file (in an independent runtime where there is one) and compare its
     predictions with the in-memory repaired model."""
     try:
         reloaded = load_model(out_path, arch=arch_flag if arch_flag and ":" in arch_flag else None, device="cpu")
         kw = dict(eval_kw, amp=None)
+        raw = Normalized(model.model, pre).to(eval_kw["device"]).eval()  # what the file outputs, no log
         with full_precision():
-            a = logits(model, x_h, **kw)
+            a = logits(raw, x_h, **kw)
             if reloaded.reference is not None:
                 b = torch.from_numpy(reloaded.reference(model.normalize(x_h.to(model.scale.device)).cpu().numpy()))
                 b = b.float()

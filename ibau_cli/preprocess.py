@@ -56,8 +56,27 @@ class Normalized(nn.Module):
         self.register_buffer("scale", (hi - lo) / std, persistent=False)
         self.register_buffer("shift", (lo - mean) / std, persistent=False)
 
+        # True for a model whose outputs are probabilities (a softmax inside it): the loss and the
+        # probes then see their logarithm, a logit up to a constant (see output_kind)
+        self.log_outputs = False
+
     def normalize(self, x: Tensor) -> Tensor:
         return x * self.scale + self.shift
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(self.normalize(x))
+        out = self.model(self.normalize(x))
+        if self.log_outputs:
+            # float32 keeps probabilities down to 1e-38; the floor only guards exact zeros
+            return out.float().clamp_min(1e-30).log()
+        return out
+
+
+def output_kind(outputs: Tensor) -> str:
+    """``"probabilities"`` when every row lies in [0, 1] and sums to 1 (a softmax), ``"scores"``
+    when every value lies in [0, 1] but rows do not sum to 1 (sigmoids), else ``"logits"``. The
+    cross-entropy of the unlearning treats outputs as logits: on probabilities its gradient all but
+    vanishes and the repair does nothing."""
+    out = outputs.detach().float()
+    if out.numel() == 0 or out.min() < -1e-5 or out.max() > 1 + 1e-5:
+        return "logits"
+    return "probabilities" if bool(((out.sum(1) - 1).abs() < 1e-3).all()) else "scores"

@@ -132,12 +132,15 @@ def _with_origins(message: str, origins: dict[str, str]) -> str:
     return f"{head}: {'; '.join(problems)}"
 
 
-def parse_assignment(text: str) -> tuple[str, str, Any]:
-    """``section.key=value`` with a TOML value (strings may be bare)."""
+def parse_assignment(text: str) -> tuple[str, str | None, Any]:
+    """``section.key=value`` with a TOML value (strings may be bare); ``seed=N``, the one top-level
+    key, gives a key of None."""
     from .errors import UsageError
 
+    if text.split("=", 1)[0].strip() == "seed" and "=" in text:
+        return "seed", None, _parse_value(text.split("=", 1)[1])
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise UsageError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. unlearn.rounds=3")
+        raise UsageError(f"--set {text!r}: expected SECTION.KEY=VALUE (or seed=N), e.g. unlearn.rounds=3")
     lhs, rhs = text.split("=", 1)
     section, key = lhs.strip().split(".", 1)
     return section, key, _parse_value(rhs)

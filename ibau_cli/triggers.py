@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError, UsageError
+from .images import open_image
 from .preprocess import Preprocess
 
 POSITIONS = ("br", "bl", "tr", "tl", "center")
@@ -34,15 +35,9 @@ class KnownTrigger:
 
 
 def _read(path: Path, mode: str, what: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     if not path.is_file():
         raise InputError(f"{what} not found: {path}")
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert(mode), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"cannot read {what} {path} ({exc})") from exc
+    return np.asarray(open_image(path, mode, what), dtype=np.float32) / 255.0
 
 
 def _place(size: tuple[int, int], patch_hw: tuple[int, int], position: str) -> tuple[int, int]:
@@ -68,6 +63,33 @@ def _place(size: tuple[int, int], patch_hw: tuple[int, int], position: str) -> t
     if top < 0 or left < 0 or top + h > H or left + w > W:
         raise UsageError(f"--trigger-pos {position!r}: a {h}x{w} patch does not fit a {H}x{W} input there")
     return top, left
+
+
+def _check_changes_pixels(
+    path: Path, mask_path: Path | None, pattern: np.ndarray, mask: np.ndarray, additive: bool, has_alpha: bool
+) -> None:
+    """A trigger that changes no pixel would measure an ASR of 0 and pass every gate: refuse it."""
+    if additive:
+        if np.abs(pattern).max() < 0.5 / 255:
+            raise InputError(
+                f"additive trigger {path} is uniform mid-grey (128), so it changes no pixel",
+                hint="an additive trigger is a signed offset around 128: 128 adds nothing, 255 adds +127",
+            )
+        return
+    top = float(mask.max())
+    if top >= 1.5 / 255:
+        return
+    if mask_path is not None:
+        raise InputError(
+            f"trigger mask {mask_path} changes no pixel: its largest value is {round(top * 255)} of 255",
+            hint="white (255) = trigger, black (0) = image; a 0/1 mask must be saved as 0/255",
+        )
+    if has_alpha:
+        raise InputError(
+            f"trigger {path} is fully transparent: its alpha channel hides every pixel",
+            hint="save the trigger with opaque pixels where it applies",
+        )
+    raise InputError(f"trigger {path} changes no pixel")
 
 
 def load_trigger(
@@ -100,6 +122,11 @@ def load_trigger(
     pattern = np.zeros((H, W, pre.channels), np.float32)
     mask = np.zeros((H, W, 1), np.float32)
     if (h, w) == (H, W):
+        if position != "br":
+            raise UsageError(
+                f"--trigger-pos {position}: trigger {path} covers the whole {W}x{H} input, so there is nothing to place",
+                hint="drop --trigger-pos, or give a patch smaller than the input",
+            )
         pattern[:] = pat
         if additive:
             desc = f"additive image {path.name}"
@@ -135,6 +162,7 @@ def load_trigger(
     else:
         raise InputError(f"trigger image {path} ({w}x{h}) is larger than the model input ({W}x{H})")
     del mode
+    _check_changes_pixels(path, mask_path, pattern, mask, additive, has_alpha)
     return KnownTrigger(
         pattern=torch.from_numpy(np.ascontiguousarray(pattern.transpose(2, 0, 1))),
         mask=torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 0, 1))),

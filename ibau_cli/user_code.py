@@ -18,9 +18,17 @@ def import_file(path: Path, prefix: str) -> ModuleType:
         raise ImportError(f"{path} is not a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    # the file may import modules beside it (``from layers import Block``), as when run as a script
+    folder = str(path.resolve().parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except BaseException:
         sys.modules.pop(name, None)
         raise
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
     return module

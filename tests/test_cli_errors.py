@@ -317,3 +317,158 @@ def test_out_of_range_config_value_names_where_it_was_set(backdoored, tmp_path, 
     monkeypatch.setenv("IBAU_GATE__MAX_ASR", "3")
     code, _, err = invoke("scan", backdoored["model"], "--clean", backdoored["clean100"])
     assert_one_line_error(code, err, 2, "gate.max_asr", "(set by environment IBAU_GATE__MAX_ASR)")
+
+
+def _full_size_trigger(path, alpha: int | None = None):
+    from PIL import Image
+
+    rgb = Image.new("RGB", (32, 32), (255, 255, 255))
+    if alpha is not None:
+        rgb.putalpha(alpha)
+    rgb.save(path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["black-mask", "zero-one-mask", "transparent", "grey-additive"])
+def test_a_trigger_that_changes_no_pixel_is_refused(backdoored, tmp_path, case):
+    """It would measure an ASR of 0 % and pass the gate: refused before any work."""
+    from PIL import Image
+
+    out = tmp_path / "o.safetensors"
+    args = ["--target", "0"]
+    if case in ("black-mask", "zero-one-mask"):
+        trig = _full_size_trigger(tmp_path / "t.png")
+        mask = tmp_path / "mask.png"
+        m = Image.new("L", (32, 32), 0)
+        if case == "zero-one-mask":  # a 0/1 mask saved as 8-bit: the largest value is 1 of 255
+            m.paste(1, (24, 24, 32, 32))
+        m.save(mask)
+        args += ["--trigger", trig, "--trigger-mask", mask]
+        needles = ["trigger mask", "changes no pixel", "0/255" if case == "zero-one-mask" else "0 of 255"]
+    elif case == "transparent":
+        args += ["--trigger", _full_size_trigger(tmp_path / "t.png", alpha=0)]
+        needles = ["fully transparent"]
+    else:
+        Image.new("RGB", (32, 32), (128, 128, 128)).save(tmp_path / "grey.png")
+        args += ["--trigger", tmp_path / "grey.png", "--trigger-additive"]
+        needles = ["mid-grey", "changes no pixel"]
+    code, _, err = invoke("sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--out", out, *args)
+    assert_one_line_error(code, err, 2, *needles)
+    assert not out.exists()
+
+
+def test_trigger_pos_with_a_full_size_trigger_is_refused(backdoored, tmp_path):
+    trig = _full_size_trigger(tmp_path / "t.png", alpha=128)
+    code, _, err = invoke("scan", backdoored["model"], "--clean", backdoored["clean100"], "--trigger", trig,
+                          "--target", "0", "--trigger-pos", "tl")  # fmt: skip
+    assert_one_line_error(code, err, 2, "--trigger-pos tl", "whole 32x32 input")
+
+
+def test_16_bit_images_are_read_as_their_8_bit_values(tmp_path):
+    """PIL's own conversion clips 16-bit pixels at 255 (a white image); ibau scales them."""
+    import numpy as np
+    from PIL import Image
+
+    from ibau_cli.images import open_image
+
+    grey = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60  # 0 .. 61380
+    Image.fromarray(grey).save(tmp_path / "wide.png")  # PIL writes uint16 as a 16-bit PNG
+    assert Image.open(tmp_path / "wide.png").mode.startswith("I")
+    got = np.asarray(open_image(tmp_path / "wide.png", "RGB"))
+    assert got.shape == (32, 32, 3)
+    expected = np.rint(grey / 257.0)
+    assert np.abs(got[..., 0].astype(int) - expected).max() <= 1
+    assert got.std() > 50  # not a flat white image
+
+
+def test_an_image_too_large_to_decode_safely_is_named(backdoored, tmp_path, monkeypatch):
+    from PIL import Image
+
+    clean = tmp_path / "clean"
+    shutil.copytree(backdoored["clean100"], clean)
+    Image.new("RGB", (64, 64)).save(clean / "3" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 = 4,096 > 2x the limit: PIL refuses it
+    code, _, err = invoke("scan", backdoored["model"], "--clean", clean)
+    assert_one_line_error(code, err, 2, "huge.png", "too large to decode safely")
+
+
+def test_ctrl_c_during_start_up_exits_130_not_the_gate_code(monkeypatch, capsys):
+    """Click's own handling would print "Aborted!" and exit 1, which a CI step reads as a failed gate."""
+    import ibau_cli.device
+    from ibau_cli.cli import run
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ibau_cli.device, "fit_threads_to_cpu_quota", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        run(["scan", "--help"])
+    assert exc.value.code == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_the_entry_point_keeps_click_usage_errors_at_exit_2():
+    from ibau_cli.cli import run
+
+    with pytest.raises(SystemExit) as exc:
+        run(["scan"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("case", ["root-image", "sub-folder", "symlinked-folder"])
+def test_images_the_folder_layout_would_skip_are_errors_naming_them(backdoored, tmp_path, case):
+    """0.3.4 skipped these silently: images at the top of --clean, and sub-folders (or links to
+    folders) inside a class folder."""
+    clean = tmp_path / "clean"
+    shutil.copytree(backdoored["clean100"], clean)
+    some_image = next((clean / "1").iterdir())
+    if case == "root-image":
+        shutil.copy(some_image, clean / "stray.png")
+        needles = ["at the top of", "stray.png", "belong to no class folder"]
+    elif case == "sub-folder":
+        (clean / "1" / "more").mkdir()
+        shutil.copy(some_image, clean / "1" / "more" / "x.png")
+        needles = ["holds a sub-folder, more", "would skip it"]
+    else:
+        (clean / "1" / "linked").symlink_to(clean / "2", target_is_directory=True)
+        needles = ["holds a sub-folder, linked"]
+    code, _, err = invoke("scan", backdoored["model"], "--clean", clean)
+    assert_one_line_error(code, err, 2, *needles)
+
+
+def test_classes_file_with_a_byte_order_mark_or_too_many_names(backdoored, tmp_path):
+    clean = tmp_path / "clean"
+    names = [f"class_{i}" for i in range(10)]
+    for i, name in enumerate(names):
+        shutil.copytree(backdoored["clean100"] / str(i), clean / name)
+    bom = tmp_path / "bom.txt"
+    bom.write_text("\n".join(names) + "\n", encoding="utf-8-sig")  # a Windows editor's BOM before class_0
+    code, _, err = invoke("sanitize", backdoored["model"], "--clean", clean, "--classes", bom,
+                          "--out", tmp_path / "o.safetensors", "--rounds", "0")  # fmt: skip
+    assert code == 0, err
+    extra = tmp_path / "extra.txt"
+    extra.write_text("\n".join([*names, "class_10"]) + "\n")
+    code, _, err = invoke("scan", backdoored["model"], "--clean", clean, "--classes", extra)
+    assert_one_line_error(code, err, 2, "lists 11 class names but the model has 10 outputs")
+
+
+@pytest.mark.parametrize("signature", ["num_classes", "num_classes=10"])
+def test_user_factory_gets_the_class_count_of_the_file_and_may_import_beside_it(backdoored, tmp_path, signature):
+    """A 2-class state dict without metadata: 0.3.4 called the factory with no argument (10 classes,
+    or a TypeError when it has no default) and could not load it; nor could the file import a
+    module beside it."""
+    from ibau_cli.archs import ARCHS
+
+    (tmp_path / "layers.py").write_text("from ibau_cli.archs.small_cnn import SmallCNN as Net\n")
+    code_file = tmp_path / "mynet.py"
+    code_file.write_text(f"from layers import Net\ndef build({signature}):\n    return Net(num_classes)\n")
+    torch.manual_seed(0)
+    weights = tmp_path / "two_class.safetensors"
+    save_file(ARCHS.get("small-cnn").build(2).state_dict(), str(weights))
+    clean = tmp_path / "clean"
+    for c in ("0", "1"):
+        shutil.copytree(backdoored["clean100"] / c, clean / c)
+    code, stdout, err = invoke("sanitize", weights, "--clean", clean, "--arch", f"{code_file}:build",
+                               "--out", tmp_path / "o.safetensors", "--rounds", "0", "--force", "--json", "-q")  # fmt: skip
+    assert code in (0, 1), err
+    assert json.loads(stdout)["model"]["num_classes"] == 2

@@ -77,7 +77,12 @@ def test_environment_sits_between_the_config_file_and_the_flags(tmp_path):
 
 @pytest.mark.parametrize(
     ("var", "value", "needle"),
-    [("IBAU_GATE__MAX_ASRR", "0.1", "IBAU_GATE__MAX_ASRR"), ("IBAU_UNLEARN__ROUNDS", "many", "integer")],
+    [
+        ("IBAU_GATE__MAX_ASRR", "0.1", "IBAU_GATE__MAX_ASRR"),
+        ("IBAU_UNLEARN__ROUNDS", "many", "integer"),
+        ("IBAU_SEED", "99999999999999999999", "IBAU_SEED: seed must be between 0 and 4294967295"),
+        ("IBAU_SEED", "-1", "IBAU_SEED: seed must be between 0"),
+    ],
 )
 def test_bad_environment_variables_are_errors_naming_them(var, value, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -106,6 +111,14 @@ def test_config_show_prints_loadable_toml_with_origins(tmp_path, backdoored):
     data = json.loads(again.stdout)
     assert data["config"]["unlearn"]["rounds"] == 3 and data["config"]["gate"]["max_asr"] == 0.1
     assert "from the model's class count" in data["automatic"]["gate.min_clean_acc"]  # no model: the rule
+
+
+def test_seed_is_a_key_of_set_and_out_of_range_seeds_are_usage_errors():
+    res = _cli("config", "show", "--set", "seed=5")
+    assert res.returncode == 0 and "seed = 5  # command line" in res.stdout, res.stderr
+    res = _cli("config", "show", "--set", f"seed={2**64}")
+    assert res.returncode == 2 and "seed must be between 0 and 4294967295" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_config_show_rejects_unknown_keys_and_archs():

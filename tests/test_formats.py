@@ -41,6 +41,51 @@ def test_torchscript_sanitize_round_trip(backdoored, tmp_path):
     assert asr0 > 0.9 and asr1 < 0.2 and acc0 - acc1 < 0.05, (acc0, acc1, asr0, asr1)
 
 
+class _SoftmaxOutput(torch.nn.Module):
+    """A third party's classifier that ends in a softmax: it outputs probabilities, not logits."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).softmax(dim=1)
+
+
+def test_a_model_that_outputs_probabilities_is_refused_by_sanitize_and_scanned(backdoored, tmp_path):
+    """Cross-entropy on probabilities: I-BAU's adversarial images drive the true class's probability
+    to exactly 0, where the softmax passes no gradient (measured: outer gradient norm 5e-10 against
+    0.08 to 22 for the same model without the softmax). 0.3.4 ran, changed nothing and left the
+    ASR at 100 %; now sanitize refuses before any work, and scan reads the model as it is."""
+    import copy
+
+    src = tmp_path / "softmax.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(_jit(_SoftmaxOutput(copy.deepcopy(backdoored["module"])), traced=True), str(src))
+    out = tmp_path / "fixed.pt"
+    code, _, err = invoke("sanitize", src, "--clean", backdoored["clean100"], "--out", out)
+    assert_one_line_error(code, err, 2, "outputs probabilities (a softmax)", "without its final softmax")
+    assert not out.exists()
+    res = run_cli("scan", src, "--clean", backdoored["clean500"], "--trigger", backdoored["trigger"],
+                  "--target", "0", "--json", "-q", "--set", "probes.budget_steps=300", probes=True)  # fmt: skip
+    assert res.returncode == 1, res.stderr  # the true trigger's ASR is past the gate
+    report = json.loads(res.stdout)
+    assert report["before"]["asr"]["value"] > 0.9
+    assert any("probes optimise on their logarithm" in w for w in report["warnings"]), report["warnings"]
+    assert report["probes"]["before"]["verdict"] == "suspected", report["probes"]["before"]["evidence"]
+
+
+def test_output_kind_tells_logits_probabilities_and_scores_apart():
+    from ibau_cli.preprocess import output_kind
+
+    z = torch.randn(64, 10) * 3
+    assert output_kind(z) == "logits"
+    assert output_kind(z.softmax(1)) == "probabilities"
+    assert output_kind(z.sigmoid()) == "scores"
+    assert output_kind(z.log_softmax(1)) == "logits"  # log-probabilities are logits up to a constant
+
+
 def test_scripted_module_trains_through_double_backward(backdoored, tmp_path):
     from ibau_cli.config import UnlearnConfig
     from ibau_cli.unlearn import unlearn
@@ -192,3 +237,120 @@ def test_torch_export_program_round_trip(backdoored, tmp_path):
     )
     assert res.returncode == 0 and res.stderr == "", res.stderr
     assert [p.name for p in conv.parent.iterdir()] == ["converted.pt2"]
+
+
+def test_conversions_that_cannot_reload_are_refused_before_any_work(backdoored, tmp_path):
+    """A TorchScript graph has no architecture a state dict could be reloaded with: 0.3.4 ran the
+    whole repair, then failed verification (exit 3). Now: exit 2 at once, nothing written."""
+    from ibau_cli.formats import FORMATS
+
+    src = tmp_path / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(_jit(backdoored["module"], traced=True), str(src))
+    for out in (tmp_path / "fixed.safetensors", tmp_path / "fixed.pt2"):
+        code, _, err = invoke("sanitize", src, "--clean", backdoored["clean100"], "--out", out)
+        assert_one_line_error(code, err, 2, f"--out {out}", "from a torchscript model", "conversions:")
+        assert not out.exists()
+    allowed = {
+        name: [src for src in FORMATS.names() if FORMATS.get(name).can_save_from(src)] for name in FORMATS.names()
+    }
+    assert allowed["onnx"] == ["onnx"]
+    assert allowed["safetensors"] == allowed["checkpoint"] == ["checkpoint", "safetensors"]
+    assert sorted(allowed["torchscript"]) == ["checkpoint", "safetensors", "torchscript"]
+    assert sorted(allowed["torch-export"]) == ["checkpoint", "safetensors", "torch-export"]
+
+
+class _TupleOutput(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.inner(x)
+        return z, z.softmax(dim=1)
+
+
+def test_a_model_returning_a_tuple_is_told_what_it_returns(backdoored, tmp_path):
+    """0.3.4 said the model "does not run on a 3x32x32 input ('tuple' object has no attribute 'shape')"."""
+    import copy
+
+    src = tmp_path / "tuple.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(_jit(_TupleOutput(copy.deepcopy(backdoored["module"])), traced=True), str(src))
+    code, _, err = invoke("scan", src, "--clean", backdoored["clean100"])
+    assert_one_line_error(code, err, 2, "returns a tuple of 2 values", "one logits tensor of shape [batch, classes]")
+
+
+class _BatchNormInTraining(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.bn(x))
+
+
+def test_a_graph_traced_in_training_mode_is_refused_before_the_repair(backdoored, tmp_path):
+    """Batch statistics baked into a traced graph: each image's logits depend on its batch. 0.3.4 ran
+    the whole repair and failed the write-back check (exit 3)."""
+    import copy
+
+    module = _BatchNormInTraining(copy.deepcopy(backdoored["module"])).train()
+    src = tmp_path / "train_mode.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(module, torch.rand(4, 3, 32, 32)), str(src))
+    out = tmp_path / "fixed.pt"
+    code, _, err = invoke("sanitize", src, "--clean", backdoored["clean100"], "--out", out)
+    assert_one_line_error(code, err, 2, "changes with the rest of its batch", "after model.eval()")
+    assert not out.exists()
+
+
+def test_inspect_and_sanitize_refuse_damaged_files_and_metadata_by_name(backdoored, tmp_path):
+    """0.3.4's inspect exited 3 ("unexpected ...") on these and sanitize ignored num_classes "ten"."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(backdoored["model"]))
+    cases = {}
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(backdoored["model"].read_bytes()[:5000])
+    cases[truncated] = ["not a readable safetensors file", "download is complete"]
+    bad_classes = tmp_path / "bad_classes.safetensors"
+    save_file(tensors, str(bad_classes), metadata={"ibau.arch": "small-cnn", "ibau.num_classes": "ten"})
+    cases[bad_classes] = ["metadata ibau.num_classes is 'ten', not a positive integer"]
+    bad_pre = tmp_path / "bad_pre.safetensors"
+    save_file(tensors, str(bad_pre), metadata={"ibau.arch": "small-cnn", "ibau.preprocess": "{nope"})
+    cases[bad_pre] = ["metadata ibau.preprocess is not valid"]
+    for path, needles in cases.items():
+        code, _, err = invoke("inspect", path)
+        assert_one_line_error(code, err, 2, str(path), *needles)
+        code, _, err = invoke("sanitize", path, "--clean", backdoored["clean100"], "--out", tmp_path / "o.safetensors")
+        assert_one_line_error(code, err, 2, str(path), *needles)
+
+
+def test_a_half_precision_safetensors_file_is_repaired_and_written_back_in_half_precision(backdoored, tmp_path):
+    """0.3.4 wrote float16 and bfloat16 inputs back as float32 (twice the size, another dtype)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "half.safetensors"
+    with safe_open(str(backdoored["model"]), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(backdoored["model"])).items()}
+    save_file(tensors, str(src), metadata=meta)
+    out = tmp_path / "fixed.safetensors"
+    res = run_cli(*sanitize_with_trigger(backdoored, src, "clean500", out, "--json", "--quiet"))
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert any("stored as float16" in n for n in report["model"]["notes"]), report["model"]["notes"]
+    assert report["verification"]["max_abs_logit_diff"] == 0.0  # the figures are the written weights'
+    written = load_file(str(out))
+    assert {v.dtype for k, v in written.items() if k in tensors and tensors[k].is_floating_point()} == {torch.float16}
+    module = ARCHS.get("small-cnn").build(10)
+    module.load_state_dict({k: v.float() for k, v in written.items()})
+    acc0, asr0 = independent_figures(backdoored["module"], backdoored["x_eval"], backdoored["y_eval"])
+    acc1, asr1 = independent_figures(module.eval(), backdoored["x_eval"], backdoored["y_eval"])
+    assert asr0 > 0.9 and asr1 < 0.2 and acc0 - acc1 < 0.05, (acc0, acc1, asr0, asr1)

@@ -218,6 +218,18 @@ def test_every_subpackage_is_packaged():
     assert found == listed
 
 
+def test_remapping_counts_only_classes_whose_images_agree_on_the_new_label():
+    from ibau_cli.probes.base import remap_rate
+
+    y = torch.arange(10)  # one image per class, each moved to a label of its own
+    moved = (y + 3) % 10
+    hits, targets, sources = remap_rate(moved, y, y.clone(), 10)
+    assert (hits.hits, targets, sources) == (0, 0, 10)  # one image cannot show a class-dependent target
+    y2 = torch.arange(10).repeat(2)  # two per class, both moved to label + 1: a real remapping
+    hits, targets, sources = remap_rate((y2 + 1) % 10, y2, y2.clone(), 10)
+    assert (hits.hits, hits.n, targets, sources) == (20, 20, 10, 10)
+
+
 def test_all_to_all_evidence_that_appears_only_after_the_repair_is_not_a_backdoor():
     from ibau_cli.probes import ProbeSuite, reconcile_after_repair
 
@@ -438,3 +450,15 @@ def test_early_stop_applies_on_the_small_set_schedule_by_default():
     assert not UnlearnConfig(perturbations="additive+warp").resolved_early_stop(80)  # no small-set schedule there
     assert UnlearnConfig(early_stop="probes").resolved_early_stop(4000)
     assert not UnlearnConfig(early_stop="off").resolved_early_stop(80)
+
+
+def test_an_output_folder_that_vanished_during_the_run_is_a_runtime_failure(tmp_path):
+    """Destinations are checked before any work; a folder gone at write time is exit 3, not 2."""
+    from ibau_cli.errors import EXIT_RUNTIME, RuntimeFailure
+    from ibau_cli.formats.base import write_atomically
+
+    gone = tmp_path / "gone"
+    with pytest.raises(RuntimeFailure, match="no longer exists") as exc:
+        write_atomically(gone / "fixed.safetensors", lambda tmp: tmp.write_bytes(b"x"))
+    assert exc.value.exit_code == EXIT_RUNTIME
+    assert not gone.exists()

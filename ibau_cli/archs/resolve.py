@@ -28,7 +28,9 @@ def builtin_spec(arch: str) -> ArchSpec:
 
 
 def build_user_model(arch: str, num_classes: int | None) -> nn.Module:
-    """Import the user's file and call the class or factory (with ``num_classes`` if it takes it)."""
+    """Import the user's file and call the class or factory (with ``num_classes`` if it takes it;
+    when it requires one and ``num_classes`` is None, with 1: a placeholder the caller rebuilds
+    from, once the file's classifier says the real count)."""
     file_part, _, attr = arch.rpartition(":")
     path = Path(file_part)
     if not path.is_file():
@@ -45,8 +47,11 @@ def build_user_model(arch: str, num_classes: int | None) -> nn.Module:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
-    if num_classes is not None and "num_classes" in params:
-        kwargs["num_classes"] = num_classes
+    if "num_classes" in params:
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        elif params["num_classes"].default is inspect.Parameter.empty:
+            kwargs["num_classes"] = 1
     try:
         model = factory(**kwargs)
     except Exception as exc:

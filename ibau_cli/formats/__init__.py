@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..errors import InputError, UsageError
@@ -120,13 +121,19 @@ def save_model(
     num_classes: int,
     preprocess: Preprocess,
     extra_metadata: dict[str, str] | None = None,
+    stored_dtypes: dict[str, torch.dtype] | None = None,
 ) -> None:
-    """Write ``module`` to ``path`` in format ``fmt``, atomically."""
+    """Write ``module`` to ``path`` in format ``fmt``, atomically (state-dict formats write the
+    tensors named in ``stored_dtypes`` in those dtypes)."""
     writer = FORMATS.get(fmt)
     if writer is None:
         raise UsageError(f"unknown output format {fmt!r}")
     request = SaveRequest(
-        arch=arch, num_classes=num_classes, preprocess=preprocess, extra_metadata=extra_metadata or {}
+        arch=arch,
+        num_classes=num_classes,
+        preprocess=preprocess,
+        extra_metadata=extra_metadata or {},
+        stored_dtypes=stored_dtypes or {},
     )
     write_atomically(Path(path), lambda tmp: writer.save(module, tmp, request))
 

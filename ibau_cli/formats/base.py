@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
-from ..errors import InputError, RuntimeFailure
+from ..errors import RuntimeFailure
 from ..preprocess import Preprocess
 
 
@@ -30,6 +31,9 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     input_hint: tuple[int, int, int] | None = None  # (channels, height, width) when the file says
     reference: Callable[[np.ndarray], np.ndarray] | None = None  # an independent runtime, if any
+    # state-dict keys stored in another floating dtype than the module computes in (fp16, bf16,
+    # fp64 files): the repaired weights are rounded to it and written in it
+    stored_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,17 @@ class SaveRequest:
     num_classes: int
     preprocess: Preprocess
     extra_metadata: dict[str, str] = field(default_factory=dict)
+    stored_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # written back in these dtypes
+
+
+def state_dict_as_stored(module: nn.Module, request: SaveRequest) -> dict[str, torch.Tensor]:
+    """The module's state dict on the CPU, each tensor in the dtype the input file stored it in."""
+    out = {}
+    for k, v in module.state_dict().items():
+        v = v.detach().to("cpu")
+        dtype = request.stored_dtypes.get(k)
+        out[k] = (v.to(dtype) if dtype is not None else v).contiguous().clone()
+    return out
 
 
 class ModelFormat(ABC):
@@ -53,9 +68,11 @@ class ModelFormat(ABC):
     @abstractmethod
     def load(self, path: Path, *, arch: str | None, device: str) -> LoadedModel: ...
 
+    save_from: tuple[str, ...] | None = None  # the source formats it can write from; None: any
+
     def can_save_from(self, source_format: str) -> bool:
         """Whether a model loaded from ``source_format`` can be written in this format."""
-        return True
+        return self.save_from is None or source_format in self.save_from
 
     @abstractmethod
     def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
@@ -86,7 +103,11 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """
     path = Path(path)
     if not path.parent.exists():
-        raise InputError(f"output folder does not exist: {path.parent}", hint="create it first")
+        # every destination is checked before any work: a folder missing now went away during the run
+        raise RuntimeFailure(
+            f"cannot write {path}: its folder {path.parent} no longer exists (removed during the run?)",
+            hint="keep the output folder in place until ibau exits, and rerun",
+        )
     # hidden, marked .tmp, and ending in the real extension (writers such as torch.export check it)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .base import LoadedModel, ModelFormat, SaveRequest
+from .base import LoadedModel, ModelFormat, SaveRequest, state_dict_as_stored
 from .metadata import ibau_metadata
 from .state_dict import loaded_from_state_dict
 from .zipped import is_torch_save_zip
@@ -85,6 +85,7 @@ def safe_load(path: Path) -> object:
 
 class CheckpointFormat(ModelFormat):
     name = "checkpoint"
+    save_from = ("safetensors", "checkpoint")  # a state dict: see SafetensorsFormat
     suffixes = (".pt", ".pth", ".bin", ".ckpt")
 
     def sniff(self, head: bytes, path: Path) -> bool:
@@ -103,5 +104,5 @@ class CheckpointFormat(ModelFormat):
         return loaded
 
     def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
-        sd = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+        sd = state_dict_as_stored(module, request)
         torch.save({"state_dict": sd, META_KEY: ibau_metadata(request)}, str(path))

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from .base import LoadedModel, ModelFormat, SaveRequest
-from .metadata import META_ARCH, ibau_metadata, preprocess_from_metadata
+from .metadata import META_ARCH, ibau_metadata, num_classes_from_metadata, preprocess_from_metadata
 from .zipped import zip_members
 
 EXTRA = "ibau.json"
@@ -45,6 +45,7 @@ def is_exported_program(path: Path) -> bool:
 
 class ExportedProgramFormat(ModelFormat):
     name = "torch-export"
+    save_from = ("safetensors", "checkpoint", "torch-export")  # torch.export needs an eager module
     suffixes = (".pt2",)
 
     def sniff(self, head: bytes, path: Path) -> bool:
@@ -73,7 +74,7 @@ class ExportedProgramFormat(ModelFormat):
         loaded = LoadedModel(
             module=FixedMode(module).to(device),
             fmt=self.name,
-            num_classes=int(meta.get("ibau.num_classes", "0") or 0),
+            num_classes=num_classes_from_metadata(meta, path) or 0,
             arch=meta.get(META_ARCH, "torch-export"),
             preprocess=preprocess_from_metadata(meta, path),
             metadata=meta,

@@ -33,6 +33,19 @@ def ibau_metadata(request: SaveRequest) -> dict[str, str]:
     return meta
 
 
+def num_classes_from_metadata(meta: dict[str, str], path: Path) -> int | None:
+    """``ibau.num_classes`` as a positive integer, None when absent; anything else is an error."""
+    raw = meta.get(META_CLASSES)
+    if raw is None:
+        return None
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise InputError(
+            f"{path}: metadata {META_CLASSES} is {raw!r}, not a positive integer",
+            hint="fix or remove that metadata key (the class count is read from the model otherwise)",
+        )
+    return int(raw)
+
+
 def preprocess_from_metadata(meta: dict[str, str], path: Path) -> Preprocess | None:
     raw = meta.get(META_PRE)
     if raw is None:

@@ -103,6 +103,12 @@ class OnnxFormat(ModelFormat):
         meta = {p.key: p.value for p in model.metadata_props}
         opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
         notes = [f"ONNX graph: {len(model.graph.node)} nodes, opset {opset}, input {graph_inputs[0].name} {dims}"]
+        if len(model.graph.output) > 1:
+            names = ", ".join(o.name for o in model.graph.output)
+            notes.append(
+                f"the graph has {len(model.graph.output)} outputs ({names}): ibau reads the first, "
+                f"{model.graph.output[0].name}, as the class logits"
+            )
         if module.channels_last:
             notes.append("the graph takes NHWC input; ibau feeds it channels-last")
         if module.fixed_batch is not None:

@@ -8,13 +8,15 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import InputError
-from .base import LoadedModel, ModelFormat, SaveRequest
+from .base import LoadedModel, ModelFormat, SaveRequest, state_dict_as_stored
 from .metadata import ibau_metadata
 from .state_dict import loaded_from_state_dict
 
 
 class SafetensorsFormat(ModelFormat):
     name = "safetensors"
+    # a state dict reloads only with its architecture: not from a graph format (TorchScript, ONNX, .pt2)
+    save_from = ("safetensors", "checkpoint")
     suffixes = (".safetensors",)
 
     def sniff(self, head: bytes, path: Path) -> bool:
@@ -32,11 +34,14 @@ class SafetensorsFormat(ModelFormat):
                 meta = dict(fh.metadata() or {})
             tensors = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
-            raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
+            raise InputError(
+                f"{path}: not a readable safetensors file ({exc})",
+                hint="check that the download is complete (size, sha256)",
+            ) from exc
         return loaded_from_state_dict(tensors, arch, meta, path, fmt=self.name, device=device)
 
     def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+        tensors = state_dict_as_stored(module, request)
         save_file(tensors, str(path), metadata=ibau_metadata(request))

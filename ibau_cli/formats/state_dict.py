@@ -10,7 +10,7 @@ from torch import nn
 from ..archs.resolve import build_user_model, builtin_spec, is_user_code
 from ..errors import InputError
 from .base import LoadedModel
-from .metadata import META_ARCH, META_CLASSES, preprocess_from_metadata
+from .metadata import META_ARCH, num_classes_from_metadata, preprocess_from_metadata
 
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 
@@ -45,6 +45,19 @@ def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path)
     module.load_state_dict(present, strict=False)
 
 
+def _classifier_rows(module: nn.Module, tensors: dict[str, torch.Tensor]) -> int | None:
+    """The row count of the file's tensor for the module's last 2-D weight (its classifier, in the
+    module's own definition order) when it differs from the module's: the file's class count."""
+    last = None
+    for k, v in module.state_dict().items():
+        if v.dim() == 2 and v.is_floating_point():
+            last = (k, v)
+    if last is None or last[0] not in tensors or tensors[last[0]].dim() != 2:
+        return None
+    rows = int(tensors[last[0]].shape[0])
+    return rows if rows != int(last[1].shape[0]) else None
+
+
 def loaded_from_state_dict(
     tensors: dict[str, torch.Tensor], arch: str | None, meta: dict[str, str], path: Path, *, fmt: str, device: str
 ) -> LoadedModel:
@@ -66,10 +79,15 @@ def loaded_from_state_dict(
                 f"{path}: its metadata names user code {arch!r}, which ibau never runs on a file's say-so",
                 hint=f"pass --arch {arch} to allow it",
             )
+    num_classes_from_metadata(meta, path)  # a malformed value is an error, not silently ignored
     notes = [f"architecture {arch!r} from {source}"]
     if is_user_code(arch):
-        meta_classes = meta.get(META_CLASSES, "")
-        module = build_user_model(arch, int(meta_classes) if meta_classes.isdigit() else None)
+        wanted = num_classes_from_metadata(meta, path)
+        module = build_user_model(arch, wanted)
+        if wanted is None:  # the file's own classifier says how many classes: rebuild for it if needed
+            found = _classifier_rows(module, tensors)
+            if found is not None:
+                module = build_user_model(arch, found)
         num_classes = 0
     else:
         spec = builtin_spec(arch)
@@ -82,6 +100,15 @@ def loaded_from_state_dict(
         num_classes = int(weight.shape[0])
         module = spec.build(num_classes)
     load_strict(module, tensors, path)
+    computed = module.state_dict()
+    stored = {
+        k: v.dtype
+        for k, v in tensors.items()
+        if k in computed and v.is_floating_point() and v.dtype != computed[k].dtype
+    }
+    if stored:
+        kinds = ", ".join(sorted({str(d).replace("torch.", "") for d in stored.values()}))
+        notes.append(f"{len(stored)} tensors stored as {kinds}: computed in float32, written back as {kinds}")
     return LoadedModel(
         module=module.to(device).eval(),
         fmt=fmt,
@@ -90,4 +117,5 @@ def loaded_from_state_dict(
         preprocess=preprocess_from_metadata(meta, path),
         metadata=meta,
         notes=notes,
+        stored_dtypes=stored,
     )

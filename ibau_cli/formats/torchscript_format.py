@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import InputError
 from .base import LoadedModel, ModelFormat, SaveRequest
-from .metadata import META_ARCH, ibau_metadata, preprocess_from_metadata
+from .metadata import META_ARCH, ibau_metadata, num_classes_from_metadata, preprocess_from_metadata
 from .zipped import is_torchscript_zip
 
 EXTRA = "ibau.json"
@@ -25,6 +25,8 @@ EXTRA = "ibau.json"
 
 class TorchScriptFormat(ModelFormat):
     name = "torchscript"
+    # scripting or tracing needs a torch module of the architecture (or a TorchScript one already)
+    save_from = ("safetensors", "checkpoint", "torchscript")
     suffixes = (".pt", ".pth", ".ts", ".torchscript", ".jit")
 
     def sniff(self, head: bytes, path: Path) -> bool:
@@ -53,7 +55,7 @@ class TorchScriptFormat(ModelFormat):
         return LoadedModel(
             module=module.to(device).eval(),
             fmt=self.name,
-            num_classes=int(meta.get("ibau.num_classes", "0") or 0),
+            num_classes=num_classes_from_metadata(meta, path) or 0,
             arch=meta.get(META_ARCH, "torchscript"),
             preprocess=preprocess_from_metadata(meta, path),
             metadata=meta,
