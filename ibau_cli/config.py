@@ -91,9 +91,11 @@ class UnlearnConfig:
         for name in ("batch_size", "neumann_terms"):
             if getattr(self, name) < 1:
                 p.append(f"unlearn.{name} must be >= 1")
-        for name in ("rounds", "inner_steps", "min_steps_per_round"):
+        for name in ("rounds", "min_steps_per_round"):
             if getattr(self, name) < 0:
                 p.append(f"unlearn.{name} must be >= 0")
+        if self.inner_steps < 1:
+            p.append("unlearn.inner_steps must be >= 1 (0 leaves the perturbation at zero: plain fine-tuning)")
         for name in ("perturb_fraction", "warp_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 p.append(f"unlearn.{name} must be in (0, 1]")

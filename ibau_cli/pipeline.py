@@ -243,7 +243,7 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
             "(100 clean images, 22 held out)"
         )
     if len(y_h) < 100:
-        warnings.append(f"only {len(y_h)} held-out images: the rates below have wide confidence intervals")
+        warnings.append(f"only {len(y_h)} held-out images: every rate measured on them has a wide confidence interval")
 
     trigger = None
     if request.trigger is not None:

@@ -97,9 +97,12 @@ def resolve_settings(
     if preset:
         overlay(load_preset(preset), f"preset {preset}")
     environment = environment or {}
+    config_from = "--config"
     if config_file is None and environment.get("IBAU_CONFIG"):
-        config_file = Path(environment["IBAU_CONFIG"])
+        config_file, config_from = Path(environment["IBAU_CONFIG"]), "environment IBAU_CONFIG"
     if config_file is not None:
+        if not Path(config_file).is_file():
+            raise ConfigError(f"config file not found: {config_file} (from {config_from})")
         overlay(load_toml(config_file), f"config {config_file}", str(config_file))
     for name, layer in environment_layer(environment):
         overlay(layer, name)

@@ -136,3 +136,15 @@ def test_empty_environment_values_and_plugin_entries_count_as_unset():
     assert s.gate.max_asr == Settings().gate.max_asr and src.origins["gate.max_asr"] == "defaults"
     res = _cli("archs", env={"IBAU_PLUGINS": os.pathsep})
     assert res.returncode == 0, res.stderr
+
+
+def test_a_missing_config_file_names_where_its_path_came_from(tmp_path):
+    res = _cli("config", "show", env={"IBAU_CONFIG": str(tmp_path / "nope.toml")})
+    assert res.returncode == 2 and "from environment IBAU_CONFIG" in res.stderr, res.stderr
+    res = _cli("config", "show", "--config", str(tmp_path / "nope.toml"))
+    assert res.returncode == 2 and "from --config" in res.stderr, res.stderr
+
+
+def test_zero_inner_steps_is_refused_rather_than_silently_fine_tuning():
+    res = _cli("config", "show", "--set", "unlearn.inner_steps=0")
+    assert res.returncode == 2 and "unlearn.inner_steps must be >= 1" in res.stderr, res.stderr

@@ -354,3 +354,14 @@ def test_a_half_precision_safetensors_file_is_repaired_and_written_back_in_half_
     acc0, asr0 = independent_figures(backdoored["module"], backdoored["x_eval"], backdoored["y_eval"])
     acc1, asr1 = independent_figures(module.eval(), backdoored["x_eval"], backdoored["y_eval"])
     assert asr0 > 0.9 and asr1 < 0.2 and acc0 - acc1 < 0.05, (acc0, acc1, asr0, asr1)
+
+
+def test_a_program_exported_with_a_fixed_batch_is_refused_with_the_fix(backdoored, tmp_path):
+    """0.3.4 said the model "does not run on a 3x32x32 input" (batch 2) or exited 3 (batch 1)."""
+    src = tmp_path / "static.pt2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(backdoored["module"].eval(), (torch.rand(1, 3, 32, 32),))
+        torch.export.save(program, str(src))
+    code, _, err = invoke("sanitize", src, "--clean", backdoored["clean100"], "--out", tmp_path / "o.pt2")
+    assert_one_line_error(code, err, 2, "exported with a fixed batch of 1", "dynamic_shapes")

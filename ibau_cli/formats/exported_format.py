@@ -43,6 +43,17 @@ def is_exported_program(path: Path) -> bool:
     return any(n.endswith("/archive_format") for n in names) and any("/models/" in n for n in names)
 
 
+def _static_batch(program) -> int | None:
+    """The first user input's batch size when the program fixed it at export, else None."""
+    try:
+        name = program.graph_signature.user_inputs[0]
+        node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
+        first = node.meta["val"].shape[0]
+    except (AttributeError, IndexError, KeyError, StopIteration, TypeError):
+        return None
+    return int(first) if isinstance(first, int) else None
+
+
 class ExportedProgramFormat(ModelFormat):
     name = "torch-export"
     save_from = ("safetensors", "checkpoint", "torch-export")  # torch.export needs an eager module
@@ -62,6 +73,13 @@ class ExportedProgramFormat(ModelFormat):
                 module = program.module()
         except Exception as exc:
             raise InputError(f"{path}: not a loadable torch.export program ({type(exc).__name__}: {exc})") from exc
+        batch = _static_batch(program)
+        if batch is not None:
+            raise InputError(
+                f"{path}: the program was exported with a fixed batch of {batch}; ibau runs batches of other sizes",
+                hint="re-export with a dynamic batch axis: torch.export.export(model.eval(), (x,), "
+                "dynamic_shapes=({0: torch.export.Dim('batch')},))",
+            )
         meta = {str(k): str(v) for k, v in json.loads(extra.get(EXTRA) or "{}").items()}
         hint = None
         example = getattr(program, "example_inputs", None)
