@@ -346,7 +346,9 @@ def _inspect(model: Path, json_stdout: bool) -> None:
         if key in info:
             console.print(f"[bold]{key:13s}[/] {info[key]}")
     for k, v in info["metadata"].items():
-        console.print(f"[bold]metadata[/]      {k} = {v}")
+        console.print(f"[bold]metadata[/]      {k} = {v}", markup=True, highlight=False)
+    for w in info.get("warnings", []):
+        Console(stderr=True, highlight=False).print(f"warning: {w}", markup=False)
 
 
 @main.group()

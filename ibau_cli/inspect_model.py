@@ -86,7 +86,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
             "producer": f"{model.producer_name} {model.producer_version}".strip(),
         }
         out_dims = next(iter(info["graph"]["outputs"].values()), [])
-        if META_CLASSES not in meta and len(out_dims) == 2 and out_dims[1]:
+        if len(out_dims) == 2 and out_dims[1]:
             info["num_classes_from_graph"] = out_dims[1]
         in_dims = next(iter(info["graph"]["inputs"].values()), [])
         if len(in_dims) == 4:
@@ -104,12 +104,20 @@ def inspect_file(path: Path) -> dict[str, Any]:
     arch = meta.get(META_ARCH)
     info["architecture"] = arch
     num_classes, source = num_classes_from_metadata(meta, path), "metadata"
-    if num_classes is None and arch and ARCHS.get(arch) and ARCHS.get(arch).classifier_key in shapes:
+    from_model, model_source = None, None
+    if arch and ARCHS.get(arch) and ARCHS.get(arch).classifier_key in shapes:
         key = ARCHS.get(arch).classifier_key
-        num_classes, source = shapes[key][0][0], f"architecture {arch}: {key}"
-    if num_classes is None and "num_classes_from_graph" in info:
-        num_classes, source = info["num_classes_from_graph"], "graph output"
+        from_model, model_source = shapes[key][0][0], f"architecture {arch}: {key}"
+    elif "num_classes_from_graph" in info:
+        from_model, model_source = info["num_classes_from_graph"], "graph output"
     info.pop("num_classes_from_graph", None)
+    if num_classes is not None and from_model is not None and int(from_model) != num_classes:
+        info["warnings"] = [
+            f"metadata {META_CLASSES} says {num_classes} classes but the {model_source} has {from_model}: "
+            "the model's outputs are what counts; fix or remove the metadata"
+        ]
+    if num_classes is None and from_model is not None:
+        num_classes, source = from_model, model_source
     if num_classes is None:
         last_2d = [k for k, (s, _) in shapes.items() if len(s) == 2]
         if last_2d:  # a classifier's last linear layer: [classes, features]

@@ -210,7 +210,8 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         except Exception as exc:
             raise ModelMismatchError(
                 f"{request.model}: the model does not run on a {pre.channels}x{pre.input_size[0]}x{pre.input_size[1]} input ({_first_line(exc)})",
-                hint="set the input size with --input-size, --preset, --config or --set preprocess.input_size=[H,W]",
+                hint="set the input size and channels with --input-size, --preset, --config or --set "
+                "preprocess.input_size=[H,W] / --set preprocess.channels=N",
             ) from None
     outputs = _class_count(raw, request.model)
     num_classes = loaded.num_classes or outputs

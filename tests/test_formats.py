@@ -148,6 +148,8 @@ def test_malicious_pickle_never_runs(backdoored, tmp_path):
         assert "weights_only" not in err and "Re-running" not in err and "\x1b" not in err, err
     code, _, err = invoke("sanitize", evil, "--clean", backdoored["clean100"], "--arch", "small-cnn")
     assert "posix.system" in err or "os.system" in err, err
+    code, _, err = invoke("inspect", raw)
+    assert_one_line_error(code, err, 2, "a plain Python pickle, not a torch.save file")
 
 
 def test_extension_disagreeing_with_content(backdoored, tmp_path):
@@ -365,3 +367,16 @@ def test_a_program_exported_with_a_fixed_batch_is_refused_with_the_fix(backdoore
         torch.export.save(program, str(src))
     code, _, err = invoke("sanitize", src, "--clean", backdoored["clean100"], "--out", tmp_path / "o.pt2")
     assert_one_line_error(code, err, 2, "exported with a fixed batch of 1", "dynamic_shapes")
+
+
+def test_inspect_warns_when_the_metadata_class_count_disagrees_with_the_weights(backdoored, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "wrong_count.safetensors"
+    save_file(
+        load_file(str(backdoored["model"])), str(path), metadata={"ibau.arch": "small-cnn", "ibau.num_classes": "7"}
+    )
+    code, stdout, err = invoke("inspect", path, "--json")
+    assert code == 0, err
+    (warning,) = json.loads(stdout)["warnings"]
+    assert "says 7 classes" in warning and "classifier.weight has 10" in warning

@@ -61,7 +61,10 @@ def _refusal_reason(exc: Exception) -> str:
             r"(unsupported GLOBAL \S+|Unsupported (?:global|operand):? (?:GLOBAL )?\S+)", line, flags=re.IGNORECASE
         )
         if m:
-            return m.group(1).strip().rstrip(".")[:200]
+            reason = m.group(1).strip().rstrip(".")[:200]
+            if re.search(r"operand:? 149\b", reason):  # FRAME: a plain pickle (protocol 4+), not a torch.save file
+                reason = "a plain Python pickle, not a torch.save file: " + reason
+            return reason
     return "it holds objects other than tensors and plain containers"
 
 

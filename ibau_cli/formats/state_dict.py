@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..archs import ARCHS
 from ..archs.resolve import build_user_model, builtin_spec, is_user_code
 from ..errors import InputError
 from .base import LoadedModel
@@ -90,6 +91,11 @@ def loaded_from_state_dict(
                 module = build_user_model(arch, found)
         num_classes = 0
     else:
+        if arch not in ARCHS:  # name the file and where the name came from, then builtin_spec's advice
+            try:
+                builtin_spec(arch)
+            except InputError as exc:
+                raise InputError(f"{path}: {exc.message} (from {source})", hint=exc.hint) from None
         spec = builtin_spec(arch)
         weight = tensors.get(spec.classifier_key)
         if weight is None or weight.ndim < 1:
