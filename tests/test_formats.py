@@ -67,7 +67,7 @@ def test_a_model_that_outputs_probabilities_is_refused_by_sanitize_and_scanned(b
     code, _, err = invoke("sanitize", src, "--clean", backdoored["clean100"], "--out", out)
     assert_one_line_error(code, err, 2, "outputs probabilities (a softmax)", "without its final softmax")
     assert not out.exists()
-    res = run_cli("scan", src, "--clean", backdoored["clean500"], "--trigger", backdoored["trigger"],
+    res = run_cli("scan", src, "--clean", backdoored["clean100"], "--trigger", backdoored["trigger"],
                   "--target", "0", "--json", "-q", "--set", "probes.budget_steps=300", probes=True)  # fmt: skip
     assert res.returncode == 1, res.stderr  # the true trigger's ASR is past the gate
     report = json.loads(res.stdout)
@@ -344,7 +344,7 @@ def test_a_half_precision_safetensors_file_is_repaired_and_written_back_in_half_
     tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(backdoored["model"])).items()}
     save_file(tensors, str(src), metadata=meta)
     out = tmp_path / "fixed.safetensors"
-    res = run_cli(*sanitize_with_trigger(backdoored, src, "clean500", out, "--json", "--quiet"))
+    res = run_cli(*sanitize_with_trigger(backdoored, src, "clean100", out, "--json", "--quiet"))
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert any("stored as float16" in n for n in report["model"]["notes"]), report["model"]["notes"]

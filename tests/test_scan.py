@@ -52,10 +52,10 @@ def test_unlisted_trigger_is_caught_by_synthesised_probes(demo_zoo, backdoored, 
     fixed_best = max((r for r in suite.results if r.family != "synthesised"), key=lambda r: r.flip.value)
     assert fixed_best.flip.value < 0.5  # the fixed patterns alone would have missed it
     # under bf16 autocast (unlearn.amp = "bf16", also on a CPU) the synthesised probes find it too
-    synth_names = [n for n in PROBES.names() if PROBES.get(n).family == "synthesised"]
+    # (CPU bf16 is slow: 64 images, 100 steps and the universal perturbation keep this to seconds)
     half = run_probes(
-        trained.model, x, y, NUM_CLASSES, device=torch.device("cpu"), amp=torch.bfloat16, budget_steps=300,
-        radius=3.0, names=synth_names,
+        trained.model, x[:64], y[:64], NUM_CLASSES, device=torch.device("cpu"), amp=torch.bfloat16,
+        budget_steps=100, radius=3.0, names=["synth-universal-perturbation"],
     )  # fmt: skip
     assert max(r.flip.value for r in half.results if r.worst_class == 0) >= 0.5
     art = tmp_path / "art"

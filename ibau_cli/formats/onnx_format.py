@@ -83,7 +83,8 @@ class OnnxFormat(ModelFormat):
         if missing:
             raise InputError(
                 f"{path}: unsupported ONNX operator(s) {', '.join(missing)}",
-                hint="open an issue with the model's exporter and opset; supported: `ibau inspect` lists the graph's ops",
+                hint="ibau executes ONNX graphs with its own torch ops (the README's Formats section lists them; `ibau inspect "
+                "MODEL` lists the graph's); re-export without that operator, or report the exporter and opset",
             )
         module = OnnxGraphModule(model)
         graph_inputs = [v for v in model.graph.input if v.name in module.inputs]
