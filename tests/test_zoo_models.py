@@ -67,13 +67,13 @@ def _true_figures(dataset: str, attack: str, target: int, *paths: Path) -> list[
 @pytest.mark.parametrize(
     "name",
     [
-        "gtsrb-smallcnn-blend",  # blend
-        "gtsrb-smallcnn-wanet",  # warp
         "gtsrb-smallcnn-trojan-square",  # magenta/green squares: no fixed probe flips it, the synthesised one does
         "gtsrb-smallcnn-all2all",  # all-to-all (label -> label + 1)
         "gtsrb-smallcnn-clean-s0",  # clean, trained the same way (weak colour evidence only: inconclusive)
         # the clean small VGG (no evidence) is left to benchmarks/probe_eval.py (PROBES.md): its scan took
-        # 154 s of the suite's 823, the synthesised probes spending their whole budget on every class
+        # 154 s of the suite's 823, the synthesised probes spending their whole budget on every class.
+        # Blend and WaNet scans (a minute each) are left to PROBES.md too: the sanitize tests below
+        # assert that the probes name their targets (blend with 100 images, WaNet with 1,000).
     ],
 )
 def test_scan_flags_the_backdoored_zoo_models_and_not_the_clean_one(name, tmp_path):
@@ -124,6 +124,8 @@ def test_probe_guided_sanitize_removes_the_gtsrb_sig_backdoor(tmp_path):
     report, model, out, target = _sanitize_without_trigger(tmp_path, "gtsrb-smallcnn-sig", 1000)
     assert report["probes"]["before"]["verdict"] == "suspected"
     assert report["unlearning"]["guided_class"] == target
+    # the probes fire on a signal, not a warp: the inner problem stays I-BAU's additive one
+    assert [p["family"] for p in report["unlearning"]["perturbations"]] == ["additive"]
     (acc0, asr0), (acc1, asr1) = _true_figures("gtsrb", "sig", target, model, out)
     assert asr0 > 0.9 and asr1 < 0.1, (asr0, asr1)
     assert acc1 > acc0 - 0.04, (acc0, acc1)
@@ -140,13 +142,6 @@ def test_warp_probe_adds_the_warp_family_and_removes_the_gtsrb_wanet_backdoor(tm
     (acc0, asr0), (acc1, asr1) = _true_figures("gtsrb", "wanet", target, model, out)
     assert asr0 > 0.8 and asr1 < 0.25, (asr0, asr1)
     assert acc1 > acc0 - 0.03, (acc0, acc1)
-
-
-def test_auto_perturbations_stay_additive_without_a_warp_probe(tmp_path):
-    """The BadNets model's probes fire on patches, not warps: the inner problem stays I-BAU's additive one."""
-    report, _, _, target = _sanitize_without_trigger(tmp_path, "gtsrb-smallcnn-badnets", 500)
-    assert report["unlearning"]["guided_class"] == target
-    assert [p["family"] for p in report["unlearning"]["perturbations"]] == ["additive"]
 
 
 def test_probe_guided_sanitize_of_a_small_set_stops_when_the_backdoor_is_gone(tmp_path):
