@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from conftest import REPO, SHARED_DATA, run_cli
 
 ZOO = REPO / "benchmarks" / "zoo-models"
@@ -78,7 +79,7 @@ def _true_figures(dataset: str, attack: str, target: int, *paths: Path) -> list[
 )
 def test_scan_flags_the_backdoored_zoo_models_and_not_the_clean_one(name, tmp_path):
     manifest = json.loads((ZOO / name / "manifest.json").read_text())
-    clean = _clean_folder(tmp_path, manifest["dataset"], 1000)
+    clean = _clean_folder(tmp_path, manifest["dataset"], 500)  # PROBES.md's N = 500 rows, seed 0
     res = run_cli("scan", ZOO / name / "model.safetensors", "--clean", clean, "--json", "-q")
     assert res.returncode in (0, 1), res.stderr
     probes = json.loads(res.stdout)["probes"]["before"]
