@@ -7,9 +7,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
-from conftest import independent_figures, run_cli, sanitize_with_trigger
 
 import ibau_cli
+from conftest import independent_figures, run_cli, sanitize_with_trigger
 from ibau_cli.errors import InputError, UsageError
 
 

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import without_probes
 from safetensors.torch import save_file
 
+from conftest import without_probes
 from ibau_cli.cli import main
 
 

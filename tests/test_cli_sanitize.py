@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import independent_figures, run_cli, sanitize_with_trigger
 from safetensors.torch import load_file
 
+from conftest import independent_figures, run_cli, sanitize_with_trigger
 from ibau_cli.archs import ARCHS
 
 

@@ -7,9 +7,9 @@ import pickle
 import warnings
 
 import torch
-from conftest import independent_figures, run_cli, sanitize_with_trigger
 from test_cli_errors import assert_one_line_error, invoke
 
+from conftest import independent_figures, run_cli, sanitize_with_trigger
 from ibau_cli.archs import ARCHS
 from ibau_cli.formats import detect_format, load_model
 from ibau_cli.formats.exported_format import FixedMode  # exported modules refuse .eval()

@@ -11,9 +11,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import run_cli, sanitize_with_trigger
 from test_cli_errors import assert_one_line_error, invoke
 
+from conftest import run_cli, sanitize_with_trigger
 from ibau_cli.demo import TARGET, add_badnets_trigger
 
 

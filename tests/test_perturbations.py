@@ -79,7 +79,6 @@ def test_a_warp_backdoor_is_flagged_by_the_synthesised_warp_and_repaired_with_th
     --trigger: the synthesised universal warp names class 0, the inner problem adds the warp family,
     and the true trigger's ASR on 1,000 images ibau never saw falls."""
     from conftest import run_cli
-
     from ibau_cli.demo import TARGET, synthetic_images, train_backdoored, write_image_folder
     from ibau_cli.formats import save_model
     from ibau_cli.preprocess import Preprocess

@@ -11,6 +11,7 @@ from html.parser import HTMLParser
 from importlib import resources
 
 import pytest
+
 from conftest import run_cli, sanitize_with_trigger
 
 jsonschema = pytest.importorskip("jsonschema")

@@ -8,9 +8,9 @@ import re
 
 import pytest
 import torch
-from conftest import run_cli, sanitize_with_trigger
 from test_cli_errors import invoke
 
+from conftest import run_cli, sanitize_with_trigger
 from ibau_cli.demo import NUM_CLASSES, synthetic_images
 from ibau_cli.probes import PROBES, run_probes
 

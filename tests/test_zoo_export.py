@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import torch
-from conftest import REPO
 
+from conftest import REPO
 from ibau_cli.formats import load_model
 from ibau_cli.preprocess import Normalized, Preprocess
 
