@@ -3,8 +3,8 @@
 `pytest -q` runs the tests in parallel workers (pytest-xdist, `-n auto` in pyproject.toml): on a
 small CI machine the tests' tiny models use two cores poorly from one process, so two one-thread
 workers finish sooner than one two-thread run. Each worker, and every `ibau` subprocess a test
-starts, gets an equal share of the cores (OMP_NUM_THREADS, which ibau honours); `-p no:xdist` or
-`-n 0` runs everything in one process with all of them.
+starts, gets an equal share of the cores (OMP_NUM_THREADS, which ibau honours); `-n 0` runs
+everything in one process with all of them.
 """
 
 from __future__ import annotations
