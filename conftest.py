@@ -15,9 +15,13 @@ MAX_WORKERS = 4  # each worker trains the session fixtures once; more workers re
 
 
 def _cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """The CPUs this run may use: its affinity mask, lowered to a container's CPU quota (ibau's own
+    reading of it), so a `docker run --cpus 2` on a large host is not given a worker per host core."""
+    from ibau_cli.device import cgroup_cpu_limit
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_limit()
+    return max(1, min(cores, int(quota))) if quota is not None else cores
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
@@ -28,12 +32,12 @@ def _share_the_cores() -> None:
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not workers:
         return
-    threads = str(max(1, _cores() // int(workers)))
-    os.environ["OMP_NUM_THREADS"] = threads  # the ibau subprocesses the tests start
-    os.environ["MKL_NUM_THREADS"] = threads
+    threads = max(1, _cores() // int(workers))
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the ibau subprocesses the tests start
+    os.environ["MKL_NUM_THREADS"] = str(threads)
     import torch
 
-    torch.set_num_threads(int(threads))
+    torch.set_num_threads(threads)
 
 
 _share_the_cores()

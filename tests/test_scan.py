@@ -51,8 +51,8 @@ def test_unlisted_trigger_is_caught_by_synthesised_probes(demo_zoo, backdoored, 
     assert synth and max(r.flip.value for r in synth) >= 0.5
     fixed_best = max((r for r in suite.results if r.family != "synthesised"), key=lambda r: r.flip.value)
     assert fixed_best.flip.value < 0.5  # the fixed patterns alone would have missed it
-    # under bf16 autocast (unlearn.amp = "bf16", also on a CPU) the synthesised probes find it too
-    # (CPU bf16 is slow: 64 images, 100 steps and the universal perturbation keep this to seconds)
+    # under bf16 autocast (unlearn.amp = "bf16", also on a CPU) the synthesised universal perturbation
+    # finds it too (CPU bf16 is slow: 64 images and 100 steps keep this to seconds)
     half = run_probes(
         trained.model, x[:64], y[:64], NUM_CLASSES, device=torch.device("cpu"), amp=torch.bfloat16,
         budget_steps=100, radius=3.0, names=["synth-universal-perturbation"],
