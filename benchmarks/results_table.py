@@ -85,6 +85,18 @@ SAME_PATH = {
         "0.3.1": lambda r: _same_path_as_0_3_3(r) and _same_path_as_0_3_2(r),
         "0.3.0": lambda r: _same_path_as_0_3_3(r) and _same_path_as_0_3_1(r),
     },
+    # 0.3.6 writes each class's probe loss as a weighted sum (so that CUDA can batch classes) and
+    # exports .pt2 programs from the CPU: the same triggers up to rounding (the six 500-image scans of
+    # 0.3.5 in results/probes.jsonl rerun with 0.3.6: every verdict, class, flip rate and worst probe
+    # unchanged, anomaly indices within 0.004), so every 0.3.5 run takes its code path.
+    "0.3.6": {
+        "0.3.5": lambda r: True,
+        "0.3.4": lambda r: True,
+        "0.3.3": lambda r: True,
+        "0.3.2": _same_path_as_0_3_3,
+        "0.3.1": lambda r: _same_path_as_0_3_3(r) and _same_path_as_0_3_2(r),
+        "0.3.0": lambda r: _same_path_as_0_3_3(r) and _same_path_as_0_3_1(r),
+    },
 }
 
 
@@ -175,6 +187,49 @@ def _both_tables(rows: list[dict]) -> list[str]:
 
 def _speed_rows() -> list[dict]:
     return read_rows(HERE / "results" / "speed.jsonl")
+
+
+def _class_batch_section() -> list[str]:
+    """``benchmarks/probe_batch_speed.py``: the class-wise synthesised probes, one class at a time
+    against several per batch (``probes.class_batch``), the faster repeat of each."""
+    rows = read_rows(HERE / "results" / "probes-class-batch.jsonl")
+    if not rows:
+        return []
+    out = [
+        "",
+        "## Probe class batching (`benchmarks/probe_batch_speed.py`)",
+        "",
+        "The two class-wise synthesised probes (mask-pattern and universal perturbation: one optimisation",
+        "per class) fitted one class at a time, or several classes per step (`probes.class_batch`; unset:",
+        "1 on a CPU, 16 classes of 64 32x32 images on CUDA), through the real scan (default settings",
+        "otherwise) in one process, after a warm-up scan; the faster repeat of each. The ratio is the",
+        "one-class-at-a-time time over the batched one. The same triggers are fitted either way (the images",
+        "are drawn up front in one order; a test holds the per-class figures equal on a CPU).",
+        "",
+        "| model | device | torch | ibau | N | class batch | repeats | class-wise probes s | all probes s | speed-up | verdict (class) | anomaly index |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(
+            (r["model"], r["device_name"], r["torch"], row_version(r), r["n"], r["class_batch"]), []
+        ).append(r)
+    for key in sorted(groups, key=lambda k: (k[1], k[0], k[2], k[3], k[4], k[5] != "1", k[5])):
+        model, device, torch_version, version, n, cb = key
+        best = min(groups[key], key=lambda r: r["classwise_seconds"])
+        one = groups.get((model, device, torch_version, version, n, "1"))
+        ratio = (
+            "-"
+            if cb == "1" or not one
+            else f"{min(r['classwise_seconds'] for r in one) / best['classwise_seconds']:.2f}x"
+        )
+        label = f"{cb} ({best['resolved_class_batch']})" if cb == "auto" else cb
+        out.append(
+            f"| {model} | {device} | {torch_version} | {version} | {n} | {label} | {len(groups[key])} | "
+            f"{best['classwise_seconds']:.2f} | {best['probe_seconds']:.2f} | {ratio} | "
+            f"{best['verdict']} ({best['suspected_class']}) | {best['anomaly_index']:.2f} |"
+        )
+    return out
 
 
 def _efficacy_table(rows: list[dict]) -> list[str]:
@@ -359,9 +414,10 @@ def main() -> int:
             "inner problems and perturbs half of every warp step's batch; both ratios are measured in the same",
             "interleaving.",
             "",
-            "The `cuda` rows (one H100, torch 2.11, bf16 autocast, the data on the CPU and moved a batch at a",
-            "time as ibau moves it) say 0.3.3 but ran with 0.3.4's warp sampler in the tree: with 0.3.3's the",
-            "warp round fails on CUDA (no derivative for grid_sampler's backward). On a GPU these small models",
+            "The `cuda` rows (torch 2.11, bf16 autocast, the data on the CPU and moved a batch at a time as",
+            "ibau moves it): the H100 rows say 0.3.3 but ran with 0.3.4's warp sampler in the tree: with 0.3.3's",
+            "the warp round fails on CUDA (no derivative for grid_sampler's backward); the H200 row is 0.3.5",
+            "(another card and another version: compare it with the CPU rows, not the H100's). On a GPU these small models",
             "are bound by kernel launches, not arithmetic: an I-BAU step issues several times the kernels of a",
             "plain step (the inner gradient, its double backward for the Neumann terms), hence ratios above",
             "the CPU's.",
@@ -378,6 +434,7 @@ def main() -> int:
                 f"{'-' if guided is None else f'{guided:.2f}'} | {'-' if warp is None else f'{warp:.2f}'} | "
                 f"{r['epoch_peak_mib']:.0f} / {r['round_peak_mib']:.0f} |"
             )
+    out += _class_batch_section()
     out += [
         "",
         "## Reproduce (from the repository root)",
@@ -412,6 +469,9 @@ def main() -> int:
         "python benchmarks/efficacy.py --device cuda --threads 8 --model-dir ~/.cache/ibau-zoo/gtsrb-preactresnet18-badnets \\",
         "    --n-clean 2500 --seeds 0 1 2 --methods no-implicit finetune",
         "python benchmarks/speed.py --zoo benchmarks/zoo-models --only cifar10-smallvgg-badnets --device cuda --n 2500 --threads 8",
+        "# probe class batching (the committed models; on a CPU: --device cpu --threads 2 --n 300 --batches 1 10 --repeats 1)",
+        "python benchmarks/probe_batch_speed.py --device cuda --only gtsrb-smallcnn-badnets cifar10-smallvgg-badnets \\",
+        "    --n 1000 --repeats 2 --batches 1 auto 64",
         "# rows with extra settings: the same command with --set SECTION.KEY=VALUE (shown in the method column)",
         "python benchmarks/results_table.py",
         "```",

@@ -158,6 +158,17 @@ class GateConfig:
         return chance + 0.25 * (1.0 - chance)
 
 
+# probes.class_batch left unset: on CUDA as many classes per optimisation step as keep the step's batch
+# at or under this many input values (1,024 32x32 RGB images: 16 classes of 64 images); on a CPU one
+# class at a time (batching gave no gain there: 0.6x on 2 cores, benchmarks/probe_batch_speed.py).
+PROBE_CLASS_BATCH_VALUES = 1024 * 3 * 32 * 32
+
+
+def cuda_class_batch(image_shape: tuple[int, ...], per_class: int = 64) -> int:
+    """Classes per synthesised-probe step on CUDA when ``probes.class_batch`` is unset."""
+    return max(1, PROBE_CLASS_BATCH_VALUES // max(per_class * math.prod(image_shape), 1))
+
+
 @dataclass(frozen=True)
 class ProbesConfig:
     """Built-in trigger probes (docs/probes.md)."""
@@ -165,11 +176,14 @@ class ProbesConfig:
     enabled: bool = True
     budget_steps: int = 600  # optimisation steps per synthesised probe, split over the classes
     radius: float | None = None  # L2 bound of the synthesised universal perturbation; None: 0.3 x unlearn radius
+    class_batch: int | None = None  # classes fitted in one batch; None: 1 on a CPU, ~1,024 32x32 images a step on CUDA
 
     def check(self) -> list[str]:
         p = []
         if self.budget_steps < 1:
             p.append("probes.budget_steps must be >= 1")
+        if self.class_batch is not None and self.class_batch < 1:
+            p.append("probes.class_batch must be >= 1")
         if self.radius is not None and self.radius <= 0:
             p.append("probes.radius must be > 0")
         return p
@@ -202,6 +216,8 @@ class Settings:
         return {
             "unlearn.radius": f"{self.unlearn.resolved_radius(shape):.4g} for {size} images: 10 x sqrt(pixels / 3072)",
             "probes.radius": f"{self.resolved_probe_radius(shape):.4g} for {size} images: 0.3 x unlearn.radius",
+            "probes.class_batch": f"1 on a CPU; {cuda_class_batch(shape)} on CUDA for {size} images "
+            "(~1,024 32x32 images a step)",
             "gate.min_clean_acc": f"{floor}: {self.gate.resolved_min_clean_acc(num_classes):.4g} for {num_classes} classes"
             if num_classes
             else f"{floor}, from the model's class count",

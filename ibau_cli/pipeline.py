@@ -692,6 +692,7 @@ def _run_probes(model, x, y, num_classes, settings, device, amp, progress):
         budget_steps=settings.probes.budget_steps,
         radius=radius,
         progress=progress,
+        class_batch=settings.probes.class_batch,
     )
 
 

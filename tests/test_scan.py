@@ -65,6 +65,74 @@ def test_unlisted_trigger_is_caught_by_synthesised_probes(demo_zoo, backdoored, 
     assert (art / "before-after.png").exists()
 
 
+def test_synthesised_triggers_do_not_depend_on_how_the_classes_are_batched(demo_zoo):
+    """probes.class_batch (several classes per step on CUDA) fits the same triggers as one class at
+    a time: the images each class sees are drawn up front in the same order, and each class's loss
+    is its own mean."""
+    _, trained = demo_zoo["plus"]
+    x, y = synthetic_images(120, seed=32)
+    names = ["synth-mask-pattern", "synth-universal-perturbation"]
+    suites = [
+        run_probes(
+            trained.model,
+            x,
+            y,
+            NUM_CLASSES,
+            device=torch.device("cpu"),
+            budget_steps=100,
+            radius=3.0,
+            names=names,
+            class_batch=k,
+        )  # fmt: skip
+        for k in (1, 4)  # 4: chunks of 4, 4 and 2 classes
+    ]
+    one = suites[0]
+    assert [s.results[0].details["class_batch"] for s in suites] == [1, 4]
+    for other in suites[1:]:
+        for a, b in zip(one.results, other.results, strict=True):
+            assert a.worst_class == b.worst_class and a.flip.hits == b.flip.hits and a.flip.n == b.flip.n
+            assert a.per_class == pytest.approx(b.per_class, abs=0.02)
+        masks = [c["mask_l1_fraction"] for c in one.results[0].details["per_class"]]
+        assert masks == pytest.approx([c["mask_l1_fraction"] for c in other.results[0].details["per_class"]], rel=1e-3)
+        assert torch.allclose(
+            one.artifacts["synth-universal-perturbation"]["delta"],
+            other.artifacts["synth-universal-perturbation"]["delta"],
+            atol=1e-4,
+        )
+
+
+def test_a_class_batch_that_runs_out_of_gpu_memory_is_split():
+    from ibau_cli.probes.base import ProbeContext, resolved_class_batch
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolved_class_batch(None, cuda, (3, 32, 32), 64) == 16  # 1,024 images of 32x32 a step
+    assert resolved_class_batch(None, cuda, (3, 224, 224), 64) == 1
+    assert resolved_class_batch(None, cpu, (3, 32, 32), 64) == 1
+    assert resolved_class_batch(5, cpu, (3, 32, 32), 64) == 5
+    from ibau_cli.probes.synthesised import _class_chunks
+
+    ctx = ProbeContext(
+        x=torch.zeros(4, 3, 8, 8), y=torch.zeros(4, dtype=torch.long), num_classes=10, device=torch.device("cpu"),
+        amp=None, seed=0, clean_pred=torch.zeros(4, dtype=torch.long), budget_steps=10, radius=1.0, class_batch=8,
+    )  # fmt: skip
+    tried = []
+
+    def fit(chunk):
+        tried.append(len(chunk))
+        if len(chunk) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return [t * 10 for t in chunk]
+
+    assert _class_chunks(ctx, list(range(10)), fit, 64) == ({t: t * 10 for t in range(10)}, 2)
+    assert tried == [8, 4, 2, 2, 2, 2, 2]
+
+    def always(chunk):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _class_chunks(ctx, [0, 1, 2], always, 64)
+
+
 def test_probe_figures_fall_with_the_true_asr_after_sanitize(backdoored, tmp_path):
     res = run_cli(
         *sanitize_with_trigger(

@@ -104,8 +104,16 @@ class ExportedProgramFormat(ModelFormat):
     def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
         inner = module.inner if isinstance(module, FixedMode) else module.eval()
         h, w = request.preprocess.input_size
-        example = torch.rand(2, request.preprocess.channels, h, w, device=next(module.parameters()).device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(inner, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-            torch.export.save(program, str(path), extra_files={EXTRA: json.dumps(ibau_metadata(request))})
+        # Exported on the CPU: a program traced on CUDA records CUDA devices (it would not load on a
+        # machine without one) and CUDA convolutions guard the batch axis (at most 65,535), which
+        # torch.export refuses for a dynamic batch. The module goes back to its device afterwards.
+        device = next(module.parameters()).device
+        example = torch.rand(2, request.preprocess.channels, h, w)
+        try:
+            inner.cpu()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.export(inner, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+                torch.export.save(program, str(path), extra_files={EXTRA: json.dumps(ibau_metadata(request))})
+        finally:
+            inner.to(device)

@@ -228,6 +228,7 @@ def run_probes(
     radius: float = 3.0,
     names: list[str] | None = None,
     progress: Progress | None = None,
+    class_batch: int | None = None,
 ) -> ProbeSuite:
     """Run the registered probes (or ``names``) on held-out clean pixels ``x`` in [0, 1]."""
     progress = progress or NoProgress()
@@ -244,6 +245,7 @@ def run_probes(
         clean_pred=torch.empty(0, dtype=torch.long),
         budget_steps=budget_steps,
         radius=radius,
+        class_batch=class_batch,
     )
     ctx.clean_pred = predict(model, x, ctx)
     results = []

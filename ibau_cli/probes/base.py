@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from ..config import cuda_class_batch
 from ..device import autocast
 from ..metrics import Rate
 
@@ -24,6 +25,17 @@ class ProbeContext:
     budget_steps: int  # optimisation steps per synthesised probe, shared by all classes
     radius: float  # L2 bound for synthesised universal perturbations (pixel space)
     batch_size: int = 256
+    class_batch: int | None = None  # classes whose triggers are fitted in one batch; None: resolved_class_batch
+
+
+def resolved_class_batch(
+    class_batch: int | None, device: torch.device, image_shape: tuple[int, ...], per_class: int
+) -> int:
+    """How many classes' triggers a synthesised probe fits at once (``probes.class_batch``; unset:
+    one on a CPU, ``config.cuda_class_batch`` on CUDA)."""
+    if class_batch is not None:
+        return max(1, class_batch)
+    return cuda_class_batch(image_shape, per_class) if device.type == "cuda" else 1
 
 
 @dataclass

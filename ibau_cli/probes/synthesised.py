@@ -19,6 +19,8 @@ the optimised triggers stay in fp32.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +29,10 @@ from torch import Tensor, nn
 from ..device import autocast
 from ..metrics import Rate
 from ..unlearn.perturbations import Warp
-from .base import ProbeContext, ProbeResult, class_rates, predict, worst_class
+from .base import ProbeContext, ProbeResult, class_rates, predict, resolved_class_batch, worst_class
 
 BATCH = 64
+_R = TypeVar("_R")
 
 
 def _halves(ctx: ProbeContext) -> tuple[Tensor, Tensor]:
@@ -64,6 +67,55 @@ def _flip(model: nn.Module, x: Tensor, t: int, ctx: ProbeContext) -> Rate:
     return Rate(hits, len(x))
 
 
+def _class_chunks(
+    ctx: ProbeContext, classes: list[int], fit: Callable[[list[int]], list[_R]], per_class: int
+) -> tuple[dict[int, _R], int]:
+    """``fit`` over ``classes`` a chunk at a time (``probes.class_batch``; on CUDA several classes in
+    one batch), and the chunk size it ended with: a chunk that runs out of GPU memory is retried in
+    halves, down to one class."""
+    size = resolved_class_batch(ctx.class_batch, ctx.device, tuple(ctx.x.shape[1:]), per_class)
+    out: dict[int, _R] = {}
+    i = 0
+    while i < len(classes):
+        chunk = classes[i : i + size]
+        try:
+            fitted = fit(chunk)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise
+            torch.cuda.empty_cache()
+            size = max(1, size // 2)
+            continue
+        out.update(zip(chunk, fitted, strict=True))
+        i += len(chunk)
+    return out, size
+
+
+class _Draws:
+    """Each class's images for every step, drawn up front in the order the one-class-at-a-time loop
+    draws them, so that the fitted triggers do not depend on how the classes are batched."""
+
+    def __init__(self, picks: dict[int, list[Tensor]]) -> None:
+        self.picks = picks
+
+    def batch(self, ctx: ProbeContext, chunk: list[int], step: int) -> Tensor:
+        idx = torch.cat([self.picks[t][step] for t in chunk])
+        return ctx.x[idx].to(ctx.device, non_blocking=True)
+
+    def owners(self, chunk: list[int], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """For the rows of a chunk's batch: the index of their class within the chunk, the class
+        itself, and 1 / (its class's row count), which makes the summed loss each class's mean."""
+        sizes = torch.tensor([len(self.picks[t][0]) for t in chunk])
+        owner = torch.repeat_interleave(torch.arange(len(chunk)), sizes)
+        target = torch.tensor(chunk)[owner]
+        weight = (1.0 / sizes.float())[owner]
+        return owner.to(device), target.to(device), weight.to(device)
+
+
+def _draw(fit: Tensor, steps: int, gen: torch.Generator) -> list[Tensor]:
+    return [fit[torch.randint(len(fit), (min(BATCH, len(fit)),), generator=gen)] for _ in range(steps)]
+
+
 class MaskPatternProbe:
     name = "synth-mask-pattern"
     family = "synthesised"
@@ -76,36 +128,49 @@ class MaskPatternProbe:
         _, c, h, w = ctx.x.shape
         steps = max(10, ctx.budget_steps // max(ctx.num_classes, 1))
         gen = torch.Generator().manual_seed(ctx.seed)
-        norms, flips, masks, patterns = [], [], [], []
+        tests, starts, picks = {}, {}, {}
         for t in range(ctx.num_classes):
             fit = _eligible(ctx, fit_idx, t)
             test = _eligible(ctx, test_idx, t)
-            if len(fit) == 0 or len(test) == 0:
+            if len(fit) and len(test):
+                tests[t] = test
+                starts[t] = torch.randn((1, c, h, w), generator=gen)
+                picks[t] = _draw(fit, steps, gen)
+        draws = _Draws(picks)
+
+        def fit_chunk(chunk: list[int]) -> list[tuple[Tensor, Tensor]]:
+            m_logit = torch.full((len(chunk), 1, h, w), -3.0, device=ctx.device, requires_grad=True)
+            p_logit = torch.cat([starts[t] for t in chunk]).to(ctx.device).requires_grad_(True)
+            opt = torch.optim.Adam([m_logit, p_logit], lr=0.1)
+            owner, target, weight = draws.owners(chunk, ctx.device)
+            for step in range(steps):
+                xb = draws.batch(ctx, chunk, step)
+                m, p = torch.sigmoid(m_logit), torch.sigmoid(p_logit)
+                out = _logits(model, (1 - m[owner]) * xb + m[owner] * p[owner], ctx)
+                # the classes' losses summed: each class's trigger gets its own loss's gradient
+                ce = (F.cross_entropy(out, target, reduction="none") * weight).sum()
+                loss = ce + self.l1_weight * m.sum() / (h * w) * 100
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                m, p = torch.sigmoid(m_logit).cpu(), torch.sigmoid(p_logit).cpu()
+            return [(m[k : k + 1], p[k : k + 1]) for k in range(len(chunk))]
+
+        fitted, class_batch = _class_chunks(ctx, list(picks), fit_chunk, min(BATCH, len(fit_idx)))
+        norms, flips, masks, patterns = [], [], [], []
+        for t in range(ctx.num_classes):
+            if t not in fitted:
                 norms.append(float("inf"))
                 flips.append(Rate(0, 0))
                 masks.append(None)
                 patterns.append(None)
                 continue
-            m_logit = torch.full((1, 1, h, w), -3.0, device=ctx.device, requires_grad=True)
-            p_logit = torch.randn((1, c, h, w), generator=gen).to(ctx.device).requires_grad_(True)
-            opt = torch.optim.Adam([m_logit, p_logit], lr=0.1)
-            target = torch.full((BATCH,), t, device=ctx.device)
-            for _ in range(steps):
-                pick = fit[torch.randint(len(fit), (min(BATCH, len(fit)),), generator=gen)]
-                xb = ctx.x[pick].to(ctx.device)
-                m, p = torch.sigmoid(m_logit), torch.sigmoid(p_logit)
-                out = _logits(model, (1 - m) * xb + m * p, ctx)
-                loss = F.cross_entropy(out, target[: len(xb)]) + self.l1_weight * m.sum() / (h * w) * 100
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                m, p = torch.sigmoid(m_logit), torch.sigmoid(p_logit)
-                xt = (1 - m) * ctx.x[test].to(ctx.device) + m * p
-                flips.append(_flip(model, xt.cpu(), t, ctx))
-                norms.append(float(m.sum()) / (h * w))
-                masks.append(m.cpu())
-                patterns.append(p.cpu())
+            m, p = fitted[t]
+            flips.append(_flip(model, (1 - m) * ctx.x[tests[t]] + m * p, t, ctx))
+            norms.append(float(m.sum()) / (h * w))
+            masks.append(m)
+            patterns.append(p)
         finite = [v for v in norms if v != float("inf")]
         indices = [anomaly_index(finite, finite.index(v)) if v != float("inf") else 0.0 for v in norms]
         # the class whose working trigger is smallest relative to the others' triggers
@@ -124,6 +189,7 @@ class MaskPatternProbe:
                 "mask_l1_fraction": norms[worst],
                 "median_mask_l1_fraction": statistics.median(finite) if finite else None,
                 "steps_per_class": steps,
+                "class_batch": class_batch,
                 "per_class": [
                     {
                         "class": k,
@@ -153,29 +219,42 @@ class UniversalPerturbationProbe:
         steps = max(10, ctx.budget_steps // max(ctx.num_classes, 1))
         gen = torch.Generator().manual_seed(ctx.seed + 1)
         alpha = 2.5 * ctx.radius / steps
-        flips, deltas = [], []
+        tests, picks = {}, {}
         for t in range(ctx.num_classes):
             fit = _eligible(ctx, fit_idx, t)
             test = _eligible(ctx, test_idx, t)
-            if len(fit) == 0 or len(test) == 0:
+            if len(fit) and len(test):
+                tests[t] = test
+                picks[t] = _draw(fit, steps, gen)
+        draws = _Draws(picks)
+
+        def fit_chunk(chunk: list[int]) -> list[Tensor]:
+            delta = torch.zeros((len(chunk), *ctx.x.shape[1:]), device=ctx.device)
+            owner, target, weight = draws.owners(chunk, ctx.device)
+            for step in range(steps):
+                xb = draws.batch(ctx, chunk, step)
+                delta.requires_grad_(True)
+                out = _logits(model, (xb + delta[owner]).clamp(0, 1), ctx)
+                loss = (F.cross_entropy(out, target, reduction="none") * weight).sum()
+                (g,) = torch.autograd.grad(loss, delta)
+                with torch.no_grad():  # each class's step and L2 projection on its own delta
+                    g_norm = g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))
+                    delta = delta.detach() - alpha * g / (g_norm + 1e-12)
+                    n = delta.flatten(1).norm(dim=1).view_as(g_norm)
+                    delta = torch.where(n > ctx.radius, delta * (ctx.radius / n), delta)
+            delta = delta.cpu()
+            return [delta[k : k + 1] for k in range(len(chunk))]
+
+        fitted, class_batch = _class_chunks(ctx, list(picks), fit_chunk, min(BATCH, len(fit_idx)))
+        flips, deltas = [], []
+        for t in range(ctx.num_classes):
+            if t not in fitted:
                 flips.append([])
                 deltas.append(None)
                 continue
-            delta = torch.zeros((1, *ctx.x.shape[1:]), device=ctx.device)
-            for _ in range(steps):
-                pick = fit[torch.randint(len(fit), (min(BATCH, len(fit)),), generator=gen)]
-                xb = ctx.x[pick].to(ctx.device)
-                delta.requires_grad_(True)
-                out = _logits(model, (xb + delta).clamp(0, 1), ctx)
-                loss = F.cross_entropy(out, torch.full((len(xb),), t, device=ctx.device))
-                (g,) = torch.autograd.grad(loss, delta)
-                with torch.no_grad():
-                    delta = delta.detach() - alpha * g / (g.norm() + 1e-12)
-                    n = delta.norm()
-                    if n > ctx.radius:
-                        delta = delta * (ctx.radius / n)
-            flips.append([_flip(model, (ctx.x[test] + s * delta.cpu()).clamp(0, 1), t, ctx) for s in UAP_SCALES])
-            deltas.append(delta.cpu())
+            delta = fitted[t]
+            flips.append([_flip(model, (ctx.x[tests[t]] + s * delta).clamp(0, 1), t, ctx) for s in UAP_SCALES])
+            deltas.append(delta)
         # A model that any small perturbation pushes anywhere (common for small, non-robust models)
         # makes every class reachable at the full radius; the same perturbations scaled down show
         # whether one class stands out. Report the scale where it stands out most.
@@ -199,6 +278,7 @@ class UniversalPerturbationProbe:
                 "fitted_radius": ctx.radius,
                 "scale": scale,
                 "steps_per_class": steps,
+                "class_batch": class_batch,
                 "median_other_flip_rate": median_other,
                 "by_scale": [
                     {"scale": sc, "worst_class": w, "flip_rate": r[w], "median_other_flip_rate": m}
