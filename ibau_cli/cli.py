@@ -24,7 +24,8 @@ Exit codes:
   {EXIT_GATE_FAILED}  gate failed: ASR or accuracy drop past the limit, or (scan) a backdoor suspected
   {EXIT_BAD_INPUT}  bad usage or bad input (one line says which file and what to do)
   {EXIT_RUNTIME}  runtime failure (device, numerics, writing the output)
-  130  interrupted (Ctrl-C); nothing is written
+  130  interrupted (Ctrl-C); no partial file is left
+  143  terminated (SIGTERM: CI cancellation, docker stop); no partial file is left
 """
 
 
@@ -77,6 +78,58 @@ class _RichProgress:
         self.task = None
 
 
+class _LineProgress:
+    """Progress for a stderr that is not a terminal (a CI log): plain lines, no bars. Quiet for
+    phases that end within ``first`` seconds (so short runs and one-line errors stay alone); a
+    phase that runs longer gets a line then, another every ``every`` seconds, and one when it ends,
+    so a runner that kills jobs silent for minutes sees a long repair advance."""
+
+    def __init__(self, console: Console, first: float = 30.0, every: float = 60.0, clock=None) -> None:
+        import time
+
+        self.console = console
+        self.first, self.every = first, every
+        self.clock = clock or time.monotonic
+        self.phase: str | None = None
+
+    def __enter__(self) -> _LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.phase = None  # an error or Ctrl-C ends the run: no "done" line for the phase it cut
+
+    def _line(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def start(self, phase: str, total: int) -> None:
+        self.finish()
+        self.phase, self.total, self.done = phase, total, 0
+        self.t0 = self.clock()
+        self.last: float | None = None
+
+    def advance(self, steps: int = 1) -> None:
+        if self.phase is None:
+            return
+        self.done += steps
+        now = self.clock()
+        due = self.t0 + self.first if self.last is None else self.last + self.every
+        if now >= due:
+            self.last = now
+            self._line(f"ibau: {self.phase}: {self.done}/{self.total} after {now - self.t0:.0f} s")
+
+    def finish(self) -> None:
+        if self.phase is not None and self.last is not None:
+            self._line(f"ibau: {self.phase}: done in {self.clock() - self.t0:.0f} s")
+        self.phase = None
+
+
+def _progress(err: Console, quiet: bool) -> _RichProgress | _LineProgress:
+    """Bars on a terminal, plain lines in a log, nothing with --quiet."""
+    if quiet or err.is_terminal:
+        return _RichProgress(err, enabled=not quiet)
+    return _LineProgress(err)
+
+
 def _fail(exc: IbauError, debug: bool) -> None:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     from rich.text import Text
@@ -96,8 +149,7 @@ def _run(debug: bool, fn) -> Any:
     except IbauError as exc:
         _fail(exc, debug)
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted")
-        sys.exit(130)
+        _exit_interrupted()
     except click.exceptions.Exit:
         raise
     except Exception as exc:  # anything unexpected is a runtime failure, not a traceback
@@ -126,7 +178,9 @@ def main(plugin_files: tuple[Path, ...], no_plugins: bool) -> None:
     fit_threads_to_cpu_quota()
 
     from_env = [Path(f) for f in os.environ.get("IBAU_PLUGINS", "").split(os.pathsep) if f.strip()]
-    _run(False, lambda: load_plugins([*from_env, *plugin_files], entry_points=not no_plugins))
+    # plugins load before the command's own options are parsed: its --debug shows a plugin's traceback too
+    debug = "--debug" in sys.argv[1:]
+    _run(debug, lambda: load_plugins([*from_env, *plugin_files], entry_points=not no_plugins))
 
 
 def _common_options(fn):
@@ -289,7 +343,7 @@ def _execute(fn, opts: dict[str, Any]) -> None:
     request = _request(opts)
     targets = _report_targets(opts, request.model, output_path(request) if "out" in opts else None)
     err = Console(stderr=True)
-    with _RichProgress(err, enabled=not opts["quiet"] and err.is_terminal) as progress:
+    with _progress(err, opts["quiet"]) as progress:
         report = fn(request, progress=progress)
     _emit(report, targets, opts["quiet"], err)
 
@@ -510,7 +564,10 @@ def _demo(workdir: Path | None, device: str, json_stdout: bool, report_paths: tu
     err.print(
         f"demo model {paths['model']} (BadNets: 3x3 white patch, target 0)\n"
         f"running: ibau sanitize {paths['model']} --clean {paths['clean']} --trigger {paths['trigger']} --target 0 "
-        f"--out {root / 'fixed.safetensors'}"
+        f"--out {root / 'fixed.safetensors'}",
+        soft_wrap=True,  # one line, so that it can be copied as a command
+        markup=False,
+        highlight=False,
     )
     request = SanitizeRequest(
         model=paths["model"],
@@ -518,21 +575,43 @@ def _demo(workdir: Path | None, device: str, json_stdout: bool, report_paths: tu
         out=root / "fixed.safetensors",
         device=device,
         trigger=TriggerSpec(image=paths["trigger"], target=0),
+        environment=dict(os.environ),  # IBAU_SECTION__KEY and IBAU_CONFIG, as `ibau sanitize` reads them
         argv=_argv(),
     )
-    with _RichProgress(err, enabled=err.is_terminal) as progress:
+    with _progress(err, False) as progress:
         report = run_sanitize(request, progress=progress)
     _emit(report, targets, False, err)
 
 
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM, 128 + 15 as shells report it
+_terminated = False
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM takes Ctrl-C's way out: the exception unwinds through every ``finally`` that removes
+    a temporary file, then the exit code says which signal it was."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
+def _exit_interrupted() -> None:
+    Console(stderr=True).print("terminated" if _terminated else "interrupted")
+    sys.exit(EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED)
+
+
 def run(argv: list[str] | None = None) -> None:
-    """The ``ibau`` entry point: ``main`` with Ctrl-C mapped to exit 130 at any moment (click's own
-    handling prints "Aborted!" and exits 1, the gate-failed code, when it comes during start-up)."""
+    """The ``ibau`` entry point: ``main`` with Ctrl-C mapped to exit 130 and SIGTERM to 143 at any
+    moment (click's own handling prints "Aborted!" and exits 1, the gate-failed code, when Ctrl-C
+    comes during start-up; Python's default for SIGTERM skips every clean-up)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rv = main.main(args=argv, prog_name="ibau", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        Console(stderr=True).print("interrupted")
-        sys.exit(130)
+        _exit_interrupted()
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

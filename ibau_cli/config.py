@@ -258,15 +258,17 @@ def _coerce(section: str, f: dataclasses.Field, value: Any, source: str) -> Any:
     key = f"{section}.{f.name}"
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     type_text = str(f.type)
-    if value is None:
+    if value is None or (
+        "None" in type_text and isinstance(value, str) and value.strip().lower() in OPTIONAL_UNSET
+    ):  # TOML has no null: an optional key goes back to automatic (or off) with "auto" or "none"
         if "None" in type_text:
             return None
         raise ConfigError(f"{source}: {key} cannot be empty")
     if isinstance(default, tuple) or "tuple" in type_text:
         if not isinstance(value, list | tuple) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
         ):
-            raise ConfigError(f"{source}: {key} must be a list of numbers, not {value!r}")
+            raise ConfigError(f"{source}: {key} must be a list of finite numbers, not {value!r}")
         if "int" in type_text and "float" not in type_text:
             if not all(float(v).is_integer() for v in value):
                 raise ConfigError(f"{source}: {key} must be a list of integers, not {value!r}")
@@ -279,6 +281,8 @@ def _coerce(section: str, f: dataclasses.Field, value: Any, source: str) -> Any:
     if "float" in type_text:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{source}: {key} must be a number, not {value!r}")
+        if not math.isfinite(value):  # nan slips through every `x <= 0` check; inf bounds nothing
+            raise ConfigError(f"{source}: {key} must be a finite number, not {value!r}")
         return float(value)
     if "int" in type_text:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -291,6 +295,7 @@ def _coerce(section: str, f: dataclasses.Field, value: Any, source: str) -> Any:
     return value
 
 
+OPTIONAL_UNSET = ("auto", "none")  # the strings that unset a key whose default is automatic (None)
 MAX_SEED = 2**32 - 1  # what every random generator ibau seeds (torch, numpy) accepts
 
 
@@ -345,6 +350,11 @@ def preset_names() -> list[str]:
 
 def load_preset(name: str) -> dict[str, Any]:
     root = resources.files("ibau_cli.configs")
+    if name not in preset_names():  # a name, not a path: a file of one's own goes in with --config
+        raise ConfigError(
+            f"unknown preset {name!r}",
+            hint=f"known presets: {', '.join(preset_names())}; load a file of your own with --config FILE",
+        )
     entry = root / f"{name}.toml"
     if not entry.is_file():
         raise ConfigError(f"unknown preset {name!r}", hint=f"known presets: {', '.join(preset_names())}")

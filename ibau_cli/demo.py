@@ -10,6 +10,7 @@ Nothing here is downloaded; everything is generated from a seed.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,10 @@ def build_demo(root: Path, *, n_clean: int = 500, seed: int = 0) -> dict[str, Pa
     clean = root / "clean"
     if not clean.exists():
         tmp = root / f".clean.tmp{os.getpid()}"
-        write_image_folder(x, y, tmp)
-        tmp.rename(clean)
+        try:
+            write_image_folder(x, y, tmp)
+            tmp.rename(clean)
+        finally:  # Ctrl-C or a full disk mid-way: no half-written folder left behind
+            shutil.rmtree(tmp, ignore_errors=True)
     write_trigger(root / "trigger.png")
     return {"model": model_path, "clean": clean, "trigger": root / "trigger.png"}

@@ -76,6 +76,10 @@ def load_plugin_file(path: Path) -> LoadedPlugin:
     key = f"file:{path}"
     if key in _LOADED:
         return _LOADED[key]
+    if path.is_dir():
+        raise PluginError(
+            f"plugin file {path} is a folder", hint="name the plugin's .py file, or pip install its package"
+        )
     if not path.is_file():
         raise PluginError(f"plugin file not found: {path}")
     if path.suffix != ".py":
@@ -90,7 +94,10 @@ def load_plugin_file(path: Path) -> LoadedPlugin:
     except PluginError:
         raise
     except (Exception, SystemExit) as exc:  # SystemExit too: a plugin must not end the run as a pass
-        raise PluginError(f"plugin {path} failed to load: {type(exc).__name__}: {exc}") from exc
+        raise PluginError(
+            f"plugin {path} failed to load: {type(exc).__name__}: {exc}{_where(exc, path)}",
+            hint="rerun with --debug for the traceback",
+        ) from exc
     plugin = LoadedPlugin(path.stem, origin, str(path))
     _LOADED[key] = plugin
     return plugin
@@ -109,3 +116,11 @@ def load_plugins(files: list[Path] | tuple[Path, ...] = (), *, entry_points: boo
 
 
 __all__ = ["GROUP", "LoadedPlugin", "load_entry_point_plugins", "load_plugin_file", "load_plugins", "loaded_plugins"]
+
+
+def _where(exc: BaseException, path: Path) -> str:
+    """ " (at FILE:LINE)" for the deepest frame of ``exc`` inside the plugin file, else ""."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    return f" (at {path}:{frames[-1].lineno})" if frames else ""

@@ -101,6 +101,8 @@ def resolve_settings(
     if config_file is None and environment.get("IBAU_CONFIG"):
         config_file, config_from = Path(environment["IBAU_CONFIG"]), "environment IBAU_CONFIG"
     if config_file is not None:
+        if Path(config_file).is_dir():
+            raise ConfigError(f"config file {config_file} (from {config_from}) is a folder", hint="name a .toml file")
         if not Path(config_file).is_file():
             raise ConfigError(f"config file not found: {config_file} (from {config_from})")
         overlay(load_toml(config_file), f"config {config_file}", str(config_file))

@@ -472,3 +472,64 @@ def test_user_factory_gets_the_class_count_of_the_file_and_may_import_beside_it(
                                "--out", tmp_path / "o.safetensors", "--rounds", "0", "--force", "--json", "-q")  # fmt: skip
     assert code in (0, 1), err
     assert json.loads(stdout)["model"]["num_classes"] == 2
+
+
+def test_sigterm_while_the_output_is_written_exits_143_and_leaves_nothing(backdoored, tmp_path):
+    """CI cancellation, `docker stop` and Kubernetes send SIGTERM: 0.3.5 died at once and left a
+    hidden temporary file beside the output. The signal arrives here just before the finished
+    temporary file would be renamed into place."""
+    import hashlib
+    import subprocess
+    import sys
+
+    child = (
+        "import os, signal, sys\n"
+        "real = os.replace\n"
+        "def replace(src, dst, *a, **k):\n"
+        "    if '.tmp' in str(src):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(src, dst, *a, **k)\n"
+        "os.replace = replace\n"
+        "from ibau_cli.cli import run\n"
+        "run(sys.argv[1:])\n"
+    )
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    before = hashlib.sha256(backdoored["model"].read_bytes()).hexdigest()
+    res = subprocess.run(
+        [sys.executable, "-c", child, "sanitize", str(backdoored["model"]), "--clean", str(backdoored["clean100"]),
+         "--no-probes", "--set", "unlearn.rounds=1", "--out", str(out_dir / "fixed.safetensors"), "-q"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 143, res.stderr
+    assert "terminated" in res.stderr and "Traceback" not in res.stderr
+    assert list(out_dir.iterdir()) == []  # neither the output nor its temporary file
+    assert hashlib.sha256(backdoored["model"].read_bytes()).hexdigest() == before
+
+
+def test_progress_in_a_log_is_plain_lines_only_for_long_phases():
+    """A stderr that is not a terminal (CI) gets no bars; a phase longer than `first` seconds gets a
+    line then, one every `every` seconds, and one at its end; short phases print nothing."""
+    import io
+
+    from rich.console import Console
+
+    from ibau_cli.cli import _LineProgress
+
+    now = [0.0]
+    buf = io.StringIO()
+    progress = _LineProgress(Console(file=buf, width=200), first=30, every=60, clock=lambda: now[0])
+    progress.start("probes", 28)
+    now[0] = 10
+    progress.advance()
+    progress.start("round 1/5: inner", 10)  # the short phase ended: no line for it
+    assert buf.getvalue() == ""
+    for t in (20, 45, 80, 110):  # the phase began at 10: a line at 45 (>= 40), the next at 110 (>= 105)
+        now[0] = t
+        progress.advance()
+    progress.finish()
+    assert buf.getvalue().splitlines() == [
+        "ibau: round 1/5: inner: 2/10 after 35 s",
+        "ibau: round 1/5: inner: 4/10 after 100 s",
+        "ibau: round 1/5: inner: done in 100 s",
+    ]

@@ -143,8 +143,54 @@ def test_a_missing_config_file_names_where_its_path_came_from(tmp_path):
     assert res.returncode == 2 and "from environment IBAU_CONFIG" in res.stderr, res.stderr
     res = _cli("config", "show", "--config", str(tmp_path / "nope.toml"))
     assert res.returncode == 2 and "from --config" in res.stderr, res.stderr
+    res = _cli("config", "show", "--config", str(tmp_path))
+    assert res.returncode == 2 and "is a folder" in res.stderr, res.stderr
+    res = _cli("--plugin", str(tmp_path), "archs")
+    assert res.returncode == 2 and "is a folder" in res.stderr, res.stderr
 
 
 def test_zero_inner_steps_is_refused_rather_than_silently_fine_tuning():
     res = _cli("config", "show", "--set", "unlearn.inner_steps=0")
     assert res.returncode == 2 and "unlearn.inner_steps must be >= 1" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(
+    "setting", ["unlearn.lr=nan", "unlearn.max_grad_norm=nan", "unlearn.radius=inf", "gate.max_asr=-inf"]
+)
+def test_non_finite_numbers_are_refused_before_any_work(setting, tmp_path):
+    """nan slips through every `x <= 0` check: 0.3.5 ran a whole repair with lr=nan and blamed the
+    model ("the repair diverged"), and max_grad_norm=nan wrote a broken model and a report with NaN."""
+    res = _cli("config", "show", "--set", setting)
+    key = setting.split("=")[0]
+    assert res.returncode == 2 and f"{key} must be a finite number" in res.stderr, res.stderr
+    if setting != "unlearn.lr=nan":
+        return
+    (tmp_path / "c.toml").write_text("[unlearn]\nlr = nan\n")
+    res = _cli("config", "show", "--config", str(tmp_path / "c.toml"))
+    assert res.returncode == 2 and "unlearn.lr must be a finite number" in res.stderr, res.stderr
+    res = _cli("config", "show", "--set", "preprocess.mean=[0.5, nan, 0.5]")
+    assert res.returncode == 2 and "preprocess.mean must be a list of finite numbers" in res.stderr, res.stderr
+
+
+def test_a_preset_is_a_name_not_a_path(tmp_path):
+    (tmp_path / "mine.toml").write_text("[unlearn]\nrounds = 2\n")
+    res = _cli("config", "show", "--preset", str(tmp_path / "mine"))
+    assert res.returncode == 2 and "unknown preset" in res.stderr and "--config" in res.stderr, res.stderr
+    res = _cli("config", "show", "--preset", "../configs/cifar10")
+    assert res.returncode == 2 and "unknown preset" in res.stderr, res.stderr
+
+
+def test_an_optional_key_goes_back_to_automatic_with_auto_or_none(tmp_path):
+    """A preset or file that sets unlearn.radius (or clips gradients) could not be undone from the
+    command line: TOML has no null, and --set radius= was "must be a number"."""
+    (tmp_path / "r.toml").write_text("[unlearn]\nradius = 5.0\n[probes]\nclass_batch = 4\n")
+    res = _cli("config", "show", "--config", str(tmp_path / "r.toml"), "--set", "unlearn.radius=auto",
+               "--set", "unlearn.max_grad_norm=none", "--set", "probes.class_batch=AUTO", "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    import json
+
+    data = json.loads(res.stdout)
+    assert data["config"]["unlearn"]["radius"] is None and data["config"]["unlearn"]["max_grad_norm"] is None
+    assert data["config"]["probes"]["class_batch"] is None and "unlearn.radius" in data["automatic"]
+    res = _cli("config", "show", "--set", "unlearn.lr=auto")  # not optional: still an error naming it
+    assert res.returncode == 2 and "unlearn.lr must be a number" in res.stderr, res.stderr

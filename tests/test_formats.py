@@ -380,3 +380,29 @@ def test_inspect_warns_when_the_metadata_class_count_disagrees_with_the_weights(
     assert code == 0, err
     (warning,) = json.loads(stdout)["warnings"]
     assert "says 7 classes" in warning and "classifier.weight has 10" in warning
+
+
+def test_the_same_model_is_written_to_the_same_bytes(backdoored, tmp_path):
+    """The safetensors writer keeps metadata in a hash map: ten saves of one model gave ten sha256
+    sums, so a registry comparing hashes saw a change where there was none. ibau sorts the header."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from ibau_cli.formats import save_model
+    from ibau_cli.preprocess import Preprocess
+
+    digests = set()
+    for i in range(4):
+        path = tmp_path / f"m{i}.safetensors"
+        save_model(
+            backdoored["module"], path, fmt="safetensors", arch="small-cnn", num_classes=10, preprocess=Preprocess(),
+            extra_metadata={f"note.{k}": str(k) for k in range(8)},
+        )  # fmt: skip
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    reloaded = load_model(tmp_path / "m0.safetensors").module
+    state = backdoored["module"].state_dict()
+    assert all(torch.equal(reloaded.state_dict()[k].cpu(), v.cpu()) for k, v in state.items())
+    with safe_open(str(tmp_path / "m0.safetensors"), "pt") as f:
+        assert f.metadata()["ibau.arch"] == "small-cnn" and f.metadata()["note.7"] == "7"

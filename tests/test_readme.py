@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
+import pytest
 
 from ibau_cli.cli import main
 from ibau_cli.config import Settings
@@ -73,3 +76,40 @@ def test_the_readme_demo_command_runs_end_to_end(tmp_path):
     report = json.loads(res.stdout)
     assert report["before"]["asr"]["value"] > 0.9 and report["after"]["asr"]["value"] < 0.1, report["after"]
     assert (tmp_path / "demo.html").stat().st_size > 0 and (tmp_path / "demo" / "fixed.safetensors").exists()
+
+
+def _demo_dir_from(backdoored, root):
+    """A demo folder as `ibau demo` leaves it, from the session's backdoored model (no training)."""
+    root.mkdir()
+    shutil.copy(backdoored["model"], root / "model.safetensors")
+    shutil.copytree(backdoored["clean100"], root / "clean")
+    shutil.copy(backdoored["trigger"], root / "trigger.png")
+    return root
+
+
+def test_the_demo_reads_the_environment_as_sanitize_does(backdoored, tmp_path, monkeypatch):
+    """It prints "running: ibau sanitize ..."; 0.3.5 ran it without IBAU_* and IBAU_CONFIG."""
+    from test_cli_errors import invoke
+
+    demo = _demo_dir_from(backdoored, tmp_path / "demo")
+    monkeypatch.setenv("IBAU_UNLEARN__ROUNDS", "abc")
+    code, _, err = invoke("demo", "--dir", demo)
+    assert code == 2 and "IBAU_UNLEARN__ROUNDS" in err, err
+    assert not (demo / "fixed.safetensors").exists()
+
+
+def test_an_interrupted_demo_build_leaves_no_half_written_folder(backdoored, tmp_path, monkeypatch):
+    import ibau_cli.demo as demo
+
+    real_write = demo.write_image_folder
+
+    def write_then_interrupt(x, y, root):
+        real_write(x[:3], y[:3], root)
+        raise KeyboardInterrupt
+
+    # the training is not the point here: the session's trained model stands in for it
+    monkeypatch.setattr(demo, "train_backdoored", lambda seed: SimpleNamespace(model=backdoored["module"]))
+    monkeypatch.setattr(demo, "write_image_folder", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        demo.build_demo(tmp_path / "d")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["model.safetensors"]

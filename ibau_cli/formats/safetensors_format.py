@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -41,7 +42,23 @@ class SafetensorsFormat(ModelFormat):
         return loaded_from_state_dict(tensors, arch, meta, path, fmt=self.name, device=device)
 
     def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = state_dict_as_stored(module, request)
-        save_file(tensors, str(path), metadata=ibau_metadata(request))
+        path.write_bytes(with_sorted_header(save(tensors, metadata=ibau_metadata(request))))
+
+
+def with_sorted_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header in a fixed order: metadata keys sorted,
+    tensors by offset. The writer keeps the metadata in a hash map whose order changes from run to
+    run, so two identical repairs gave files with different sha256 sums (a registry or a CI cache
+    that compares hashes saw a change where there was none). The tensor bytes are untouched: their
+    offsets count from the end of the header."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the writer pads the header to 8 bytes so the tensors stay aligned
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
