@@ -22,7 +22,7 @@ from .destinations import check_artifacts_folder, check_writable_folder, same_fi
 from .device import amp_dtype, full_precision, resolve_device
 from .errors import ModelMismatchError, RuntimeFailure, UsageError
 from .evaluate import accuracy, attack_success, logits
-from .formats import format_for_output, load_model, save_model, sha256_file
+from .formats import detect_format, format_for_output, load_model, save_model, sha256_file
 from .preprocess import Normalized, output_kind
 from .probes import FIXED_FLIP_SUSPECT
 from .progress import NoProgress, Progress
@@ -245,6 +245,21 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         )
     if len(y_h) < 100:
         warnings.append(f"only {len(y_h)} held-out images: every rate measured on them has a wide confidence interval")
+    if split and len(clean.labels) and len(y_h) / len(clean.labels) > settings.split.holdout + 0.05:
+        warnings.append(
+            f"{len(y_h)} of {len(clean.labels)} images held out ({len(y_h) / len(clean.labels):.0%}, not "
+            f"split.holdout = {settings.split.holdout:.0%}): every class keeps at least one held-out image"
+        )
+    if settings.probes.enabled:
+        from .probes.synthesised import steps_per_class
+
+        per_class = steps_per_class(settings.probes.budget_steps, num_classes)
+        if per_class * num_classes > 1.5 * settings.probes.budget_steps:
+            warnings.append(
+                f"the synthesised probes take {per_class} steps for each of {num_classes} classes: "
+                f"{per_class * num_classes} per probe, past probes.budget_steps = {settings.probes.budget_steps} "
+                "(at least 10 a class)"
+            )
 
     trigger = None
     if request.trigger is not None:
@@ -643,7 +658,9 @@ def _verify(out_path: Path, arch_flag: str | None, model, pre, x_h, eval_kw) -> 
     """Reload the written file (in an independent runtime where there is one) and compare its
     predictions with the in-memory repaired model."""
     try:
-        reloaded = load_model(out_path, arch=arch_flag if arch_flag and ":" in arch_flag else None, device="cpu")
+        # a user's own architecture file rebuilds a state-dict output; a graph format carries its own
+        user_arch = arch_flag if arch_flag and ":" in arch_flag and not detect_format(out_path).carries_graph else None
+        reloaded = load_model(out_path, arch=user_arch, device="cpu")
         kw = dict(eval_kw, amp=None)
         raw = Normalized(model.model, pre).to(eval_kw["device"]).eval()  # what the file outputs, no log
         with full_precision():

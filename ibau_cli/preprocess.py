@@ -28,18 +28,18 @@ class Preprocess:
         """Return a list of problems (empty when consistent)."""
         problems = []
         if self.channels not in (1, 3):
-            problems.append(f"channels must be 1 or 3, not {self.channels}")
+            problems.append(f"preprocess.channels must be 1 or 3, not {self.channels}")
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) not in (1, self.channels):
-                problems.append(f"{name} has {len(values)} values for {self.channels} channel(s)")
+                problems.append(f"preprocess.{name} has {len(values)} values for {self.channels} channel(s)")
         if any(s <= 0 for s in self.std):
-            problems.append("std values must be > 0")
+            problems.append("preprocess.std values must be > 0")
         if len(self.input_size) != 2 or min(self.input_size) < 1:
-            problems.append(f"input_size must be [height, width], not {list(self.input_size)}")
+            problems.append(f"preprocess.input_size must be [height, width], not {list(self.input_size)}")
         lo, hi = self.value_range
         if not hi > lo:
-            problems.append(f"value_range must be [low, high] with high > low, not {[lo, hi]}")
+            problems.append(f"preprocess.value_range must be [low, high] with high > low, not {[lo, hi]}")
         return problems
 
 

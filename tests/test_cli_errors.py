@@ -472,6 +472,11 @@ def test_user_factory_gets_the_class_count_of_the_file_and_may_import_beside_it(
                                "--out", tmp_path / "o.safetensors", "--rounds", "0", "--force", "--json", "-q")  # fmt: skip
     assert code in (0, 1), err
     assert json.loads(stdout)["model"]["num_classes"] == 2
+    if signature == "num_classes":  # into a graph format: the program carries the network, reloaded without --arch
+        code, _, err = invoke("sanitize", weights, "--clean", clean, "--arch", f"{code_file}:build",
+                              "--out", tmp_path / "o.pt2", "--rounds", "0", "--force", "-q")  # fmt: skip
+        assert code in (0, 1), err
+        assert (tmp_path / "o.pt2").stat().st_size > 0
 
 
 def test_sigterm_while_the_output_is_written_exits_143_and_leaves_nothing(backdoored, tmp_path):

@@ -6,6 +6,7 @@ import json
 import pickle
 import warnings
 
+import pytest
 import torch
 from test_cli_errors import assert_one_line_error, invoke
 
@@ -358,15 +359,51 @@ def test_a_half_precision_safetensors_file_is_repaired_and_written_back_in_half_
     assert asr0 > 0.9 and asr1 < 0.2 and acc0 - acc1 < 0.05, (acc0, acc1, asr0, asr1)
 
 
-def test_a_program_exported_with_a_fixed_batch_is_refused_with_the_fix(backdoored, tmp_path):
-    """0.3.4 said the model "does not run on a 3x32x32 input" (batch 2) or exited 3 (batch 1)."""
-    src = tmp_path / "static.pt2"
+class _InChunksOf(torch.nn.Module):
+    """Plain chunking for a program that takes only ``size`` images at a time (the test's own)."""
+
+    def __init__(self, program_module: torch.nn.Module, size: int) -> None:
+        super().__init__()
+        self.program, self.size = program_module, size
+
+    def train(self, mode: bool = True) -> _InChunksOf:  # an exported module refuses train()/eval()
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        pad = (-n) % self.size
+        x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])]) if pad else x
+        return torch.cat([self.program(x[i : i + self.size]) for i in range(0, len(x), self.size)])[:n]
+
+
+@pytest.mark.parametrize("batch", ["fixed", "bounded"])
+def test_a_program_exported_with_a_fixed_or_bounded_batch_is_repaired_and_keeps_it(backdoored, tmp_path, batch):
+    """torch.export's default is a fixed batch. 0.3.5 refused those (exit 2), failed mid-run on a
+    batch bound below its own batches ("Guard failed", exit 3) and, with a higher bound, repaired the
+    model and then could not write it (exit 3). ibau runs such a program in chunks within its range
+    and writes it back with the same range."""
+    src = tmp_path / f"{batch}.pt2"
+    dynamic = None if batch == "fixed" else ({0: torch.export.Dim("batch", max=16)},)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(backdoored["module"].eval(), (torch.rand(1, 3, 32, 32),))
+        program = torch.export.export(backdoored["module"].eval(), (torch.rand(8, 3, 32, 32),), dynamic_shapes=dynamic)
         torch.export.save(program, str(src))
-    code, _, err = invoke("sanitize", src, "--clean", backdoored["clean100"], "--out", tmp_path / "o.pt2")
-    assert_one_line_error(code, err, 2, "exported with a fixed batch of 1", "dynamic_shapes")
+    out = tmp_path / "repaired.pt2"
+    code, stdout, err = invoke(*sanitize_with_trigger(backdoored, src, "clean100", out, "--json", "-q"))
+    assert code == 0, err
+    notes = json.loads(stdout)["model"]["notes"]
+    accepted = "a fixed batch of 8" if batch == "fixed" else "batches of 1 to 16"
+    assert any(f"accepts {accepted}" in n for n in notes), notes
+    code, stdout, _ = invoke("inspect", out, "--json")  # 0.3.5's inspect refused a fixed batch too
+    assert code == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = torch.export.load(str(out)).module()  # plain torch, no ibau
+    with pytest.raises(Exception):  # noqa: B017 - the written program keeps the range it came with
+        plain(torch.rand(17, 3, 32, 32))
+    acc1, asr1 = independent_figures(_InChunksOf(plain, 8), backdoored["x_eval"], backdoored["y_eval"])
+    assert asr1 < 0.2, asr1
 
 
 def test_inspect_warns_when_the_metadata_class_count_disagrees_with_the_weights(backdoored, tmp_path):

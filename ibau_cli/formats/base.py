@@ -60,6 +60,7 @@ class ModelFormat(ABC):
 
     name: str = ""
     suffixes: tuple[str, ...] = ()
+    carries_graph: bool = False  # the file holds the network itself (no --arch needed, none accepted)
 
     @abstractmethod
     def sniff(self, head: bytes, path: Path) -> bool:

@@ -52,6 +52,7 @@ def ort_runner(path: Path, channels_last: bool, fixed_batch: int | None = None) 
 
 
 class OnnxFormat(ModelFormat):
+    carries_graph = True
     name = "onnx"
     suffixes = (".onnx",)
 

@@ -24,6 +24,7 @@ EXTRA = "ibau.json"
 
 
 class TorchScriptFormat(ModelFormat):
+    carries_graph = True
     name = "torchscript"
     # scripting or tracing needs a torch module of the architecture (or a TorchScript one already)
     save_from = ("safetensors", "checkpoint", "torchscript")

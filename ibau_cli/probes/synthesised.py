@@ -32,6 +32,15 @@ from ..unlearn.perturbations import Warp
 from .base import ProbeContext, ProbeResult, class_rates, predict, resolved_class_batch, worst_class
 
 BATCH = 64
+MIN_STEPS_PER_CLASS = 10  # below this a class's trigger is not fitted at all, whatever the budget
+
+
+def steps_per_class(budget_steps: int, num_classes: int) -> int:
+    """Optimisation steps per class of a class-wise synthesised probe: the budget split over the
+    classes, at least MIN_STEPS_PER_CLASS (so past budget / 10 classes the cost grows with them)."""
+    return max(MIN_STEPS_PER_CLASS, budget_steps // max(num_classes, 1))
+
+
 _R = TypeVar("_R")
 
 
@@ -126,7 +135,7 @@ class MaskPatternProbe:
     def run(self, model: nn.Module, ctx: ProbeContext) -> ProbeResult:
         fit_idx, test_idx = _halves(ctx)
         _, c, h, w = ctx.x.shape
-        steps = max(10, ctx.budget_steps // max(ctx.num_classes, 1))
+        steps = steps_per_class(ctx.budget_steps, ctx.num_classes)
         gen = torch.Generator().manual_seed(ctx.seed)
         tests, starts, picks = {}, {}, {}
         for t in range(ctx.num_classes):
@@ -216,7 +225,7 @@ class UniversalPerturbationProbe:
 
     def run(self, model: nn.Module, ctx: ProbeContext) -> ProbeResult:
         fit_idx, test_idx = _halves(ctx)
-        steps = max(10, ctx.budget_steps // max(ctx.num_classes, 1))
+        steps = steps_per_class(ctx.budget_steps, ctx.num_classes)
         gen = torch.Generator().manual_seed(ctx.seed + 1)
         alpha = 2.5 * ctx.radius / steps
         tests, picks = {}, {}
