@@ -141,9 +141,12 @@ class GateConfig:
     max_asr: float = 0.2
     max_acc_drop: float = 0.05
     min_clean_acc: float | None = None  # None: chance + 25 % of the way to 1
+    min_samples: int = 10  # a true-trigger ASR or accuracy gate measured on fewer held-out images fails
 
     def check(self) -> list[str]:
         p = []
+        if self.min_samples < 0:
+            p.append("gate.min_samples must be >= 0")
         for name in ("max_asr", "max_acc_drop"):
             if not 0 <= getattr(self, name) <= 1:
                 p.append(f"gate.{name} must be a fraction in [0, 1]")

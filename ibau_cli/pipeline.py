@@ -807,26 +807,42 @@ def _gates(gate_cfg, before: Figures, after: Figures | None, probes_before=None,
     drop = None
     if before.accuracy.value is not None and after.accuracy.value is not None:
         drop = before.accuracy.value - after.accuracy.value
+    status = "not_evaluated" if drop is None else ("pass" if drop <= gate_cfg.max_acc_drop + EPS else "fail")
+    status, short = _enough(status, after.accuracy.n, gate_cfg)
     gates.append(
         Gate(
             name="accuracy_drop",
-            status="not_evaluated" if drop is None else ("pass" if drop <= gate_cfg.max_acc_drop + EPS else "fail"),
+            status=status,
             limit=gate_cfg.max_acc_drop,
             value=drop,
-            detail=f"held-out clean accuracy drop (n={after.accuracy.n})",
+            detail=f"held-out clean accuracy drop (n={after.accuracy.n}){short}",
         )
     )
     if after.asr is None:
         gates.append(_probe_gate(gate_cfg, probes_before, probes_after))
     else:
         v = after.asr.value
+        status, short = _enough(
+            "pass" if v is not None and v <= gate_cfg.max_asr + EPS else "fail", after.asr.n, gate_cfg
+        )
         gates.append(
             Gate(
                 name="asr",
-                status="pass" if v is not None and v <= gate_cfg.max_asr + EPS else "fail",
+                status=status,
                 limit=gate_cfg.max_asr,
                 value=v,
-                detail=f"true-trigger attack success rate after repair (n={after.asr.n})",
+                detail=f"true-trigger attack success rate after repair (n={after.asr.n}){short}",
             )
         )
     return gates
+
+
+def _enough(status: str, n: int, gate_cfg) -> tuple[str, str]:
+    """A gate cannot pass on fewer than ``gate.min_samples`` images: 1 of 6 triggered images is a
+    17 % ASR whose 95 % interval reaches 56 %. Returns the status and what to add to the detail."""
+    if status != "pass" or n >= gate_cfg.min_samples:
+        return status, ""
+    return "fail", (
+        f": fewer than gate.min_samples = {gate_cfg.min_samples} images, too few to pass; "
+        "give more clean images (or lower gate.min_samples)"
+    )

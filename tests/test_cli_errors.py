@@ -538,3 +538,21 @@ def test_progress_in_a_log_is_plain_lines_only_for_long_phases():
         "ibau: round 1/5: inner: 4/10 after 100 s",
         "ibau: round 1/5: inner: done in 100 s",
     ]
+
+
+def test_a_gate_cannot_pass_on_a_handful_of_images(backdoored, tmp_path):
+    """With 20 clean images 0.3.5 printed "PASS asr: 16.7 % (n=6)" while the true ASR was 59 %."""
+    clean = tmp_path / "clean20"
+    for c in range(10):
+        (clean / str(c)).mkdir(parents=True)
+        for img in sorted((backdoored["clean100"] / str(c)).iterdir())[:2]:
+            shutil.copy(img, clean / str(c) / img.name)
+    args = ["sanitize", backdoored["model"], "--clean", clean, "--trigger", backdoored["trigger"], "--target", "0",
+            "--rounds", "1", "--max-acc-drop", "1", "--max-asr", "1", "--json", "-q"]  # fmt: skip
+    code, stdout, err = invoke(*args, "--out", tmp_path / "a.safetensors")
+    gates = {g["name"]: g for g in json.loads(stdout)["gates"]}
+    assert code == 1 and gates["asr"]["status"] == "fail", gates
+    assert "fewer than gate.min_samples = 10 images, too few to pass" in gates["asr"]["detail"]
+    code, stdout, err = invoke(*args, "--out", tmp_path / "b.safetensors", "--set", "gate.min_samples=5")
+    gates = {g["name"]: g for g in json.loads(stdout)["gates"]}
+    assert gates["asr"]["status"] == "pass" and code == 0, gates  # the limits here let any value pass
