@@ -70,7 +70,7 @@ def test_synthesised_triggers_do_not_depend_on_how_the_classes_are_batched(demo_
     a time: the images each class sees are drawn up front in the same order, and each class's loss
     is its own mean."""
     _, trained = demo_zoo["plus"]
-    x, y = synthetic_images(120, seed=32)
+    x, y = synthetic_images(64, seed=32)
     names = ["synth-mask-pattern", "synth-universal-perturbation"]
     suites = [
         run_probes(
