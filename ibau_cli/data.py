@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
-from .images import open_image
+from .images import read_image
 from .preprocess import Preprocess
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp"}
@@ -31,6 +31,30 @@ class CleanSet:
     labels: Tensor  # int64 [N]
     mapping: ClassMapping
     files: list[str]
+    conversions: dict[str, int] = field(default_factory=dict)  # what reading changed: kind -> image count
+    examples: dict[str, str] = field(default_factory=dict)  # kind -> one such file
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _conversions(source_mode: str, source_size: tuple[int, int], pre: Preprocess) -> list[str]:
+    """What reading one image changed to fit the model's input (the kinds CleanSet counts)."""
+    h, w = pre.input_size
+    kinds = []
+    if source_size != (w, h):
+        kinds.append("resized")
+        sw, sh = source_size
+        if abs(sw / sh - w / h) > 0.01 * (w / h):
+            kinds.append("resized_other_aspect")
+    grey = source_mode in GREY_MODES
+    if pre.channels == 3 and grey:
+        kinds.append("grey_to_rgb")
+    if pre.channels == 1 and not grey:
+        kinds.append("colour_to_grey")
+    if "A" in source_mode or source_mode == "P":
+        kinds.append("alpha_or_palette_flattened")
+    return kinds
 
 
 @dataclass(frozen=True)
@@ -110,15 +134,15 @@ def map_classes(folders: list[Path], num_classes: int, classes_file: Path | None
     return mapping
 
 
-def _load_image(path: Path, pre: Preprocess) -> np.ndarray:
+def _load_image(path: Path, pre: Preprocess) -> tuple[np.ndarray, list[str]]:
     from PIL import Image
 
-    img = open_image(path, "L" if pre.channels == 1 else "RGB")
+    img, source_mode, source_size = read_image(path, "L" if pre.channels == 1 else "RGB")
     h, w = pre.input_size
     if img.size != (w, h):
         img = img.resize((w, h), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
+    return (arr[:, :, None] if arr.ndim == 2 else arr), _conversions(source_mode, source_size, pre)
 
 
 def load_clean_folder(root: Path, pre: Preprocess, num_classes: int, *, classes_file: Path | None = None) -> CleanSet:
@@ -126,6 +150,8 @@ def load_clean_folder(root: Path, pre: Preprocess, num_classes: int, *, classes_
     folders = _class_folders(root)
     mapping = map_classes(folders, num_classes, classes_file)
     arrays, labels, files = [], [], []
+    conversions: dict[str, int] = {}
+    examples: dict[str, str] = {}
     ignored = []
     for folder in folders:
         for path in sorted(folder.iterdir()):
@@ -140,7 +166,11 @@ def load_clean_folder(root: Path, pre: Preprocess, num_classes: int, *, classes_
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 ignored.append(path)
                 continue
-            arrays.append(_load_image(path, pre))
+            array, kinds = _load_image(path, pre)
+            arrays.append(array)
+            for kind in kinds:
+                conversions[kind] = conversions.get(kind, 0) + 1
+                examples.setdefault(kind, str(path.relative_to(root)))
             labels.append(mapping.folder_to_index[folder.name])
             files.append(str(path.relative_to(root)))
     if ignored:
@@ -157,7 +187,14 @@ def load_clean_folder(root: Path, pre: Preprocess, num_classes: int, *, classes_
             hint="unlearning and accuracy checks need images of at least two classes",
         )
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-    return CleanSet(images=x, labels=torch.tensor(labels, dtype=torch.long), mapping=mapping, files=files)
+    return CleanSet(
+        images=x,
+        labels=torch.tensor(labels, dtype=torch.long),
+        mapping=mapping,
+        files=files,
+        conversions=conversions,
+        examples=examples,
+    )
 
 
 def stratified_split(labels: Tensor, holdout: float, seed: int) -> Split:

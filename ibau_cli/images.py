@@ -18,6 +18,11 @@ def open_image(path: Path, mode: str, what: str = "image"):
     """``path`` decoded and converted to the PIL ``mode`` (``L``, ``RGB``, ``LA``, ``RGBA``), fully
     loaded. 16-bit images are scaled to 8 bits. Unreadable, truncated or oversized files raise
     InputError naming the file."""
+    return read_image(path, mode, what)[0]
+
+
+def read_image(path: Path, mode: str, what: str = "image"):
+    """``open_image``, with the file's own PIL mode and size (what the conversion started from)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -27,9 +32,10 @@ def open_image(path: Path, mode: str, what: str = "image"):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
+                source = (img.mode, img.size)
                 if img.mode in _WIDE_INT_MODES:
                     img = _to_8bit(img)
-                return img.convert(mode)
+                return img.convert(mode), *source
     except Image.DecompressionBombError as exc:
         raise InputError(
             f"{what} {path} is too large to decode safely ({exc})",

@@ -245,6 +245,7 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         )
     if len(y_h) < 100:
         warnings.append(f"only {len(y_h)} held-out images: every rate measured on them has a wide confidence interval")
+    warnings += _conversion_warnings(clean, pre)
     if split and len(clean.labels) and len(y_h) / len(clean.labels) > settings.split.holdout + 0.05:
         warnings.append(
             f"{len(y_h)} of {len(clean.labels)} images held out ({len(y_h) / len(clean.labels):.0%}, not "
@@ -506,6 +507,7 @@ def _report_common(p: _Prepared, request: SanitizeRequest, command: str, probes_
             "n_holdout": len(p.y_h),
             "holdout_fraction": p.settings.split.holdout if len(p.y_u) else 1.0,
             "classes_present": len(torch.unique(p.clean.labels)),
+            "conversions": p.clean.conversions,
         },
         "class_mapping": p.clean.mapping.to_dict(),
         "trigger": None
@@ -835,6 +837,24 @@ def _gates(gate_cfg, before: Figures, after: Figures | None, probes_before=None,
             )
         )
     return gates
+
+
+def _conversion_warnings(clean, pre) -> list[str]:
+    """Reading changes that alter what the model sees, not only its size: grey images given to a
+    colour model (the channel repeated), colour to a grey one, and images squashed to another aspect
+    ratio. Plain resizing is only counted (report ``data.conversions``)."""
+    n = len(clean.labels)
+    said = {
+        "grey_to_rgb": "were grey-scale, given to a colour model by repeating the channel",
+        "colour_to_grey": "were in colour, given to a grey-scale model as luminance",
+        "resized_other_aspect": f"had another aspect ratio and were squashed to {pre.input_size[0]}x{pre.input_size[1]}",
+    }
+    return [
+        f"{clean.conversions[kind]} of {n} clean images {text} (e.g. {clean.examples[kind]}): "
+        "figures on them may not hold for the images the model really gets"
+        for kind, text in said.items()
+        if clean.conversions.get(kind)
+    ]
 
 
 def _enough(status: str, n: int, gate_cfg) -> tuple[str, str]:

@@ -556,3 +556,25 @@ def test_a_gate_cannot_pass_on_a_handful_of_images(backdoored, tmp_path):
     code, stdout, err = invoke(*args, "--out", tmp_path / "b.safetensors", "--set", "gate.min_samples=5")
     gates = {g["name"]: g for g in json.loads(stdout)["gates"]}
     assert gates["asr"]["status"] == "pass" and code == 0, gates  # the limits here let any value pass
+
+
+def test_images_changed_to_fit_the_model_are_counted_and_the_distorting_changes_warned(backdoored, tmp_path):
+    """0.3.5 turned grey images into RGB and squashed other aspect ratios without a word (a CIFAR-10
+    model scored 57 % on grey copies of images it scored 67 % on in colour)."""
+    from PIL import Image
+
+    clean = tmp_path / "clean"
+    shutil.copytree(backdoored["clean100"], clean)
+    files = sorted(clean.glob("*/*.png"))
+    for f in files[:10]:
+        Image.open(f).convert("L").save(f)
+    for f in files[10:15]:
+        Image.open(f).resize((48, 32)).save(f)
+    code, stdout, err = invoke("sanitize", backdoored["model"], "--clean", clean, "--rounds", "0",
+                               "--out", tmp_path / "o.safetensors", "--json", "-q")  # fmt: skip
+    assert code in (0, 1), err
+    report = json.loads(stdout)
+    assert report["data"]["conversions"] == {"grey_to_rgb": 10, "resized": 5, "resized_other_aspect": 5}
+    said = [w for w in report["warnings"] if "clean images" in w]
+    assert any(w.startswith("10 of 100 clean images were grey-scale") for w in said), said
+    assert any(w.startswith("5 of 100 clean images had another aspect ratio") for w in said), said
