@@ -28,6 +28,16 @@ Exit codes:
   143  terminated (SIGTERM: CI cancellation, docker stop); no partial file is left
 """
 
+INSPECT_EXIT_CODES_HELP = f"""
+\b
+Exit codes:
+  {EXIT_OK}  described
+  {EXIT_BAD_INPUT}  bad usage or bad input (one line says which file and what to do)
+  {EXIT_RUNTIME}  runtime failure
+  130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM)
+"""
+
 
 class _RichProgress:
     """Progress bars on stderr, one task per phase, with a time estimate."""
@@ -366,7 +376,7 @@ def _emit(report: Report, targets: tuple[list[tuple[Path, str]], str | None], qu
     sys.exit(EXIT_OK if data["verdict"] == "pass" else EXIT_GATE_FAILED)
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+@main.command(epilog=INSPECT_EXIT_CODES_HELP)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "json_stdout", is_flag=True, help="Print JSON on stdout.")
 @click.option("--debug", is_flag=True)
