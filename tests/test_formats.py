@@ -390,8 +390,9 @@ def test_a_program_exported_with_a_fixed_or_bounded_batch_is_repaired_and_keeps_
         program = torch.export.export(backdoored["module"].eval(), (torch.rand(8, 3, 32, 32),), dynamic_shapes=dynamic)
         torch.export.save(program, str(src))
     out = tmp_path / "repaired.pt2"
-    code, stdout, err = invoke(*sanitize_with_trigger(backdoored, src, "clean100", out, "--json", "-q"))
-    assert code == 0, err
+    rounds = [] if batch == "fixed" else ["--rounds", "0"]  # the bounded one: chunks and the write-back only
+    code, stdout, err = invoke(*sanitize_with_trigger(backdoored, src, "clean100", out, "--json", "-q", *rounds))
+    assert code == (0 if batch == "fixed" else 1), err  # no rounds: the backdoor stays, the ASR gate fails
     notes = json.loads(stdout)["model"]["notes"]
     accepted = "a fixed batch of 8" if batch == "fixed" else "batches of 1 to 16"
     assert any(f"accepts {accepted}" in n for n in notes), notes
@@ -402,8 +403,9 @@ def test_a_program_exported_with_a_fixed_or_bounded_batch_is_repaired_and_keeps_
         plain = torch.export.load(str(out)).module()  # plain torch, no ibau
     with pytest.raises(Exception):  # noqa: B017 - the written program keeps the range it came with
         plain(torch.rand(17, 3, 32, 32))
-    acc1, asr1 = independent_figures(_InChunksOf(plain, 8), backdoored["x_eval"], backdoored["y_eval"])
-    assert asr1 < 0.2, asr1
+    if batch == "fixed":
+        acc1, asr1 = independent_figures(_InChunksOf(plain, 8), backdoored["x_eval"], backdoored["y_eval"])
+        assert asr1 < 0.2, asr1
 
 
 def test_inspect_warns_when_the_metadata_class_count_disagrees_with_the_weights(backdoored, tmp_path):
