@@ -98,7 +98,8 @@ def load_plugin_file(path: Path) -> LoadedPlugin:
             f"plugin {path} failed to load: {type(exc).__name__}: {exc}{_where(exc, path)}",
             hint="rerun with --debug for the traceback",
         ) from exc
-    plugin = LoadedPlugin(path.stem, origin, str(path))
+    # a package's __init__.py is named after its package (ibau_example_plugin, not __init__)
+    plugin = LoadedPlugin(path.parent.name if path.stem == "__init__" else path.stem, origin, str(path))
     _LOADED[key] = plugin
     return plugin
 

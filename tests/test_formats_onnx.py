@@ -103,22 +103,22 @@ def test_onnx_sanitize_round_trip(backdoored, tmp_path, dynamo):
 
 
 def test_onnx_exported_with_a_fixed_batch_size_is_repaired_in_chunks(backdoored, tmp_path, dynamo=True):
-    """torch.onnx.export without dynamic axes fixes the batch (here 1; the default exporter also bakes
-    it into a Reshape): ibau runs such a graph in chunks of that size, repairs it and writes it back
-    with the same fixed input, which plain onnxruntime runs one image at a time."""
-    src = _export(backdoored["module"], tmp_path / "model.onnx", dynamo=dynamo, fixed_batch=1)
-    assert onnx.load(str(src)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    """torch.onnx.export without dynamic axes fixes the batch (here 4; the default exporter also bakes
+    it into a Reshape): ibau runs such a graph in chunks of that size (the last one padded), repairs
+    it and writes it back with the same fixed input, which plain onnxruntime runs four at a time."""
+    src = _export(backdoored["module"], tmp_path / "model.onnx", dynamo=dynamo, fixed_batch=4)
+    assert onnx.load(str(src)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
     out = tmp_path / "fixed.onnx"
     res = run_cli(*sanitize_with_trigger(backdoored, src, "clean100", out, "--json", "--quiet"))
     report = json.loads(res.stdout)
     assert res.returncode == 0, report["gates"]
     assert report["parity_before"]["argmax_agreement"] == 1.0 and report["verification"]["argmax_agreement"] == 1.0
-    assert any("fixed batch of 1" in note for note in report["model"]["notes"]), report["model"]["notes"]
+    assert any("fixed batch of 4" in note for note in report["model"]["notes"]), report["model"]["notes"]
     assert report["after"]["asr"]["value"] < report["before"]["asr"]["value"]
-    assert onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = backdoored["x_eval"][:8].numpy().astype(np.float32)
-    pred = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i : i + 1]})[0] for i in range(8)])
+    pred = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i : i + 4]})[0] for i in (0, 4)])
     assert pred.shape == (8, 10)
 
 
