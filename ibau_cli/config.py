@@ -358,7 +358,4 @@ def load_preset(name: str) -> dict[str, Any]:
             f"unknown preset {name!r}",
             hint=f"known presets: {', '.join(preset_names())}; load a file of your own with --config FILE",
         )
-    entry = root / f"{name}.toml"
-    if not entry.is_file():
-        raise ConfigError(f"unknown preset {name!r}", hint=f"known presets: {', '.join(preset_names())}")
-    return tomllib.loads(entry.read_text(encoding="utf-8"))
+    return tomllib.loads((root / f"{name}.toml").read_text(encoding="utf-8"))

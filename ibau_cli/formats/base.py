@@ -6,7 +6,7 @@ import hashlib
 import os
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +78,15 @@ class ModelFormat(ABC):
     @abstractmethod
     def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
         """Write ``module`` to ``path`` (the caller makes it atomic)."""
+
+
+def fixed_batches(total: int, size: int) -> Iterator[tuple[list[int], int]]:
+    """Index lists of ``size`` covering ``range(total)`` in order, the last one padded by repeating its
+    last index, each with how many of its entries are real: the batches a graph exported with a
+    fixed batch size runs on (torch tensors and numpy arrays both take the index list)."""
+    for start in range(0, total, size):
+        real = min(size, total - start)
+        yield [start + min(i, real - 1) for i in range(size)], real
 
 
 def sha256_file(path: Path) -> str:

@@ -16,9 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from .base import LoadedModel, ModelFormat, SaveRequest
+from .base import LoadedModel, ModelFormat, SaveRequest, fixed_batches
 from .metadata import META_ARCH, ibau_metadata, num_classes_from_metadata, preprocess_from_metadata
-from .onnx_graph import fixed_batches
 from .zipped import zip_members
 
 EXTRA = "ibau.json"

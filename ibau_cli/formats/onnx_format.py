@@ -42,7 +42,7 @@ def ort_runner(path: Path, channels_last: bool, fixed_batch: int | None = None) 
         return session.run(None, {name: x.astype(np.float32)})[0]
 
     def run(x: np.ndarray) -> np.ndarray:
-        from .onnx_graph import fixed_batches
+        from .base import fixed_batches
 
         if fixed_batch is None or len(x) == fixed_batch:
             return run_one(x)

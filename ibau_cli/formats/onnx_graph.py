@@ -11,12 +11,14 @@ replaced, so input/output names, opset, dynamic axes and every other node surviv
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .base import fixed_batches
 
 Op = Callable[[list, dict], list]
 OPS: dict[str, Op] = {}
@@ -282,15 +284,6 @@ def _attrs(node) -> dict:
             value = torch.from_numpy(np.array(numpy_helper.to_array(value)))
         out[attr.name] = value
     return out
-
-
-def fixed_batches(total: int, size: int) -> Iterator[tuple[list[int], int]]:
-    """Index lists of ``size`` covering ``range(total)`` in order, the last one padded by repeating its
-    last index, each with how many of its entries are real: the batches a graph exported with a
-    fixed batch size runs on (torch tensors and numpy arrays both take the index list)."""
-    for start in range(0, total, size):
-        real = min(size, total - start)
-        yield [start + min(i, real - 1) for i in range(size)], real
 
 
 class OnnxGraphModule(nn.Module):
