@@ -10,11 +10,12 @@ same atomic writes. Failures raise :class:`ibau_cli.errors.IbauError` subclasses
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import IbauError, UsageError
 from .pipeline import SanitizeRequest, TriggerSpec
 from .progress import Progress
 from .report import Report
@@ -264,7 +265,47 @@ def _check_keywords(command: str, options: Mapping[str, Any]) -> None:
         raise UsageError(f"{command}(): unknown keyword {key!r}", hint=hint)
 
 
+# CLI flags whose API spelling is not the flag with dashes as underscores
+_API_SPELLING = {
+    "no-probes": "probes=False",
+    "no-plugins": "installed_plugins=False",
+    "report": "reports=",
+    "set": "settings=",
+    "plugin": "plugins=",
+    "force": "force=True",
+    "trigger-additive": "trigger_additive=True",
+}
+_API_HINTS = {"rerun with --debug for the traceback": "the traceback is the exception's __cause__"}
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)( (?=\S*[A-Z0-9\[./=_]))?")
+
+
+def api_spelling(text: str | None) -> str | None:
+    """A CLI message in the API's words: ``--max-asr 0.05`` -> ``max_asr=0.05``, ``--no-probes`` ->
+    ``probes=False`` (an API caller never typed a flag)."""
+    if not text:
+        return text
+    for cli_words, api_words in _API_HINTS.items():
+        text = text.replace(cli_words, api_words)
+
+    def spell(match: re.Match) -> str:
+        flag = match.group(1)
+        if flag in _API_SPELLING:
+            return _API_SPELLING[flag]
+        return flag.replace("-", "_") + "="
+
+    return _FLAG.sub(spell, text)
+
+
 def _run(command: str, model, clean, reports, progress, plugins, load_installed, options) -> Report:
+    try:
+        return _run_unchecked(command, model, clean, reports, progress, plugins, load_installed, options)
+    except IbauError as error:
+        error.message, error.hint = api_spelling(error.message), api_spelling(error.hint)
+        error.args = (error.message,)
+        raise
+
+
+def _run_unchecked(command: str, model, clean, reports, progress, plugins, load_installed, options) -> Report:
     from . import pipeline
     from .plugins import load_plugins
 

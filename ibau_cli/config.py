@@ -298,6 +298,8 @@ def _coerce(section: str, f: dataclasses.Field, value: Any, source: str) -> Any:
     return value
 
 
+# Keys whose unset value is not derived but means something of its own (config show says what).
+UNSET_MEANS = {"unlearn.max_grad_norm": "no clipping"}
 OPTIONAL_UNSET = ("auto", "none")  # the strings that unset a key whose default is automatic (None)
 MAX_SEED = 2**32 - 1  # what every random generator ibau seeds (torch, numpy) accepts
 

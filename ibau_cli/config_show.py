@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .config import Settings
+from .config import UNSET_MEANS, Settings
 from .settings_resolve import SettingsSources
 
 
@@ -31,6 +31,8 @@ def render_toml(settings: Settings, sources: SettingsSources, num_classes: int |
 
     def line(key: str, name: str, value: Any) -> str:
         origin = sources.origins.get(key, "defaults")
+        if value is None and key in UNSET_MEANS:
+            return f"# {name} = (unset: {UNSET_MEANS[key]})  # {origin}"
         if value is None:
             rule = automatic.get(key)
             return f"# {name} = (unset: automatic{': ' + rule if rule else ''})  # {origin}"
@@ -50,5 +52,12 @@ def render_json(settings: Settings, sources: SettingsSources, num_classes: int |
         for key, rule in settings.automatic_values(num_classes).items()
         if data[key.split(".")[0]][key.split(".")[1]] is None
     }
-    body = {"config": data, "layers": sources.layers, "origins": sources.origins, "automatic": automatic}
+    unset = {key: meaning for key, meaning in UNSET_MEANS.items() if data[key.split(".")[0]][key.split(".")[1]] is None}
+    body = {
+        "config": data,
+        "layers": sources.layers,
+        "origins": sources.origins,
+        "automatic": automatic,
+        "unset": unset,
+    }
     return json.dumps(body, indent=2) + "\n"

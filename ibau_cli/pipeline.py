@@ -288,6 +288,17 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
             )
     _check_deterministic(model, clean.images, eval_kw, request.model)
     kind = _output_kind(model, clean.images, eval_kw)
+    if kind == "probabilities" and getattr(model.model, "softmax_input", None):
+        # an ONNX graph ending in a Softmax: work on its input, the logits; the file keeps the Softmax
+        model.model.output_logits = True
+        kind = _output_kind(model, clean.images, eval_kw)
+        if kind != "logits":
+            model.model.output_logits = False
+        else:
+            warnings.append(
+                "the model outputs probabilities (its graph ends in a Softmax): ibau measures, probes and "
+                "repairs on the Softmax's input, the logits; the written graph keeps the Softmax"
+            )
     if kind != "logits":
         what = "probabilities (a softmax)" if kind == "probabilities" else "scores in [0, 1] (sigmoids)"
         if split:
@@ -656,6 +667,19 @@ def _output_kind(model: Normalized, images: torch.Tensor, eval_kw: dict) -> str:
     return output_kind(out)
 
 
+@contextmanager
+def _file_outputs(module: torch.nn.Module) -> Iterator[None]:
+    """The module as the file computes it: an ONNX graph's final Softmax back on for the duration."""
+    stripped = getattr(module, "output_logits", False)
+    if stripped:
+        module.output_logits = False
+    try:
+        yield
+    finally:
+        if stripped:
+            module.output_logits = True
+
+
 def _verify(out_path: Path, arch_flag: str | None, model, pre, x_h, eval_kw) -> dict:
     """Reload the written file (in an independent runtime where there is one) and compare its
     predictions with the in-memory repaired model."""
@@ -665,7 +689,7 @@ def _verify(out_path: Path, arch_flag: str | None, model, pre, x_h, eval_kw) -> 
         reloaded = load_model(out_path, arch=user_arch, device="cpu")
         kw = dict(eval_kw, amp=None)
         raw = Normalized(model.model, pre).to(eval_kw["device"]).eval()  # what the file outputs, no log
-        with full_precision():
+        with full_precision(), _file_outputs(model.model):
             a = logits(raw, x_h, **kw)
             if reloaded.reference is not None:
                 b = torch.from_numpy(reloaded.reference(model.normalize(x_h.to(model.scale.device)).cpu().numpy()))

@@ -49,9 +49,11 @@ def test_scan_from_the_package_flags_the_backdoor(backdoored):
 
 
 def test_api_errors_carry_the_cli_exit_codes(backdoored, tmp_path):
-    with pytest.raises(UsageError, match="--target") as err:
+    with pytest.raises(UsageError, match="trigger= needs target=N") as err:  # the API's words, not flags
         ibau_cli.sanitize(backdoored["model"], backdoored["clean100"], trigger=backdoored["trigger"])
-    assert err.value.exit_code == 2
+    assert err.value.exit_code == 2 and "--" not in str(err.value)
+    with pytest.raises(UsageError, match="trigger_blend= describes a trigger: it needs trigger=IMAGE"):
+        ibau_cli.sanitize(backdoored["model"], backdoored["clean100"], trigger_blend=0.2)
     with pytest.raises(InputError) as err:
         ibau_cli.scan(tmp_path / "missing.safetensors", backdoored["clean100"])
     assert err.value.exit_code == 2 and "missing.safetensors" in err.value.one_line()

@@ -190,5 +190,8 @@ def test_an_optional_key_goes_back_to_automatic_with_auto_or_none(tmp_path):
     data = json.loads(res.stdout)
     assert data["config"]["unlearn"]["radius"] is None and data["config"]["unlearn"]["max_grad_norm"] is None
     assert data["config"]["probes"]["class_batch"] is None and "unlearn.radius" in data["automatic"]
+    assert data["unset"] == {"unlearn.max_grad_norm": "no clipping"}  # not "automatic": it means something
+    res = _cli("config", "show", "--set", "unlearn.max_grad_norm=none")
+    assert "# max_grad_norm = (unset: no clipping)" in res.stdout, res.stdout
     res = _cli("config", "show", "--set", "unlearn.lr=auto")  # not optional: still an error naming it
     assert res.returncode == 2 and "unlearn.lr must be a number" in res.stderr, res.stderr

@@ -173,3 +173,30 @@ def test_onnx_output_from_other_format_is_a_clear_error(backdoored, tmp_path):
         "sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--out", tmp_path / "x.onnx"
     )
     assert_one_line_error(code, err, 2, "cannot write onnx from a safetensors model")
+
+
+def test_onnx_graph_ending_in_a_softmax_is_repaired_on_its_logits(backdoored, tmp_path):
+    """Keras (via tf2onnx) and many exporters end a classifier's graph in a Softmax. sanitize refuses
+    probability outputs elsewhere (no gradient at exact zeros); here it repairs on the Softmax's
+    input and writes the graph back with the Softmax, so the file still outputs probabilities."""
+    import copy
+
+    from test_formats import _SoftmaxOutput
+
+    src = _export(_SoftmaxOutput(copy.deepcopy(backdoored["module"])), tmp_path / "softmax.onnx", dynamo=False)
+    assert onnx.load(str(src)).graph.node[-1].op_type == "Softmax"
+    out = tmp_path / "fixed.onnx"
+    res = run_cli(*sanitize_with_trigger(backdoored, src, "clean500", out, "--json", "--quiet"))
+    report = json.loads(res.stdout)
+    assert res.returncode == 0, (res.stderr, report.get("gates"))
+    assert any("ends in a Softmax" in w for w in report["warnings"]), report["warnings"]
+    assert any("ends in a Softmax" in n for n in report["model"]["notes"]), report["model"]["notes"]
+    assert report["verification"]["runtime"] == "onnxruntime" and report["verification"]["argmax_agreement"] == 1.0
+    acc0, asr0 = _ort_figures(src, backdoored["x_eval"], backdoored["y_eval"])
+    acc1, asr1 = _ort_figures(out, backdoored["x_eval"], backdoored["y_eval"])
+    assert asr0 > 0.9 and asr1 < 0.2 and acc0 - acc1 < 0.05, (acc0, acc1, asr0, asr1)
+    written = onnx.load(str(out))
+    assert written.graph.node[-1].op_type == "Softmax"
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    probs = sess.run(None, {"image": backdoored["x_eval"][:16].numpy().astype(np.float32)})[0]
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5) and probs.min() >= 0  # still probabilities

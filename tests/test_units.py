@@ -462,3 +462,30 @@ def test_an_output_folder_that_vanished_during_the_run_is_a_runtime_failure(tmp_
         write_atomically(gone / "fixed.safetensors", lambda tmp: tmp.write_bytes(b"x"))
     assert exc.value.exit_code == EXIT_RUNTIME
     assert not gone.exists()
+
+
+def test_probes_and_the_inner_problem_leave_the_weights_untouched():
+    """The synthesised probes and I-BAU's inner maximisation need gradients for their triggers only:
+    they run with every parameter's requires_grad off (autograd then skips the weights' gradients,
+    a quarter of a probe step's time) and restore each parameter's own flag afterwards; the mask
+    probe's backward left gradients in the model's .grad before."""
+    from ibau_cli.config import UnlearnConfig
+    from ibau_cli.demo import synthetic_images
+    from ibau_cli.probes import run_probes
+    from ibau_cli.unlearn import unlearn
+
+    torch.manual_seed(0)
+    model = ARCHS.get("small-cnn").build(10).eval()
+    fixed = next(model.parameters())
+    fixed.requires_grad_(False)  # a layer its owner froze stays frozen
+    flags = [p.requires_grad for p in model.parameters()]
+    x, y = synthetic_images(40, seed=3)
+    run_probes(model, x, y, 10, device=torch.device("cpu"), budget_steps=100, radius=3.0,
+               names=["synth-mask-pattern", "synth-universal-perturbation"])  # fmt: skip
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    repaired, _ = unlearn(model, x, y, UnlearnConfig(rounds=1, min_steps_per_round=2), device="cpu")
+    assert [p.requires_grad for p in repaired.parameters()] == flags  # the outer steps trained the rest
+    changed = [not torch.equal(a, b.detach()) for a, b in zip(before, repaired.parameters(), strict=True)]
+    assert not changed[0] and any(changed[1:])

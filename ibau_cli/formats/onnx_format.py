@@ -113,6 +113,11 @@ class OnnxFormat(ModelFormat):
             )
         if module.channels_last:
             notes.append("the graph takes NHWC input; ibau feeds it channels-last")
+        if module.softmax_input is not None:
+            notes.append(
+                f"the graph ends in a Softmax: where its output is probabilities, ibau works on its input "
+                f"{module.softmax_input} (the logits); a written graph keeps the Softmax"
+            )
         if module.fixed_batch is not None:
             notes.append(
                 f"the graph was exported with a fixed batch of {module.fixed_batch}: ibau runs it in chunks of "

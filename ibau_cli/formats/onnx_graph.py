@@ -318,6 +318,9 @@ class OnnxGraphModule(nn.Module):
         self.outputs = [v.name for v in graph.output]
         self.channels_last = False
         self.fixed_batch: int | None = None  # the graph's batch size, when the export fixed one
+        # the input of a Softmax that ends the graph (the logits), and whether forward returns it
+        self.softmax_input: str | None = _final_softmax_input(graph)
+        self.output_logits = False
 
     def forward(self, x: Tensor) -> Tensor:
         """The graph on ``x``; a graph exported with a fixed batch size runs on chunks of that size
@@ -346,7 +349,7 @@ class OnnxGraphModule(nn.Module):
             results = OPS[op_type](args, attrs)
             for name, value in zip(outs, results, strict=False):
                 env[name] = value
-        return env[self.outputs[0]]
+        return env[self.softmax_input if self.output_logits else self.outputs[0]]
 
     def updated_proto(self):
         """A copy of the original ModelProto with every trainable initializer replaced."""
@@ -361,6 +364,20 @@ class OnnxGraphModule(nn.Module):
                 new = numpy_helper.from_array(arr.astype(numpy_helper.to_array(t).dtype), t.name)
                 t.CopyFrom(new)
         return model
+
+
+def _final_softmax_input(graph) -> str | None:
+    """The input of the Softmax over the last axis that produces the graph's first output (through
+    Identity nodes), or None. Its input is the class logits: ibau repairs and probes on them, and the
+    graph it writes back keeps the Softmax."""
+    producer = {out: node for node in graph.node for out in node.output}
+    node = producer.get(graph.output[0].name)
+    while node is not None and node.op_type == "Identity":
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "Softmax":
+        return None
+    axis = int(_attrs(node).get("axis", -1))
+    return node.input[0] if axis in (-1, 1) else None  # 1: the class axis of a 2-D output (any opset)
 
 
 def unsupported_ops(model) -> list[str]:

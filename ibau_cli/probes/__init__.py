@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import RuntimeFailure
+from ..frozen import frozen_parameters
 from ..metrics import Rate
 from ..progress import NoProgress, Progress
 from ..registry import Registry
@@ -253,7 +254,8 @@ def run_probes(
     for probe in selected:
         t_probe = time.perf_counter()
         try:
-            result = probe.run(model, ctx)
+            with frozen_parameters(model):  # probes need gradients for their triggers only
+                result = probe.run(model, ctx)
         except Exception as exc:  # a plugin's probe, most likely: say which one
             raise RuntimeFailure(
                 f"probe {probe.name} (from {PROBES.origin(probe.name)}) failed: {type(exc).__name__}: {exc}",

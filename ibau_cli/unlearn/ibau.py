@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..config import SMALL_SET_CLIP, SMALL_SET_ROUNDS, UnlearnConfig
 from ..device import amp_dtype, autocast
+from ..frozen import frozen_parameters
 from ..progress import NoProgress, Progress
 from .augment import clean_views
 from .hypergrad import fixed_point_hypergradient
@@ -275,13 +276,14 @@ def unlearn(
         targets = [None, target_hint] if guided else [None]
         progress.start(f"round {r}/{n_rounds}: inner", config.inner_steps * len(targets) * len(families))
         deltas, inner_losses = [], []  # (family, perturbation, target): the outer steps cycle through them
-        for family in families:
-            for target in targets:
-                d_k, loss_k = _inner_max(
-                    model, family, x_all, y_all, batch_stream, config.inner_steps, dev, dtype, progress, target
-                )
-                deltas.append((family, d_k, target))
-                inner_losses.append(loss_k)
+        with frozen_parameters(model):  # the inner problem differentiates with respect to delta only
+            for family in families:
+                for target in targets:
+                    d_k, loss_k = _inner_max(
+                        model, family, x_all, y_all, batch_stream, config.inner_steps, dev, dtype, progress, target
+                    )
+                    deltas.append((family, d_k, target))
+                    inner_losses.append(loss_k)
         delta, inner_loss = deltas[0][1], inner_losses[0]  # the log follows I-BAU's own (untargeted additive)
         fooling = _fooling_rate(model, families[0], x_all, y_all, delta, bs, dev, dtype)
         t_inner = time.perf_counter()
