@@ -41,3 +41,10 @@ def _share_the_cores() -> None:
 
 
 _share_the_cores()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The tests marked slow (about 30 s to 2 min each, on real zoo models or whole CLI runs) run
+    first: the parallel workers then end on short tests and finish together, instead of one worker
+    starting a two-minute test while the other has nothing left to do."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise

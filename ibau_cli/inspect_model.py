@@ -26,6 +26,17 @@ def _tensor_summary(shapes: dict[str, tuple[list[int], str]]) -> dict[str, Any]:
     }
 
 
+def _last_dense_width(model, shapes: dict) -> tuple[int, str] | None:
+    """The output width of the last MatMul or Gemm whose weight is a 2-D initializer, and its name:
+    a MatMul weight is [in, out] (TensorFlow's layout), a Gemm's [out, in] when transB is set."""
+    for node in reversed(model.graph.node):
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and len(shapes.get(node.input[1], ([],))[0]) == 2:
+            dims = shapes[node.input[1]][0]
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            return int(dims[0] if trans_b else dims[1]), f"{node.op_type} ({node.input[1]})"
+    return None
+
+
 def inspect_file(path: Path) -> dict[str, Any]:
     path = Path(path)
     fmt = detect_format(path)
@@ -88,6 +99,8 @@ def inspect_file(path: Path) -> dict[str, Any]:
         out_dims = next(iter(info["graph"]["outputs"].values()), [])
         if len(out_dims) == 2 and out_dims[1]:
             info["num_classes_from_graph"] = out_dims[1]
+        else:
+            info["num_classes_from_layer"] = _last_dense_width(model, shapes)
         in_dims = next(iter(info["graph"]["inputs"].values()), [])
         if len(in_dims) == 4:
             info["input_shape_from_graph"] = in_dims[1:]
@@ -118,6 +131,12 @@ def inspect_file(path: Path) -> dict[str, Any]:
         ]
     if num_classes is None and from_model is not None:
         num_classes, source = from_model, model_source
+    layer = info.pop("num_classes_from_layer", None)
+    if num_classes is None and layer is not None:
+        num_classes, source = (
+            layer[0],
+            f"a guess: the output width of the graph's last {layer[1]} (sanitize checks it by running the model)",
+        )
     if num_classes is None:
         last_2d = [k for k, (s, _) in shapes.items() if len(s) == 2]
         if last_2d:  # a classifier's last linear layer: [classes, features]

@@ -23,6 +23,7 @@ from .device import amp_dtype, full_precision, resolve_device
 from .errors import ModelMismatchError, RuntimeFailure, UsageError
 from .evaluate import accuracy, attack_success, logits
 from .formats import detect_format, format_for_output, load_model, save_model, sha256_file
+from .formats.onnx_graph import NodeFailure
 from .preprocess import Normalized, output_kind
 from .probes import FIXED_FLIP_SUSPECT
 from .progress import NoProgress, Progress
@@ -207,6 +208,13 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         dummy = torch.zeros(1, pre.channels, *pre.input_size, device=device)
         try:
             raw = model(dummy)
+        except NodeFailure as exc:  # an ONNX graph: say where it failed, not only what may be the cause
+            raise ModelMismatchError(
+                f"{request.model}: ibau could not run the ONNX graph on a {pre.channels}x{pre.input_size[0]}x"
+                f"{pre.input_size[1]} input: {_first_line(exc)}",
+                hint="if the input size is wrong set it (--input-size, --preset, --set preprocess.input_size=[H,W]); "
+                "otherwise report the exporter and opset (ibau inspect MODEL lists the graph's operators)",
+            ) from None
         except Exception as exc:
             raise ModelMismatchError(
                 f"{request.model}: the model does not run on a {pre.channels}x{pre.input_size[0]}x{pre.input_size[1]} input ({_first_line(exc)})",

@@ -73,6 +73,7 @@ def test_ci_example_is_valid_for_its_ci_system_and_uses_real_flags(name, schema)
     assert any(r.endswith(".xml") for r in reports) and any(r.endswith(".json") for r in reports)
 
 
+@pytest.mark.slow
 def test_registry_hook_quarantines_backdoored_and_broken_models(backdoored, demo_zoo, tmp_path):
     incoming = tmp_path / "incoming"
     incoming.mkdir()

@@ -200,3 +200,114 @@ def test_onnx_graph_ending_in_a_softmax_is_repaired_on_its_logits(backdoored, tm
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     probs = sess.run(None, {"image": backdoored["x_eval"][:16].numpy().astype(np.float32)})[0]
     assert np.allclose(probs.sum(1), 1.0, atol=1e-5) and probs.min() >= 0  # still probabilities
+
+
+def _as_other_exporters_write_it(path, out_path):
+    """torch's opset-17 graph rewritten the way other converters write theirs: "same" padding as
+    auto_pad=SAME_UPPER, the first convolution's weight in a Constant node (older keras2onnx), and
+    the nodes in reverse file order (onnxruntime sorts them; ONNX asks exporters not to rely on it)."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    for node in graph.node:
+        if node.op_type == "Conv":
+            pads = next(a for a in node.attribute if a.name == "pads")
+            assert list(pads.ints) == [1, 1, 1, 1]
+            node.attribute.remove(pads)
+            node.attribute.append(helper.make_attribute("auto_pad", "SAME_UPPER"))
+    first_conv = next(n for n in graph.node if n.op_type == "Conv")
+    weight = next(t for t in graph.initializer if t.name == first_conv.input[1])
+    graph.initializer.remove(weight)
+    const = helper.make_node(
+        "Constant", [], [weight.name], value=numpy_helper.from_array(numpy_helper.to_array(weight))
+    )
+    nodes = [const, *graph.node]
+    del graph.node[:]
+    graph.node.extend(reversed(nodes))
+    onnx.save(model, str(out_path))
+    return out_path
+
+
+def test_onnx_from_other_exporters_same_padding_constant_weights_unsorted_nodes(backdoored, tmp_path):
+    """A graph that onnxruntime runs, written unlike torch's: 0.3.6 refused it (auto_pad SAME_* not
+    implemented, nodes run in file order) and would have kept weights held in Constant nodes fixed."""
+    src = _export(backdoored["module"], tmp_path / "torch.onnx", dynamo=False)
+    other = _as_other_exporters_write_it(src, tmp_path / "other.onnx")
+    out = tmp_path / "fixed.onnx"
+    res = run_cli(*sanitize_with_trigger(backdoored, other, "clean500", out, "--json", "--quiet"))
+    report = json.loads(res.stdout)
+    assert res.returncode == 0, (res.stderr, report.get("gates"))
+    assert report["parity_before"]["max_abs_logit_diff"] < 1e-4
+    acc0, asr0 = _ort_figures(other, backdoored["x_eval"], backdoored["y_eval"])
+    acc1, asr1 = _ort_figures(out, backdoored["x_eval"], backdoored["y_eval"])
+    assert asr0 > 0.9 and asr1 < 0.2 and acc0 - acc1 < 0.05, (acc0, acc1, asr0, asr1)
+    a, b = onnx.load(str(other)), onnx.load(str(out))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]  # the file's order kept
+    const_a, const_b = (next(n for n in m.graph.node if n.op_type == "Constant") for m in (a, b))
+    assert const_a.attribute[0].t.raw_data != const_b.attribute[0].t.raw_data  # that weight was repaired too
+
+
+def _run_both(nodes, inits, x, opset):
+    """A hand-built graph run by onnxruntime and by ibau's executor, for the same input."""
+    from onnx import TensorProto, helper
+
+    from ibau_cli.formats.onnx_graph import OnnxGraphModule
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        ours = OnnxGraphModule(model)(torch.from_numpy(x)).numpy()
+    return ref, ours
+
+
+@pytest.mark.parametrize("op_type", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("opset", [11, 13])
+def test_onnx_softmax_follows_its_opset(op_type, opset):
+    """Before opset 13 a Softmax works on the tensor flattened to 2-D at its axis (default 1); from 13
+    along the axis (default -1). On a 4-D tensor the two differ: 0.3.6 applied the second to both."""
+    from onnx import helper
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    for attrs in ({}, {"axis": 1}, {"axis": 2}):
+        ref, ours = _run_both([helper.make_node(op_type, ["x"], ["y"], **attrs)], [], x, opset)
+        assert np.allclose(ref, ours, atol=1e-5), (attrs, np.abs(ref - ours).max())
+
+
+def test_onnx_dynamic_flatten_and_list_constants():
+    """The flatten torch's legacy exporter and TensorFlow converters write: Shape -> Gather with a
+    scalar index -> Unsqueeze -> Concat with a Constant of value_ints -> Reshape (0.3.6: refused)."""
+    from onnx import helper, numpy_helper
+
+    x = np.random.default_rng(1).normal(size=(3, 2, 4, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0, dtype=np.int64))),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+        helper.make_node("Constant", [], ["rest"], value_ints=[-1]),
+        helper.make_node("Concat", ["n1", "rest"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["x", "shape"], ["y"]),
+    ]
+    axes = numpy_helper.from_array(np.array([0], dtype=np.int64), "axes")
+    ref, ours = _run_both(nodes, [axes], x, 13)
+    assert ours.shape == (3, 32) and np.array_equal(ref, ours)
+
+
+def test_onnx_graph_reading_a_missing_tensor_is_a_clear_error(backdoored, tmp_path):
+    from onnx import helper
+
+    src = _export(backdoored["module"], tmp_path / "model.onnx", dynamo=False)
+    model = onnx.load(str(src))
+    last = model.graph.node[-1]
+    model.graph.node.append(helper.make_node("Add", [last.output[0], "ghost_bias"], ["ghosted"]))
+    model.graph.output[0].name = "ghosted"
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    code, _, err = invoke("scan", broken, "--clean", backdoored["clean100"])
+    assert_one_line_error(code, err, 2, "broken.onnx", "'ghost_bias'", "re-export")

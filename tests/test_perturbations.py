@@ -74,6 +74,7 @@ def _warp_trigger(x: torch.Tensor) -> torch.Tensor:
     return Warp(radius=100.0).apply(x, field).clamp(0, 1)
 
 
+@pytest.mark.slow
 def test_a_warp_backdoor_is_flagged_by_the_synthesised_warp_and_repaired_with_the_warp_family(tmp_path):
     """A real small CNN trained with a warp trigger on the synthetic data; ``ibau sanitize`` with no
     --trigger: the synthesised universal warp names class 0, the inner problem adds the warp family,

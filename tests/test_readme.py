@@ -63,6 +63,7 @@ def test_shell_completion_documented_in_the_readme_works():
     assert "--format" in res.stdout and "--force" in res.stdout
 
 
+@pytest.mark.slow
 def test_the_readme_demo_command_runs_end_to_end(tmp_path):
     """`ibau demo`, the README's first command, as a subprocess: it trains the demo model, sanitizes it
     and removes the backdoor (the held-out figures in its report), and writes the report it is asked for."""

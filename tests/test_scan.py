@@ -42,6 +42,7 @@ def test_scan_does_not_flag_clean_models(demo_zoo, backdoored, name):
     assert report["probes"]["before"]["verdict"] in ("no_evidence", "inconclusive")
 
 
+@pytest.mark.slow
 def test_unlisted_trigger_is_caught_by_synthesised_probes(demo_zoo, backdoored, tmp_path):
     path, trained = demo_zoo["plus"]
     x, y = synthetic_images(200, seed=31)
@@ -133,6 +134,7 @@ def test_a_class_batch_that_runs_out_of_gpu_memory_is_split():
         _class_chunks(ctx, [0, 1, 2], always, 64)
 
 
+@pytest.mark.slow
 def test_probe_figures_fall_with_the_true_asr_after_sanitize(backdoored, tmp_path):
     res = run_cli(
         *sanitize_with_trigger(
@@ -153,6 +155,7 @@ def test_probe_figures_fall_with_the_true_asr_after_sanitize(backdoored, tmp_pat
     assert report["after"]["asr"]["value"] < 0.2
 
 
+@pytest.mark.slow
 def test_probe_gate_without_a_trigger_gives_its_sample_count(backdoored, tmp_path):
     # no --trigger, a repair too weak to change anything: the ASR gate falls back on the probes, and
     # its figure says how many held-out images it counted (hits of n), as every other figure does

@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 pytestmark = [
     pytest.mark.shared_data,
+    pytest.mark.slow,
     pytest.mark.skipif(not (SHARED_DATA / "gtsrb" / "test.npz").is_file(), reason="needs ../shared/data (IBAU_DATA)"),
 ]
 

@@ -72,7 +72,7 @@ class OnnxFormat(ModelFormat):
             import onnx
         except ImportError as exc:
             raise InputError("reading ONNX needs the onnx package", hint="pip install onnx onnxruntime") from exc
-        from .onnx_graph import OnnxGraphModule, unsupported_ops
+        from .onnx_graph import GraphError, OnnxGraphModule, unsupported_ops
 
         if arch is not None:
             raise UsageError(f"{path}: an ONNX file carries its own graph; drop --arch")
@@ -87,7 +87,13 @@ class OnnxFormat(ModelFormat):
                 hint="ibau executes ONNX graphs with its own torch ops (the README's Formats section lists them; `ibau inspect "
                 "MODEL` lists the graph's); re-export without that operator, or report the exporter and opset",
             )
-        module = OnnxGraphModule(model)
+        try:
+            module = OnnxGraphModule(model)
+        except GraphError as exc:
+            raise InputError(
+                f"{path}: not a runnable ONNX graph: {exc}",
+                hint="re-export the model (python -m onnx.checker FILE names what is wrong)",
+            ) from None
         graph_inputs = [v for v in model.graph.input if v.name in module.inputs]
         if len(graph_inputs) != 1:
             raise InputError(f"{path}: the graph has {len(graph_inputs)} inputs; ibau handles one image input")
@@ -143,6 +149,12 @@ class OnnxFormat(ModelFormat):
         except ImportError:
             loaded.reference = None
             loaded.notes.append("onnxruntime is not installed: no parity check against it")
+        except Exception as exc:  # onnxruntime refuses the graph: so would any runtime that serves it
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(
+                f"{path}: onnxruntime cannot load the graph ({first})",
+                hint="re-export the model (python -m onnx.checker FILE names what is wrong)",
+            ) from None
         return loaded
 
     def can_save_from(self, source_format: str) -> bool:

@@ -49,18 +49,35 @@ def _pads_2d(pads: list[int], x: Tensor, value: float = 0.0) -> tuple[Tensor, in
     return F.pad(x, torch_pads, value=value), tuple([0] * k)
 
 
+def _explicit_pads(a: dict, x: Tensor, kernel: list[int], strides: list[int], dilations: list[int]) -> list[int]:
+    """The node's pads in ONNX order; ``auto_pad`` SAME_UPPER / SAME_LOWER (TensorFlow's "same", the
+    output size ceil(input / stride)) computed for ``x``'s spatial size, the odd pixel at the end
+    (UPPER) or the start (LOWER); VALID is no padding."""
+    mode = a.get("auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    k = len(kernel)
+    if mode in ("NOTSET", ""):
+        return _ints(a.get("pads", [0] * 2 * k))
+    if mode == "VALID":
+        return [0] * 2 * k
+    begin, end = [], []
+    for size, kern, stride, dil in zip(x.shape[2:], kernel, strides, dilations, strict=True):
+        total = max((math.ceil(size / stride) - 1) * stride + (kern - 1) * dil + 1 - size, 0)
+        small, large = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else large)
+        end.append(large if mode == "SAME_UPPER" else small)
+    return begin + end
+
+
 @op("Conv")
 def _conv(i, a):
     x, w = i[0], i[1]
     b = i[2] if len(i) > 2 and i[2] is not None else None
     k = w.dim() - 2
-    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-        raise NotImplementedError("Conv auto_pad SAME_*")
-    x, pad = _pads_2d(_ints(a.get("pads", [0] * 2 * k)), x)
+    strides, dilations = _ints(a.get("strides", [1] * k)), _ints(a.get("dilations", [1] * k))
+    x, pad = _pads_2d(_explicit_pads(a, x, list(w.shape[2:]), strides, dilations), x)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[k]
-    return [
-        conv(x, w, b, _ints(a.get("strides", [1] * k)), pad, _ints(a.get("dilations", [1] * k)), int(a.get("group", 1)))
-    ]
+    return [conv(x, w, b, strides, pad, dilations, int(a.get("group", 1)))]
 
 
 @op("BatchNormalization")
@@ -75,10 +92,9 @@ def _pool(i, a, kind: str):
     x = i[0]
     ks = _ints(a["kernel_shape"])
     k = len(ks)
-    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-        raise NotImplementedError(f"{kind} auto_pad SAME_*")
-    x, pad = _pads_2d(_ints(a.get("pads", [0] * 2 * k)), x, value=-math.inf if kind == "max" else 0.0)
     strides = _ints(a.get("strides", [1] * k))
+    pads = _explicit_pads(a, x, ks, strides, _ints(a.get("dilations", [1] * k)))
+    x, pad = _pads_2d(pads, x, value=-math.inf if kind == "max" else 0.0)
     ceil = bool(a.get("ceil_mode", 0))
     if kind == "max":
         fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[k]
@@ -114,8 +130,25 @@ OPS["Div"] = lambda i, a: [i[0] / i[1] if i[0].is_floating_point() else torch.di
 OPS["MatMul"] = lambda i, a: [torch.matmul(i[0], i[1])]
 OPS["Identity"] = lambda i, a: [i[0]]
 OPS["Dropout"] = lambda i, a: [i[0]]
-OPS["Softmax"] = lambda i, a: [torch.softmax(i[0], int(a.get("axis", -1)))]
-OPS["LogSoftmax"] = lambda i, a: [torch.log_softmax(i[0], int(a.get("axis", -1)))]
+
+
+def _softmax(fn: Callable[[Tensor, int], Tensor]) -> Op:
+    """Softmax / LogSoftmax. From opset 13 along ``axis`` (default -1); before, over the tensor
+    flattened to 2-D at ``axis`` (default 1): the same for a [N, K] input, not for a 4-D one."""
+
+    def run(i, a):
+        x = i[0]
+        if a.get(OPSET_KEY, 13) >= 13:
+            return [fn(x, int(a.get("axis", -1)))]
+        axis = int(a.get("axis", 1)) % max(x.dim(), 1)
+        return [fn(x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1), 1).reshape(x.shape)]
+
+    return run
+
+
+OPSET_KEY = "__opset__"  # the graph's opset, put among a node's attributes by the ops that need it
+OPS["Softmax"] = _softmax(torch.softmax)
+OPS["LogSoftmax"] = _softmax(torch.log_softmax)
 OPS["Transpose"] = lambda i, a: [
     i[0].permute(*_ints(a["perm"])) if "perm" in a else i[0].permute(*reversed(range(i[0].dim())))
 ]
@@ -184,7 +217,7 @@ def _gather(i, a):
     axis = int(a.get("axis", 0)) % max(x.dim(), 1)
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     out = torch.index_select(x, axis, idx.flatten())
-    return [out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :])]
+    return [out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]))]  # a scalar index drops the axis
 
 
 @op("Slice")
@@ -227,6 +260,7 @@ def _pad(i, a):
 def _clip(i, a):
     lo = i[1] if len(i) > 1 and i[1] is not None else a.get("min")
     hi = i[2] if len(i) > 2 and i[2] is not None else a.get("max")
+    lo, hi = (v.detach() if isinstance(v, Tensor) else v for v in (lo, hi))
     return [torch.clamp(i[0], None if lo is None else float(lo), None if hi is None else float(hi))]
 
 
@@ -271,7 +305,75 @@ def _expand(i, a):
     return [x.expand(target)]
 
 
-_BN_STAT_INPUTS = {"BatchNormalization": (3, 4)}
+# Float inputs that are not weights: BatchNorm's running statistics, and the bounds, shapes, pads,
+# exponents and axes some exporters store as float initializers. They stay fixed in the repair.
+_FIXED_INPUTS = {
+    "BatchNormalization": (3, 4),
+    "Clip": (1, 2),
+    "Pad": (1, 2, 3),
+    "Pow": (1,),
+    "Reshape": (1,),
+    "Expand": (1,),
+    "Slice": (1, 2, 3, 4),
+    "Dropout": (1, 2),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+}
+
+
+class GraphError(ValueError):
+    """The graph cannot be run as it is written (an input no node produces, a cycle)."""
+
+
+class NodeFailure(RuntimeError):
+    """A node failed while the graph ran: names the node, its operator and the cause."""
+
+
+def _constant(attrs: dict) -> Tensor:
+    """A Constant node's value, whichever attribute holds it."""
+    if "value" in attrs:
+        return attrs["value"]
+    if "value_float" in attrs:
+        return torch.tensor(float(attrs["value_float"]))
+    if "value_int" in attrs:
+        return torch.tensor(int(attrs["value_int"]))
+    if "value_floats" in attrs:
+        return torch.tensor([float(v) for v in attrs["value_floats"]], dtype=torch.float32)
+    if "value_ints" in attrs:
+        return torch.tensor([int(v) for v in attrs["value_ints"]], dtype=torch.int64)
+    raise GraphError(f"a Constant node holds {', '.join(attrs) or 'nothing'}: only tensors and numbers are supported")
+
+
+def _topological(nodes: list, available: set[str]) -> list:
+    """The nodes in an order where each runs after the nodes its inputs come from (onnxruntime sorts
+    them too; the ONNX standard asks exporters to); an input nothing produces is an error."""
+    produced_by = {out: k for k, node in enumerate(nodes) for out in node[2] if out}
+    for k, node in enumerate(nodes):
+        for name in node[1]:
+            if name and name not in available and name not in produced_by:
+                raise GraphError(f"node {k} ({node[0]}) reads {name!r}, which no node, input or initializer provides")
+    import heapq
+
+    needs = [{produced_by[n] for n in node[1] if n and n not in available} for node in nodes]
+    users: dict[int, list[int]] = {}
+    for k, deps in enumerate(needs):
+        for j in deps:
+            users.setdefault(j, []).append(k)
+    waiting = [len(deps) for deps in needs]
+    ready = [k for k, n in enumerate(waiting) if n == 0]  # a heap: file order wherever it is valid
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(nodes[k])
+        for u in users.get(k, ()):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) < len(nodes):
+        stuck = next(k for k, n in enumerate(waiting) if n > 0)
+        raise GraphError(f"the graph has a cycle through node {stuck} ({nodes[stuck][0]})")
+    return order
 
 
 def _attrs(node) -> dict:
@@ -287,7 +389,9 @@ def _attrs(node) -> dict:
 
 
 class OnnxGraphModule(nn.Module):
-    """Executes an ONNX graph with torch ops; float initializers are trainable parameters."""
+    """Executes an ONNX graph with torch ops; float weights are trainable parameters: the float
+    initializers, and the float tensors of Constant nodes (where older converters keep weights),
+    except the inputs in _FIXED_INPUTS."""
 
     def __init__(self, model) -> None:
         from onnx import numpy_helper
@@ -296,25 +400,41 @@ class OnnxGraphModule(nn.Module):
         self.proto = model
         graph = model.graph
         init_names = {t.name for t in graph.initializer}
-        stats = set()
+        fixed = set()
         for node in graph.node:
-            for pos in _BN_STAT_INPUTS.get(node.op_type, ()):
+            for pos in _FIXED_INPUTS.get(node.op_type, ()):
                 if pos < len(node.input):
-                    stats.add(node.input[pos])
+                    fixed.add(node.input[pos])
         self.param_keys: dict[str, str] = {}
         self.params = nn.ParameterDict()
-        self.consts: dict[str, Tensor] = {}
         for i, t in enumerate(graph.initializer):
             arr = torch.from_numpy(np.array(numpy_helper.to_array(t)))
             key = f"p{i}"
-            if arr.is_floating_point() and t.name not in stats:
+            if arr.is_floating_point() and t.name not in fixed:
                 self.params[key] = nn.Parameter(arr.float() if arr.dtype == torch.float64 else arr)
-                self.param_keys[t.name] = key
             else:
                 self.register_buffer(key, arr)
-                self.param_keys[t.name] = key
-        self.nodes = [(n.op_type, list(n.input), list(n.output), _attrs(n)) for n in graph.node]
+            self.param_keys[t.name] = key
+        opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
+        nodes = []
+        self.constant_nodes: dict[int, str] = {}  # node index -> parameter key, written back by updated_proto
+        for k, n in enumerate(graph.node):
+            attrs = _attrs(n)
+            if n.op_type in ("Softmax", "LogSoftmax"):
+                attrs[OPSET_KEY] = opset
+            if n.op_type == "Constant":
+                value = _constant(attrs)
+                key = f"c{k}"
+                if value.is_floating_point() and value.numel() > 1 and n.output[0] not in fixed:
+                    self.params[key] = nn.Parameter(value.float() if value.dtype == torch.float64 else value)
+                    self.constant_nodes[k] = key
+                else:
+                    self.register_buffer(key, value)
+                self.param_keys[n.output[0]] = key
+                continue
+            nodes.append((n.op_type, list(n.input), list(n.output), attrs))
         self.inputs = [v.name for v in graph.input if v.name not in init_names]
+        self.nodes = _topological(nodes, set(self.inputs) | set(self.param_keys))
         self.outputs = [v.name for v in graph.output]
         self.channels_last = False
         self.fixed_batch: int | None = None  # the graph's batch size, when the export fixed one
@@ -337,23 +457,19 @@ class OnnxGraphModule(nn.Module):
         if self.channels_last:
             x = x.permute(0, 2, 3, 1)
         env: dict[str, Tensor | None] = {self.inputs[0]: x, "": None}
-        for op_type, ins, outs, attrs in self.nodes:
-            if op_type == "Constant":
-                env[outs[0]] = (
-                    attrs["value"].to(x.device)
-                    if "value" in attrs
-                    else torch.tensor(attrs.get("value_float", attrs.get("value_int", 0)))
-                )
-                continue
+        for k, (op_type, ins, outs, attrs) in enumerate(self.nodes):
             args = [env[n] if n in env else self._value(n) for n in ins]
-            results = OPS[op_type](args, attrs)
+            try:
+                results = OPS[op_type](args, attrs)
+            except Exception as exc:
+                raise NodeFailure(f"node {k} ({op_type} -> {outs[0]}) failed: {type(exc).__name__}: {exc}") from exc
             for name, value in zip(outs, results, strict=False):
                 env[name] = value
         return env[self.softmax_input if self.output_logits else self.outputs[0]]
 
     def updated_proto(self):
-        """A copy of the original ModelProto with every trainable initializer replaced."""
-        from onnx import numpy_helper
+        """A copy of the original ModelProto with every trainable initializer and Constant replaced."""
+        from onnx import helper, numpy_helper
 
         model = type(self.proto)()
         model.CopyFrom(self.proto)
@@ -363,6 +479,13 @@ class OnnxGraphModule(nn.Module):
                 arr = self.params[key].detach().cpu().numpy()
                 new = numpy_helper.from_array(arr.astype(numpy_helper.to_array(t).dtype), t.name)
                 t.CopyFrom(new)
+        for k, key in self.constant_nodes.items():
+            node = model.graph.node[k]
+            old = next(a for a in node.attribute if a.name in ("value", "value_floats"))
+            dtype = numpy_helper.to_array(old.t).dtype if old.name == "value" else np.float32
+            arr = self.params[key].detach().cpu().numpy().astype(dtype)
+            new = helper.make_attribute(old.name, numpy_helper.from_array(arr) if old.name == "value" else arr.tolist())
+            old.CopyFrom(new)
         return model
 
 
