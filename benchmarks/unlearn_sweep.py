@@ -95,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = perm[half:][:2000]
     x_eval = zoo.to_float(x_te[evaluation])
     y_eval = torch.as_tensor(y_te[evaluation])
-    x_trig = zoo.to_float(zoo.triggered_uint8(manifest["attack"], x_te[evaluation], manifest.get("trigger_seed", 0)))
-    target = attacks.target_labels(manifest["attack"], y_eval, manifest["target"], manifest["num_classes"])
+    if manifest["attack"] == "clean":  # no trigger: the ASR column stays 0
+        x_trig, target = x_eval, y_eval
+    else:
+        x_trig = zoo.to_float(
+            zoo.triggered_uint8(manifest["attack"], x_te[evaluation], manifest.get("trigger_seed", 0))
+        )
+        target = attacks.target_labels(manifest["attack"], y_eval, manifest["target"], manifest["num_classes"])
     keep = target != y_eval
 
     def fresh() -> torch.nn.Module:

@@ -199,6 +199,7 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
                 hint=f"write {loaded.fmt} (the input's format); conversions: safetensors <-> checkpoint, either "
                 "-> TorchScript or .pt2; ONNX only from ONNX",
             )
+        out_fmt.check_can_save(loaded.module, out_path)
     settings, sources = settings_for(loaded, request)
     pre = settings.preprocess
     _check_finite_weights(loaded.module, Path(request.model))

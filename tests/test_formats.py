@@ -445,3 +445,104 @@ def test_the_same_model_is_written_to_the_same_bytes(backdoored, tmp_path):
     assert all(torch.equal(reloaded.state_dict()[k].cpu(), v.cpu()) for k, v in state.items())
     with safe_open(str(tmp_path / "m0.safetensors"), "pt") as f:
         assert f.metadata()["ibau.arch"] == "small-cnn" and f.metadata()["note.7"] == "7"
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["torch.compile", "lightning", "averaged-model", "ema-only", "with-a-version-number"],
+)
+def test_checkpoints_as_wrappers_and_tools_save_them(backdoored, tmp_path, layout):
+    """State dicts as third parties ship them: torch.compile's `_orig_mod.` prefix, a Lightning
+    module's `model.`, AveragedModel's `module.` beside its `n_averaged` counter, an EMA-only
+    checkpoint, a plain number among the tensors. 0.3.6 refused each (exit 2, blaming --arch)."""
+    sd = {k: v.clone() for k, v in backdoored["module"].state_dict().items()}
+    path = tmp_path / "model.pt"
+    if layout == "torch.compile":
+        torch.save({f"_orig_mod.{k}": v for k, v in sd.items()}, path)
+    elif layout == "lightning":
+        torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3, "global_step": 120}, path)
+    elif layout == "averaged-model":
+        torch.save({"n_averaged": torch.tensor(5), **{f"module.{k}": v for k, v in sd.items()}}, path)
+    elif layout == "ema-only":
+        torch.save({"ema": sd, "epoch": 3}, path)
+    else:
+        torch.save({**sd, "_version": 2}, path)
+    loaded = load_model(path, arch="small-cnn")
+    for k, v in loaded.module.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    code, _, err = invoke("sanitize", path, "--arch", "small-cnn", "--clean", backdoored["clean100"],
+                          "--out", tmp_path / "fixed.pt", "--rounds", "1", "--quiet")  # fmt: skip
+    assert code == 0, err
+
+
+def test_tied_weights_stored_once_load_into_both_places(tmp_path):
+    """safetensors.torch.save_model drops the second name of a shared tensor; the architecture's two
+    names for it are one parameter, so the file is complete."""
+    from safetensors.torch import save_model
+
+    arch = tmp_path / "tied.py"
+    arch.write_text(
+        "import torch\n"
+        "class Tied(torch.nn.Module):\n"
+        "    def __init__(self, num_classes=10):\n"
+        "        super().__init__()\n"
+        "        self.embed = torch.nn.Linear(3 * 32 * 32, 16)\n"
+        "        self.fc1 = torch.nn.Linear(16, 16)\n"
+        "        self.fc2 = torch.nn.Linear(16, 16)\n"
+        "        self.fc2.weight = self.fc1.weight\n"
+        "        self.head = torch.nn.Linear(16, num_classes)\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.fc2(torch.relu(self.fc1(self.embed(x.flatten(1))))))\n"
+    )
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tied_arch", arch)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    model = mod.Tied()
+    save_model(model, str(tmp_path / "tied.safetensors"))
+    loaded = load_model(tmp_path / "tied.safetensors", arch=f"{arch}:Tied")
+    assert torch.equal(loaded.module.fc2.weight, model.fc1.weight)
+    assert loaded.module.fc2.weight is loaded.module.fc1.weight  # still one parameter
+
+
+def test_user_code_and_files_that_cannot_be_used_are_exit_2_before_any_work(backdoored, tmp_path):
+    """An --arch file that calls sys.exit (0.3.6: its code became ibau's, exit 0 read as a pass), a
+    TorchScript archive whose tensors are on the meta device (0.3.6: exit 3 "unexpected"), and an
+    --out .ts for a model TorchScript cannot compile (0.3.6: exit 3 after the whole repair)."""
+    exits = tmp_path / "exits.py"
+    exits.write_text("import sys\nsys.exit(0)\n")
+    code, _, err = invoke("scan", backdoored["model"], "--arch", f"{exits}:Net", "--clean", backdoored["clean100"])
+    assert_one_line_error(code, err, 2, "exits.py", "SystemExit")
+
+    class Meta(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 32 * 32, 10, device="meta")
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(Meta()), str(tmp_path / "meta.pt"))
+    code, _, err = invoke("scan", tmp_path / "meta.pt", "--clean", backdoored["clean100"])
+    assert_one_line_error(code, err, 2, "meta.pt", "no weight data")
+
+    unscriptable = tmp_path / "varargs.py"
+    unscriptable.write_text(
+        "import torch\n"
+        "from ibau_cli.archs.small_cnn import SmallCNN\n"
+        "class Net(SmallCNN):\n"
+        "    def forward(self, *inputs):\n"
+        "        return super().forward(inputs[0])\n"
+    )
+    sd = tmp_path / "sd.pt"
+    torch.save(backdoored["module"].state_dict(), sd)
+    out = tmp_path / "fixed.ts"
+    code, _, err = invoke(
+        "sanitize", sd, "--arch", f"{unscriptable}:Net", "--clean", backdoored["clean100"], "--out", out
+    )
+    assert_one_line_error(code, err, 2, "fixed.ts", "cannot be compiled to TorchScript")
+    assert not out.exists()

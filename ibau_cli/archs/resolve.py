@@ -37,11 +37,13 @@ def build_user_model(arch: str, num_classes: int | None) -> nn.Module:
         raise InputError(f"--arch {arch}: file not found: {path}")
     try:
         module = import_file(path, "ibau_user_arch")
-    except Exception as exc:  # the user's code can raise anything
+    except (Exception, SystemExit) as exc:  # anything; a sys.exit() must not end ibau with its code
         raise InputError(f"--arch {arch}: importing {path} failed ({type(exc).__name__}: {exc})") from exc
     factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
+    if factory is None:
         raise InputError(f"--arch {arch}: {path} has no class or function named {attr!r}")
+    if not callable(factory):
+        raise InputError(f"--arch {arch}: {attr!r} in {path} is a {type(factory).__name__}, not a class or function")
     kwargs = {}
     try:
         params = inspect.signature(factory).parameters
@@ -54,7 +56,7 @@ def build_user_model(arch: str, num_classes: int | None) -> nn.Module:
             kwargs["num_classes"] = 1
     try:
         model = factory(**kwargs)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise InputError(
             f"--arch {arch}: calling {attr}({', '.join(kwargs)}) failed ({type(exc).__name__}: {exc})"
         ) from exc

@@ -75,6 +75,10 @@ class ModelFormat(ABC):
         """Whether a model loaded from ``source_format`` can be written in this format."""
         return self.save_from is None or source_format in self.save_from
 
+    def check_can_save(self, module: nn.Module, path: Path) -> None:
+        """Raise a UsageError, before any work, when ``module`` cannot be written in this format."""
+        return None  # most formats write any module their can_save_from accepts
+
     @abstractmethod
     def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
         """Write ``module`` to ``path`` (the caller makes it atomic)."""

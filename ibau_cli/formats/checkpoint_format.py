@@ -20,20 +20,33 @@ from .metadata import ibau_metadata
 from .state_dict import loaded_from_state_dict
 from .zipped import is_torch_save_zip
 
-NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "weights")
+# where checkpoints keep the state dict; an exponential moving average only when nothing else is there
+NESTED_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "net",
+    "module",
+    "weights",
+    "state_dict_ema",
+    "model_ema",
+    "ema",
+)
 META_KEY = "ibau_metadata"
 
 
 def _is_state_dict(obj: object) -> bool:
-    return (
-        isinstance(obj, dict)
-        and bool(obj)
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-    )
+    """A dict of named tensors; a few plain numbers beside them (``_version``, a step count) allowed."""
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) for k in obj):
+        return False
+    tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
+    others = [v for v in obj.values() if not isinstance(v, torch.Tensor)]
+    return tensors > 0 and all(isinstance(v, int | float) for v in others) and len(others) <= max(2, tensors // 10)
 
 
 def find_state_dict(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The state dict itself, or one nested under a usual key; ``module.`` prefixes removed."""
+    """The state dict itself, or one nested under a usual key (its tensors; plain numbers beside them
+    dropped). Wrapper prefixes (``module.``, ...) are removed by load_strict, against the architecture."""
     where = "top level"
     if not _is_state_dict(obj) and isinstance(obj, dict):
         for key in NESTED_KEYS:
@@ -46,9 +59,7 @@ def find_state_dict(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], s
             f"{path}: no state dict found (top-level keys: {keys})",
             hint=f"save a dict of tensors, possibly under one of {', '.join(NESTED_KEYS)}",
         )
-    sd = dict(obj)
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}  # wrapper prefixes: load_strict
     return sd, where
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,9 +22,48 @@ def _short(items: list[str], limit: int = 6) -> str:
     return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
+# Prefixes that wrappers put before every key: DataParallel / DistributedDataParallel and
+# AveragedModel ("module."), torch.compile ("_orig_mod."), a Lightning module's attribute ("model.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+_WRAPPER_BOOKKEEPING = ("n_averaged",)  # AveragedModel's counter, beside its "module." weights
+
+
+def _unwrapped(tensors: dict[str, torch.Tensor], fits: Callable[[set[str]], bool]) -> dict[str, torch.Tensor]:
+    """``tensors`` with wrapper prefixes removed when that, and only that, makes the keys ``fit``
+    the architecture (a model whose own submodule is called ``model`` keeps its keys)."""
+    if fits(set(tensors)):
+        return tensors
+    current = {k: v for k, v in tensors.items() if k not in _WRAPPER_BOOKKEEPING}
+    for _ in range(len(_WRAPPER_PREFIXES)):
+        prefix = next((p for p in _WRAPPER_PREFIXES if current and all(k.startswith(p) for k in current)), None)
+        if prefix is None:
+            break
+        current = {k[len(prefix) :]: v for k, v in current.items()}
+        if fits(set(current)):
+            return current
+    return tensors
+
+
+def _fits_module(module: nn.Module) -> Callable[[set[str]], bool]:
+    expected = set(module.state_dict())
+    return lambda keys: bool(keys) and keys <= expected
+
+
+def _tied(expected: dict, present: set[str]) -> set[str]:
+    """Keys of the architecture whose tensor is another present key's (tied weights): safetensors'
+    save_model stores a shared tensor under one name only."""
+    by_storage: dict[int, list[str]] = {}
+    for k, v in expected.items():
+        if v.numel():
+            by_storage.setdefault(v.untyped_storage().data_ptr(), []).append(k)
+    return {k for names in by_storage.values() if len(names) > 1 and present & set(names) for k in names}
+
+
 def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in tensors and not k.endswith(_OPTIONAL_SUFFIXES)]
+    expected = module.state_dict(keep_vars=True)
+    tensors = _unwrapped(tensors, _fits_module(module))
+    tied = _tied(expected, set(tensors))
+    missing = [k for k in expected if k not in tensors and not k.endswith(_OPTIONAL_SUFFIXES) and k not in tied]
     unexpected = [k for k in tensors if k not in expected]
     misshaped = [
         f"{k} file {list(tensors[k].shape)} vs model {list(v.shape)}"
@@ -85,6 +125,7 @@ def loaded_from_state_dict(
     if is_user_code(arch):
         wanted = num_classes_from_metadata(meta, path)
         module = build_user_model(arch, wanted)
+        tensors = _unwrapped(tensors, _fits_module(module))
         if wanted is None:  # the file's own classifier says how many classes: rebuild for it if needed
             found = _classifier_rows(module, tensors)
             if found is not None:
@@ -97,6 +138,7 @@ def loaded_from_state_dict(
             except InputError as exc:
                 raise InputError(f"{path}: {exc.message} (from {source})", hint=exc.hint) from None
         spec = builtin_spec(arch)
+        tensors = _unwrapped(tensors, lambda keys: spec.classifier_key in keys)
         weight = tensors.get(spec.classifier_key)
         if weight is None or weight.ndim < 1:
             raise InputError(

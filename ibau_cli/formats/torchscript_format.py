@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from .base import LoadedModel, ModelFormat, SaveRequest
 from .metadata import META_ARCH, ibau_metadata, num_classes_from_metadata, preprocess_from_metadata
 from .zipped import is_torchscript_zip
@@ -53,6 +53,11 @@ class TorchScriptFormat(ModelFormat):
         params = list(module.parameters())
         if not params:
             raise InputError(f"{path}: the TorchScript module has no parameters to repair")
+        if any(t.is_meta for t in [*params, *module.buffers()]):
+            raise InputError(
+                f"{path}: the TorchScript archive holds no weight data (its tensors are on the meta device)",
+                hint="save the module after its weights are materialised (e.g. after loading a checkpoint into it)",
+            )
         return LoadedModel(
             module=module.to(device).eval(),
             fmt=self.name,
@@ -62,6 +67,21 @@ class TorchScriptFormat(ModelFormat):
             metadata=meta,
             notes=["graph from the TorchScript archive (BatchNorm mode as traced or scripted)"],
         )
+
+    def check_can_save(self, module: nn.Module, path: Path) -> None:
+        """A module that TorchScript cannot compile is refused before the repair, not after it."""
+        if isinstance(module, torch.jit.ScriptModule):
+            return
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.jit.script(module)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(
+                f"--out {path}: the model cannot be compiled to TorchScript ({type(exc).__name__}: {first})",
+                hint="write the input's own format, or a .pt2 program (torch.export)",
+            ) from None
 
     def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
         if not isinstance(module, torch.jit.ScriptModule):
