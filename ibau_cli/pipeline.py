@@ -443,7 +443,9 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
                 num_classes=num_classes,
                 preprocess=pre,
                 extra_metadata=extra,
-                stored_dtypes=loaded.stored_dtypes if fmt.name in ("safetensors", "checkpoint") else None,
+                stored_dtypes=loaded.stored_dtypes
+                if fmt.name in ("safetensors", "checkpoint", "torchscript")
+                else None,
             )
         with timer.phase("verify"):
             verification = _verify(

@@ -546,3 +546,45 @@ def test_user_code_and_files_that_cannot_be_used_are_exit_2_before_any_work(back
     )
     assert_one_line_error(code, err, 2, "fixed.ts", "cannot be compiled to TorchScript")
     assert not out.exists()
+
+
+def test_a_half_precision_torchscript_model_is_repaired_and_written_back_in_half(backdoored, tmp_path):
+    """A scripted model saved in float16 (0.3.6: exit 2, "set the input size", from a float/half
+    mismatch): computed in float32 as a half-precision state dict is, written back in float16."""
+    import copy
+
+    src = tmp_path / "half.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(_jit(copy.deepcopy(backdoored["module"]).half(), traced=False), str(src))
+    out = tmp_path / "fixed.pt"
+    res = run_cli(*sanitize_with_trigger(backdoored, src, "clean500", out, "--json", "--quiet"))
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert any("float16" in note for note in report["model"]["notes"]), report["model"]["notes"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        written = torch.jit.load(str(out))
+    assert {p.dtype for p in written.parameters()} == {torch.float16}
+    acc0, asr0 = independent_figures(backdoored["module"], backdoored["x_eval"], backdoored["y_eval"])
+    acc1, asr1 = independent_figures(load_model(out).module, backdoored["x_eval"], backdoored["y_eval"])
+    assert asr0 > 0.9 and asr1 < 0.2 and acc0 - acc1 < 0.05, (acc0, acc1, asr0, asr1)
+
+
+def test_a_torchscript_forward_that_needs_two_inputs_is_named(backdoored, tmp_path):
+    class TwoInputs(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, scale):
+            return self.inner(x) * scale
+
+    import copy
+
+    src = tmp_path / "two.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(TwoInputs(copy.deepcopy(backdoored["module"]).eval())), str(src))
+    code, _, err = invoke("scan", src, "--clean", backdoored["clean100"])
+    assert_one_line_error(code, err, 2, "two.pt", "forward takes 2 inputs (x, scale)")

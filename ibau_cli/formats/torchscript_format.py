@@ -58,6 +58,15 @@ class TorchScriptFormat(ModelFormat):
                 f"{path}: the TorchScript archive holds no weight data (its tensors are on the meta device)",
                 hint="save the module after its weights are materialised (e.g. after loading a checkpoint into it)",
             )
+        _check_one_input(module, path)
+        notes = ["graph from the TorchScript archive (BatchNorm mode as traced or scripted)"]
+        stored = {
+            k: v.dtype for k, v in module.state_dict().items() if v.is_floating_point() and v.dtype != torch.float32
+        }
+        if stored:  # computed in float32, like a half-precision state dict; written back in its dtypes
+            _cast(module, dict.fromkeys(stored, torch.float32))
+            kinds = ", ".join(sorted({str(d).replace("torch.", "") for d in stored.values()}))
+            notes.append(f"{len(stored)} tensors stored as {kinds}: computed in float32, written back as {kinds}")
         return LoadedModel(
             module=module.to(device).eval(),
             fmt=self.name,
@@ -65,7 +74,8 @@ class TorchScriptFormat(ModelFormat):
             arch=meta.get(META_ARCH, "torchscript"),
             preprocess=preprocess_from_metadata(meta, path),
             metadata=meta,
-            notes=["graph from the TorchScript archive (BatchNorm mode as traced or scripted)"],
+            notes=notes,
+            stored_dtypes=stored,
         )
 
     def check_can_save(self, module: nn.Module, path: Path) -> None:
@@ -89,6 +99,36 @@ class TorchScriptFormat(ModelFormat):
                 warnings.simplefilter("ignore")
                 module = torch.jit.script(module)
         meta = ibau_metadata(request)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.jit.save(module.cpu(), str(path), _extra_files={EXTRA: json.dumps(meta)})
+        module = module.cpu()
+        stored = {k: d for k, d in request.stored_dtypes.items() if k in module.state_dict()}
+        _cast(module, stored)  # the input's own dtypes in the file (the weights were rounded to them)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.jit.save(module, str(path), _extra_files={EXTRA: json.dumps(meta)})
+        finally:
+            _cast(module, dict.fromkeys(stored, torch.float32))
+
+
+def _cast(module: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Convert the named parameters and buffers of ``module`` to ``dtypes`` in place."""
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    with torch.no_grad():
+        for name, dtype in dtypes.items():
+            if name in tensors:
+                tensors[name].data = tensors[name].data.to(dtype)
+
+
+def _check_one_input(module: torch.jit.ScriptModule, path: Path) -> None:
+    """ibau feeds a model one image batch; a forward that needs more is refused here, by name."""
+    try:
+        args = module.forward.schema.arguments[1:]  # after self
+    except (AttributeError, RuntimeError):
+        return
+    required = [a.name for a in args if not a.has_default_value()]
+    if len(required) > 1:
+        raise InputError(
+            f"{path}: the model's forward takes {len(required)} inputs ({', '.join(required)}); ibau gives it one "
+            "image batch",
+            hint="save a module whose forward takes the image batch alone (the other inputs fixed inside it)",
+        )
