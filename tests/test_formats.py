@@ -470,9 +470,10 @@ def test_checkpoints_as_wrappers_and_tools_save_them(backdoored, tmp_path, layou
     loaded = load_model(path, arch="small-cnn")
     for k, v in loaded.module.state_dict().items():
         assert torch.equal(v, sd[k]), k
-    code, _, err = invoke("sanitize", path, "--arch", "small-cnn", "--clean", backdoored["clean100"],
-                          "--out", tmp_path / "fixed.pt", "--rounds", "1", "--quiet")  # fmt: skip
-    assert code == 0, err
+    if layout == "lightning":  # and through the CLI once (loading is what differs between layouts)
+        code, _, err = invoke("sanitize", path, "--arch", "small-cnn", "--clean", backdoored["clean100"],
+                              "--out", tmp_path / "fixed.pt", "--rounds", "1", "--quiet")  # fmt: skip
+        assert code == 0, err
 
 
 def test_tied_weights_stored_once_load_into_both_places(tmp_path):
