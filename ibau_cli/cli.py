@@ -409,6 +409,11 @@ def _inspect(model: Path, json_stdout: bool) -> None:
     ):
         if key in info:
             console.print(f"[bold]{key:13s}[/] {info[key]}")
+    first = info.get("first_tensors", {})
+    for k, v in first.items():  # names --arch must match; the first 12 (--json has them too)
+        console.print(f"[bold]tensor[/]        {k} {v['shape']} {v['dtype']}", markup=True, highlight=False)
+    if first and info.get("tensors", 0) > len(first):
+        console.print(f"[bold]tensor[/]        ... {info['tensors'] - len(first)} more (ibau inspect --json)")
     for k, v in info["metadata"].items():
         console.print(f"[bold]metadata[/]      {k} = {v}", markup=True, highlight=False)
     for w in info.get("warnings", []):

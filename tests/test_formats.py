@@ -187,6 +187,9 @@ def test_inspect_reads_safetensors_header_only(backdoored, tmp_path):
     assert info["num_classes_source"] == "metadata"
     n_params = sum(v.numel() for v in backdoored["module"].state_dict().values())
     assert info["parameters"] == n_params
+    code, text, _ = invoke("inspect", backdoored["model"])  # the text output names the tensors too
+    assert code == 0 and "tensor features.0.weight [16, 3, 3, 3]" in " ".join(text.split()), text
+    assert f"{info['tensors'] - 12} more" in text
     code, _, err = invoke("inspect", tmp_path / "missing.safetensors")
     assert_one_line_error(code, err, 2, "not found")
 
