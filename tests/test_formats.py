@@ -592,3 +592,30 @@ def test_a_torchscript_forward_that_needs_two_inputs_is_named(backdoored, tmp_pa
         torch.jit.save(torch.jit.script(TwoInputs(copy.deepcopy(backdoored["module"]).eval())), str(src))
     code, _, err = invoke("scan", src, "--clean", backdoored["clean100"])
     assert_one_line_error(code, err, 2, "two.pt", "forward takes 2 inputs (x, scale)")
+
+
+def test_a_torchscript_archive_calling_an_unloaded_custom_operator_names_it(backdoored, tmp_path):
+    """torch.ops.<library>.<op> lives in an extension library, not in the archive; ibau loads none."""
+    import copy
+
+    lib = torch.library.Library("ibau_test_ops", "DEF")  # registered in this process only
+    lib.define("shifted(Tensor x) -> Tensor")
+    lib.impl("shifted", lambda x: x + 0.0, "CompositeExplicitAutograd")
+
+    class Custom(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return torch.ops.ibau_test_ops.shifted(self.inner(x))
+
+    src = tmp_path / "custom.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(
+            torch.jit.trace(Custom(copy.deepcopy(backdoored["module"]).eval()), torch.rand(2, 3, 32, 32)), str(src)
+        )
+    res = run_cli("inspect", src)  # a fresh process, where the operator is not registered
+    assert res.returncode == 2 and "custom operator ibau_test_ops::shifted" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -9,6 +9,7 @@ rides along as the archive's extra file ``ibau.json``.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -40,7 +41,14 @@ class TorchScriptFormat(ModelFormat):
                 warnings.simplefilter("ignore")
                 module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception as exc:  # torch raises RuntimeError and friends for bad archives
-            raise InputError(f"{path}: not a loadable TorchScript archive ({type(exc).__name__}: {exc})") from exc
+            text = " ".join(str(exc).split())
+            op = re.search(r"Unknown builtin op: (\S+?)\.", text)
+            if op:  # torch.ops.<library>.<name>: code outside the archive, which ibau cannot have
+                raise InputError(
+                    f"{path}: the TorchScript archive calls the custom operator {op.group(1)}, which is not loaded",
+                    hint="export the model without custom operators (or as ONNX); ibau loads no extension libraries",
+                ) from None
+            raise InputError(f"{path}: not a loadable TorchScript archive ({type(exc).__name__}: {text[:300]})") from exc
         meta: dict[str, str] = {}
         raw = extra.get(EXTRA) or b""
         if raw:
