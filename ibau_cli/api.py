@@ -203,11 +203,16 @@ def make_request(
 
 
 def report_targets(
-    paths: Iterable[str | Path], *, model: str | Path | None = None, out: str | Path | None = None
+    paths: Iterable[str | Path],
+    *,
+    model: str | Path | None = None,
+    out: str | Path | None = None,
+    request: SanitizeRequest | None = None,
 ) -> list[tuple[Path, str]]:
     """Check report destinations before any work: (path, format) for each; format from the name.
     Each must be a writable file path; with ``model`` (and ``out``, the repaired model's path) none
-    may be the input model, the repaired model or another report."""
+    may be the input model, the repaired model or another report; with ``request``, none may be one
+    of its other input files either, and its artifacts folder none of the outputs."""
     from .destinations import check_distinct, check_writable_folder
     from .reporters import format_for_path
 
@@ -222,7 +227,16 @@ def report_targets(
         check_writable_folder(path.parent, f"--report {path}")
         targets.append((path, fmt))
     if model is not None:
-        check_distinct(Path(model), None if out is None else Path(out), [p for p, _ in targets])
+        inputs: dict[str, Path] = {}
+        artifacts = None
+        if request is not None:
+            named = {"--classes": request.classes_file, "--config": request.config_file}
+            if request.trigger is not None:
+                named |= {"--trigger": request.trigger.image, "--trigger-mask": request.trigger.mask}
+            inputs = {flag: Path(p) for flag, p in named.items() if p is not None}
+            artifacts = None if request.artifacts is None else Path(request.artifacts)
+        out_path = None if out is None else Path(out)
+        check_distinct(Path(model), out_path, [p for p, _ in targets], inputs=inputs, artifacts=artifacts)
     return targets
 
 
@@ -315,7 +329,7 @@ def _run_unchecked(command: str, model, clean, reports, progress, plugins, load_
         raise UsageError("scan writes no model: drop out=")
     request = make_request(model, clean, **options)
     out = pipeline.output_path(request) if command == "sanitize" else None
-    targets = report_targets(_paths(reports), model=request.model, out=out)
+    targets = report_targets(_paths(reports), model=request.model, out=out, request=request)
     report = getattr(pipeline, command)(request, progress=progress)
     write_reports(report, targets)
     return report

@@ -335,7 +335,9 @@ def _scan(opts: dict[str, Any]) -> None:
     _execute(run_scan, opts)
 
 
-def _report_targets(opts: dict[str, Any], model: Path, out: Path | None) -> tuple[list[tuple[Path, str]], str | None]:
+def _report_targets(
+    opts: dict[str, Any], model: Path, out: Path | None, request: Any = None
+) -> tuple[list[tuple[Path, str]], str | None]:
     """Check the report destinations before any work: (path, format) pairs and the stdout format."""
     from .api import report_targets
 
@@ -344,14 +346,14 @@ def _report_targets(opts: dict[str, Any], model: Path, out: Path | None) -> tupl
         if stdout_format not in (None, "json"):
             raise UsageError(f"--json and --format {stdout_format} both ask for stdout; use one")
         stdout_format = "json"
-    return report_targets(opts.get("report_paths") or (), model=model, out=out), stdout_format
+    return report_targets(opts.get("report_paths") or (), model=model, out=out, request=request), stdout_format
 
 
 def _execute(fn, opts: dict[str, Any]) -> None:
     from .pipeline import output_path
 
     request = _request(opts)
-    targets = _report_targets(opts, request.model, output_path(request) if "out" in opts else None)
+    targets = _report_targets(opts, request.model, output_path(request) if "out" in opts else None, request)
     err = Console(stderr=True)
     with _progress(err, opts["quiet"]) as progress:
         report = fn(request, progress=progress)

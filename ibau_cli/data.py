@@ -75,6 +75,12 @@ def _class_folders(root: Path) -> list[Path]:
         raise InputError(f"--clean {root} is not a folder", hint="pass a folder laid out as DIR/<class>/<image>")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    other = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in loose)
+    if other:  # as a non-image inside a class folder is: nothing in --clean is skipped unsaid
+        raise InputError(
+            f"{len(other)} file(s) at the top of {root} are not class folders ({_listed(other, 3)})",
+            hint="the clean folder holds only DIR/<class>/<image> sub-folders; move other files elsewhere",
+        )
     if loose:
         raise InputError(
             f"{len(loose)} image(s) at the top of {root} belong to no class folder ({_listed(loose, 3)})",
@@ -88,6 +94,11 @@ def _class_folders(root: Path) -> list[Path]:
     return folders
 
 
+def _is_index(name: str) -> bool:
+    """A class-index folder name: ASCII digits only (str.isdigit also accepts '²' and '٣')."""
+    return name.isascii() and name.isdigit()
+
+
 def map_classes(folders: list[Path], num_classes: int, classes_file: Path | None) -> ClassMapping:
     names = [f.name for f in folders]
     if classes_file is not None:
@@ -96,6 +107,11 @@ def map_classes(folders: list[Path], num_classes: int, classes_file: Path | None
             lines = [ln.strip() for ln in classes_file.read_text(encoding="utf-8-sig").splitlines()]
         except OSError as exc:
             raise InputError(f"cannot read --classes file {classes_file} ({exc.strerror})") from exc
+        except UnicodeDecodeError:
+            raise InputError(
+                f"--classes file {classes_file} is not UTF-8 text",
+                hint="save it as UTF-8, one class name per line in the model's output order",
+            ) from None
         order = [ln for ln in lines if ln]
         if len(set(order)) != len(order):
             raise InputError(f"--classes file {classes_file} lists a class name twice")
@@ -112,14 +128,14 @@ def map_classes(folders: list[Path], num_classes: int, classes_file: Path | None
                 hint="list every folder name, one per line, in the model's output order",
             )
         mapping = ClassMapping("classes-file", {n: index[n] for n in names})
-    elif all(n.isdigit() for n in names):
+    elif all(_is_index(n) for n in names):
         mapping = ClassMapping("integer-folders", {n: int(n) for n in names})
         if len(set(mapping.folder_to_index.values())) != len(names):
             raise InputError("two class folders name the same integer index (e.g. '7' and '007')")
-    elif any(n.isdigit() for n in names):
-        others = [n for n in names if not n.isdigit()]
+    elif any(_is_index(n) for n in names):
+        others = [n for n in names if not _is_index(n)]
         raise InputError(
-            f"class folders mix class indices ({', '.join(n for n in names if n.isdigit())[:40]}) with other "
+            f"class folders mix class indices ({', '.join(n for n in names if _is_index(n))[:40]}) with other "
             f"names ({', '.join(others[:5])}): ibau cannot tell which index each folder is",
             hint="name every folder by its class index (0, 1, ...) or pass --classes FILE in the model's output order",
         )

@@ -46,8 +46,31 @@ def check_artifacts_folder(path: Path) -> None:
     check_writable_folder(existing, f"--artifacts {path}")
 
 
-def check_distinct(model: Path, out: Path | None, reports: Iterable[Path]) -> None:
-    """No report may overwrite the input model, the repaired model or another report."""
+def check_distinct(
+    model: Path,
+    out: Path | None,
+    reports: Iterable[Path],
+    *,
+    inputs: dict[str, Path] | None = None,
+    artifacts: Path | None = None,
+) -> None:
+    """No report may overwrite the input model, another input file (``inputs``: flag -> path), the
+    repaired model or another report; the artifacts folder may be none of these files."""
+    reports = list(reports)
+    for report in reports:
+        for flag, path in (inputs or {}).items():
+            if same_file(report, path):
+                raise UsageError(
+                    f"--report {report} is the {flag} file; ibau never modifies its inputs",
+                    hint="choose another report path",
+                )
+    if artifacts is not None:
+        for what, path in [("--out", out), *(("--report", r) for r in reports)]:
+            if path is not None and same_file(artifacts, path):
+                raise UsageError(
+                    f"--artifacts {artifacts} is also the {what} path: a folder cannot be that file",
+                    hint="give the artifacts their own folder",
+                )
     seen: list[Path] = []
     for report in reports:
         if same_file(report, model):

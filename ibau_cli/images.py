@@ -23,7 +23,7 @@ def open_image(path: Path, mode: str, what: str = "image"):
 
 def read_image(path: Path, mode: str, what: str = "image"):
     """``open_image``, with the file's own PIL mode and size (what the conversion started from)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
@@ -33,6 +33,9 @@ def read_image(path: Path, mode: str, what: str = "image"):
             with Image.open(path) as img:
                 img.load()
                 source = (img.mode, img.size)
+                # a camera's JPEG stores pixels unrotated and an EXIF tag saying how to show them: the
+                # image a viewer (and a person labelling it) sees is the rotated one
+                img = ImageOps.exif_transpose(img)
                 if img.mode in _WIDE_INT_MODES:
                     img = _to_8bit(img)
                 return img.convert(mode), *source

@@ -322,6 +322,12 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         warnings.append(f"the model outputs {what}, not logits: the probes optimise on their logarithm")
     with timer.phase("evaluate_before"):
         before = _figures(model, x_h, y_h, trigger, eval_kw)
+    if trigger is not None and before.asr is not None and before.asr.value is not None and before.asr.value < 0.5:
+        warnings.append(
+            f"the given trigger sends only {before.asr.value:.1%} of the held-out images (n={before.asr.n}) to class "
+            f"{trigger.target} before the repair: if the model has a backdoor this is not its trigger (check "
+            "--trigger-pos, --target, --trigger-blend), and the ASR gate measures this trigger only"
+        )
     floor = settings.gate.resolved_min_clean_acc(num_classes)
     if before.accuracy.value is not None and before.accuracy.value < floor:
         msg = (

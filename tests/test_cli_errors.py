@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from conftest import without_probes
+from conftest import run_cli, without_probes
 from ibau_cli.cli import main
 
 
@@ -578,3 +578,60 @@ def test_images_changed_to_fit_the_model_are_counted_and_the_distorting_changes_
     said = [w for w in report["warnings"] if "clean images" in w]
     assert any(w.startswith("10 of 100 clean images were grey-scale") for w in said), said
     assert any(w.startswith("5 of 100 clean images had another aspect ratio") for w in said), said
+
+
+def test_inputs_and_destinations_a_third_qa_pass_found(backdoored, tmp_path):
+    """Each was exit 3, a silent skip or an overwritten input in 0.3.6: a class folder named with a
+    non-ASCII digit ('²' passed isdigit, then int() failed); a UTF-16 --classes file; --report onto
+    the --classes file (replaced it); --artifacts onto the --report path (failed after the whole run,
+    the repaired model already written); a notes file beside the class folders (ignored unsaid)."""
+    clean = tmp_path / "clean"
+    shutil.copytree(backdoored["clean100"], clean)
+    model, out = backdoored["model"], tmp_path / "fixed.safetensors"
+    (clean / "9").rename(clean / "²")
+    code, _, err = invoke("scan", model, "--clean", clean)
+    assert_one_line_error(code, err, 2, "mix class indices")
+    (clean / "²").rename(clean / "9")
+
+    utf16 = tmp_path / "classes.txt"
+    utf16.write_bytes("\n".join(str(k) for k in range(10)).encode("utf-16"))
+    code, _, err = invoke("scan", model, "--clean", clean, "--classes", utf16)
+    assert_one_line_error(code, err, 2, "classes.txt", "not UTF-8")
+
+    names = tmp_path / "names.json"  # a class list with a report-like name
+    names.write_text("\n".join(str(k) for k in range(10)) + "\n")
+    code, _, err = invoke("sanitize", model, "--clean", clean, "--classes", names, "--out", out, "--report", names)
+    assert_one_line_error(code, err, 2, "names.json", "--classes file")
+    assert names.read_text().startswith("0\n1\n") and not out.exists()
+
+    report = tmp_path / "r.json"
+    code, _, err = invoke("sanitize", model, "--clean", clean, "--out", out, "--report", report, "--artifacts", report)
+    assert_one_line_error(code, err, 2, "--artifacts", "--report")
+    assert not out.exists() and not report.exists()
+
+    (clean / "notes.txt").write_text("where these images came from\n")
+    code, _, err = invoke("scan", model, "--clean", clean)
+    assert_one_line_error(code, err, 2, "notes.txt", "not class folders")
+
+
+def test_a_trigger_that_does_not_work_before_the_repair_is_warned_about(backdoored, tmp_path):
+    """The right patch in the wrong corner measures an ASR near 0 and would pass the gate unremarked."""
+    res = run_cli("sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--out",
+                  tmp_path / "fixed.safetensors", "--trigger", backdoored["trigger"], "--target", "0",
+                  "--trigger-pos", "tl", "--rounds", "0", "--json", "-q")  # fmt: skip
+    report = json.loads(res.stdout)
+    assert report["before"]["asr"]["value"] < 0.5
+    assert any("is not its trigger" in w for w in report["warnings"]), report["warnings"]
+
+
+def test_a_rotated_camera_jpeg_is_read_as_a_viewer_shows_it(tmp_path):
+    from PIL import Image
+
+    from ibau_cli.images import read_image
+
+    img = Image.new("RGB", (48, 32), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    img.save(tmp_path / "camera.jpg", exif=exif)
+    shown, _, stored_size = read_image(tmp_path / "camera.jpg", "RGB")
+    assert stored_size == (48, 32) and shown.size == (32, 48)

@@ -48,7 +48,9 @@ class TorchScriptFormat(ModelFormat):
                     f"{path}: the TorchScript archive calls the custom operator {op.group(1)}, which is not loaded",
                     hint="export the model without custom operators (or as ONNX); ibau loads no extension libraries",
                 ) from None
-            raise InputError(f"{path}: not a loadable TorchScript archive ({type(exc).__name__}: {text[:300]})") from exc
+            raise InputError(
+                f"{path}: not a loadable TorchScript archive ({type(exc).__name__}: {text[:300]})"
+            ) from exc
         meta: dict[str, str] = {}
         raw = extra.get(EXTRA) or b""
         if raw:
