@@ -35,6 +35,8 @@ class KnownTrigger:
 
 
 def _read(path: Path, mode: str, what: str) -> np.ndarray:
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder", hint="give one image file (PNG, JPEG, ...)")
     if not path.is_file():
         raise InputError(f"{what} not found: {path}")
     return np.asarray(open_image(path, mode, what), dtype=np.float32) / 255.0
@@ -139,7 +141,10 @@ def load_trigger(
         elif mask_path is not None:
             m = _read(mask_path, "L", "trigger mask")
             if m.shape != (H, W):
-                raise InputError(f"trigger mask {mask_path} is {m.shape[1]}x{m.shape[0]}, the input is {W}x{H}")
+                raise InputError(
+                    f"trigger mask {mask_path} is {m.shape[1]}x{m.shape[0]}, the input is {W}x{H}",
+                    hint=f"give a {W}x{H} mask, the size of the full-size trigger image",
+                )
             mask[..., 0] = m
             desc = f"{path.name} with mask {mask_path.name}"
         elif has_alpha:
@@ -160,7 +165,11 @@ def load_trigger(
         mask[top : top + h, left : left + w] = alpha if has_alpha else 1.0
         desc = f"{w}x{h} patch {path.name} at {position}"
     else:
-        raise InputError(f"trigger image {path} ({w}x{h}) is larger than the model input ({W}x{H})")
+        raise InputError(
+            f"trigger image {path} ({w}x{h}) is larger than the model input ({W}x{H})",
+            hint=f"give a patch smaller than {W}x{H} (pasted at --trigger-pos) or a full {W}x{H} image "
+            "with --trigger-mask, --trigger-blend or --trigger-additive",
+        )
     del mode
     _check_changes_pixels(path, mask_path, pattern, mask, additive, has_alpha)
     return KnownTrigger(

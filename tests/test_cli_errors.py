@@ -635,3 +635,17 @@ def test_a_rotated_camera_jpeg_is_read_as_a_viewer_shows_it(tmp_path):
     img.save(tmp_path / "camera.jpg", exif=exif)
     shown, _, stored_size = read_image(tmp_path / "camera.jpg", "RGB")
     assert stored_size == (48, 32) and shown.size == (32, 48)
+
+
+def test_trigger_errors_say_what_to_do(backdoored, tmp_path):
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (40, 40), (255, 255, 255)).save(big)
+    code, _, err = invoke(
+        "scan", backdoored["model"], "--clean", backdoored["clean100"], "--trigger", big, "--target", "0"
+    )
+    assert_one_line_error(code, err, 2, "big.png", "larger than the model input", "--trigger-mask")
+    code, _, err = invoke("scan", backdoored["model"], "--clean", backdoored["clean100"], "--trigger", tmp_path,
+                          "--target", "0")  # fmt: skip
+    assert_one_line_error(code, err, 2, "is a folder", "give one image file")
