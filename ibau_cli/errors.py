@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -63,3 +65,12 @@ class PluginError(InputError):
     """A plugin could not be loaded (missing file, import error, registration clash)."""
 
     category = "plugin"
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line. TorchScript errors carry a whole traceback whose last
+    "SomeError: ..." line is the cause; others are cut to their first line."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)]
+    text = causes[-1] if causes else (lines[0] if lines else type(exc).__name__)
+    return text[:300]

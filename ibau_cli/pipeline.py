@@ -5,7 +5,6 @@ No terminal, no click: progress goes through a callback and problems are IbauErr
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from .config import EARLY_STOP_PATIENCE, Settings
 from .data import load_clean_folder, stratified_split
 from .destinations import check_artifacts_folder, check_writable_folder, same_file
 from .device import amp_dtype, full_precision, resolve_device
-from .errors import ModelMismatchError, RuntimeFailure, UsageError
+from .errors import ModelMismatchError, RuntimeFailure, UsageError, first_line
 from .evaluate import accuracy, attack_success, logits
 from .formats import detect_format, format_for_output, load_model, save_model, sha256_file
 from .formats.onnx_graph import NodeFailure
@@ -104,15 +103,6 @@ def _check_output_path(model: Path, out: Path) -> None:
     if not out.parent.exists():
         raise UsageError(f"--out {out}: output folder does not exist: {out.parent}", hint="create it first")
     check_writable_folder(out.parent, f"--out {out}")
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's message in one line. TorchScript errors carry a whole traceback whose last
-    "SomeError: ..." line is the cause; others are cut to their first line."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    causes = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)]
-    text = causes[-1] if causes else (lines[0] if lines else type(exc).__name__)
-    return text[:300]
 
 
 def _check_finite_weights(module: torch.nn.Module, path: Path) -> None:
@@ -212,13 +202,13 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         except NodeFailure as exc:  # an ONNX graph: say where it failed, not only what may be the cause
             raise ModelMismatchError(
                 f"{request.model}: ibau could not run the ONNX graph on a {pre.channels}x{pre.input_size[0]}x"
-                f"{pre.input_size[1]} input: {_first_line(exc)}",
+                f"{pre.input_size[1]} input: {first_line(exc)}",
                 hint="if the input size is wrong set it (--input-size, --preset, --set preprocess.input_size=[H,W]); "
                 "otherwise report the exporter and opset (ibau inspect MODEL lists the graph's operators)",
             ) from None
         except Exception as exc:
             raise ModelMismatchError(
-                f"{request.model}: the model does not run on a {pre.channels}x{pre.input_size[0]}x{pre.input_size[1]} input ({_first_line(exc)})",
+                f"{request.model}: the model does not run on a {pre.channels}x{pre.input_size[0]}x{pre.input_size[1]} input ({first_line(exc)})",
                 hint="set the input size and channels with --input-size, --preset, --config or --set "
                 "preprocess.input_size=[H,W] / --set preprocess.channels=N",
             ) from None

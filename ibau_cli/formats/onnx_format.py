@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, UsageError, first_line
 from .base import LoadedModel, ModelFormat, SaveRequest
 from .metadata import META_ARCH, ibau_metadata, preprocess_from_metadata
 
@@ -150,9 +150,8 @@ class OnnxFormat(ModelFormat):
             loaded.reference = None
             loaded.notes.append("onnxruntime is not installed: no parity check against it")
         except Exception as exc:  # onnxruntime refuses the graph: so would any runtime that serves it
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(
-                f"{path}: onnxruntime cannot load the graph ({first})",
+                f"{path}: onnxruntime cannot load the graph ({first_line(exc)})",
                 hint="re-export the model (python -m onnx.checker FILE names what is wrong)",
             ) from None
         return loaded

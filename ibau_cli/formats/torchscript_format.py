@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, UsageError, first_line
 from .base import LoadedModel, ModelFormat, SaveRequest
 from .metadata import META_ARCH, ibau_metadata, num_classes_from_metadata, preprocess_from_metadata
 from .zipped import is_torchscript_zip
@@ -97,9 +97,8 @@ class TorchScriptFormat(ModelFormat):
                 warnings.simplefilter("ignore")
                 torch.jit.script(module)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(
-                f"--out {path}: the model cannot be compiled to TorchScript ({type(exc).__name__}: {first})",
+                f"--out {path}: the model cannot be compiled to TorchScript ({type(exc).__name__}: {first_line(exc)})",
                 hint="write the input's own format, or a .pt2 program (torch.export)",
             ) from None
 
