@@ -614,8 +614,19 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def _exit_interrupted() -> None:
+    _ignore_interrupts()  # a second Ctrl-C while exiting would end the process with no message
     Console(stderr=True).print("terminated" if _terminated else "interrupted")
     sys.exit(EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED)
+
+
+def _ignore_interrupts() -> None:
+    """Once the outcome is decided (every output written or removed), Ctrl-C and SIGTERM are ignored:
+    the interpreter's shutdown takes a moment with torch loaded, and a signal then killed the process
+    by the signal, no message and no exit code, after a run that had finished."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -630,8 +641,13 @@ def run(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         _exit_interrupted()
     except click.ClickException as exc:
+        _ignore_interrupts()
         exc.show()
         sys.exit(exc.exit_code)
+    except SystemExit:
+        _ignore_interrupts()
+        raise
+    _ignore_interrupts()
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 

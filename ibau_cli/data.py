@@ -54,6 +54,8 @@ def _conversions(source_mode: str, source_size: tuple[int, int], pre: Preprocess
         kinds.append("colour_to_grey")
     if "A" in source_mode or source_mode == "P":
         kinds.append("alpha_or_palette_flattened")
+    if source_mode == "CMYK" and pre.channels == 3:
+        kinds.append("cmyk_to_rgb")
     return kinds
 
 

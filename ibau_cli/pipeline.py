@@ -872,13 +872,14 @@ def _gates(gate_cfg, before: Figures, after: Figures | None, probes_before=None,
 
 def _conversion_warnings(clean, pre) -> list[str]:
     """Reading changes that alter what the model sees, not only its size: grey images given to a
-    colour model (the channel repeated), colour to a grey one, and images squashed to another aspect
-    ratio. Plain resizing is only counted (report ``data.conversions``)."""
+    colour model (the channel repeated), colour to a grey one, images squashed to another aspect
+    ratio, and CMYK images converted to RGB (PIL's plain formula, no colour profile). Plain resizing is only counted (report ``data.conversions``)."""
     n = len(clean.labels)
     said = {
         "grey_to_rgb": "were grey-scale, given to a colour model by repeating the channel",
         "colour_to_grey": "were in colour, given to a grey-scale model as luminance",
         "resized_other_aspect": f"had another aspect ratio and were squashed to {pre.input_size[0]}x{pre.input_size[1]}",
+        "cmyk_to_rgb": "were CMYK, converted to RGB without their colour profile",
     }
     return [
         f"{clean.conversions[kind]} of {n} clean images {text} (e.g. {clean.examples[kind]}): "

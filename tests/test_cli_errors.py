@@ -570,12 +570,17 @@ def test_images_changed_to_fit_the_model_are_counted_and_the_distorting_changes_
         Image.open(f).convert("L").save(f)
     for f in files[10:15]:
         Image.open(f).resize((48, 32)).save(f)
+    for f in files[15:18]:  # a print shop's CMYK JPEG
+        Image.open(f).convert("CMYK").save(f.with_suffix(".jpg"))
+        f.unlink()
     code, stdout, err = invoke("sanitize", backdoored["model"], "--clean", clean, "--rounds", "0",
                                "--out", tmp_path / "o.safetensors", "--json", "-q")  # fmt: skip
     assert code in (0, 1), err
     report = json.loads(stdout)
-    assert report["data"]["conversions"] == {"grey_to_rgb": 10, "resized": 5, "resized_other_aspect": 5}
+    conversions = {"grey_to_rgb": 10, "resized": 5, "resized_other_aspect": 5, "cmyk_to_rgb": 3}
+    assert report["data"]["conversions"] == conversions
     said = [w for w in report["warnings"] if "clean images" in w]
+    assert any(w.startswith("3 of 100 clean images were CMYK, converted to RGB") for w in said), said
     assert any(w.startswith("10 of 100 clean images were grey-scale") for w in said), said
     assert any(w.startswith("5 of 100 clean images had another aspect ratio") for w in said), said
 
@@ -649,3 +654,21 @@ def test_trigger_errors_say_what_to_do(backdoored, tmp_path):
     code, _, err = invoke("scan", backdoored["model"], "--clean", backdoored["clean100"], "--trigger", tmp_path,
                           "--target", "0")  # fmt: skip
     assert_one_line_error(code, err, 2, "is a folder", "give one image file")
+
+
+def test_ctrl_c_after_the_run_has_finished_keeps_its_exit_code():
+    """The interpreter's shutdown takes a moment with torch loaded; a Ctrl-C then (here from an
+    atexit hook, after every output is written) ended 0.3.7's process by the signal, with no message
+    and no exit code, after a run that had finished."""
+    import subprocess
+    import sys
+
+    child = (
+        "import atexit, os, signal, sys, time\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))\n"
+        "from ibau_cli.cli import run\n"
+        "run(sys.argv[1:])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", child, "config", "show"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr and "max_acc_drop" in res.stdout
