@@ -311,3 +311,33 @@ def test_onnx_graph_reading_a_missing_tensor_is_a_clear_error(backdoored, tmp_pa
     onnx.save(model, str(broken))
     code, _, err = invoke("scan", broken, "--clean", backdoored["clean100"])
     assert_one_line_error(code, err, 2, "broken.onnx", "'ghost_bias'", "re-export")
+
+
+def test_a_node_that_fails_on_the_input_size_is_named(backdoored, tmp_path):
+    """A graph with free height and width whose flatten is written for 32x32: on 28x28 the Reshape
+    cannot fill it. The error names the node, its operator and its output (0.3.6 blamed the input
+    size alone), and says how to set the size."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([-1, 4 * 32 * 32], dtype=np.int64), "flat"),
+        numpy_helper.from_array(rng.normal(size=(4 * 32 * 32, 10)).astype(np.float32) * 0.01, "fc"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Reshape", ["r", "flat"], ["f"]),
+        helper.make_node("MatMul", ["f", "fc"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 10])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    path = tmp_path / "fixed_flatten.onnx"
+    onnx.save(model, str(path))
+    code, _, err = invoke("scan", path, "--clean", backdoored["clean100"], "--input-size", "28x28")
+    assert_one_line_error(code, err, 2, "fixed_flatten.onnx", "3x28x28 input", "(Reshape -> f) failed", "--input-size")
