@@ -103,6 +103,20 @@ SAME_PATH = {
 # gradients are the same): a 500-image scan and a 1,000-image sanitize of the GTSRB zoo gave the same
 # figures, probe by probe, as 0.3.6; ONNX graphs ending in a Softmax are new input (none in the zoo).
 SAME_PATH["0.3.7"] = {"0.3.6": lambda r: True, **SAME_PATH["0.3.6"]}
+# 0.3.8 adds the patch family to a guided repair when the fixed probe that named the class is a patch:
+# the zoo's patch-trigger models (BadNets, the Trojan square, the watermark) repaired with guidance
+# take a new path; every other run (unguided, the baselines, the other triggers) is 0.3.7's.
+PATCH_ATTACKS = ("badnets", "trojan-square", "watermark")
+
+
+def _same_path_as_0_3_8(r: dict) -> bool:
+    return r.get("guided_class") is None or r.get("attack") not in PATCH_ATTACKS
+
+
+SAME_PATH["0.3.8"] = {
+    v: (lambda r, same=same: _same_path_as_0_3_8(r) and same(r))
+    for v, same in {"0.3.7": lambda r: True, **SAME_PATH["0.3.7"]}.items()
+}
 
 
 def round_over_epoch(r: dict) -> float:

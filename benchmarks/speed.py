@@ -76,12 +76,19 @@ def _child(args: argparse.Namespace) -> None:
 
     hint = manifest.get("target") if manifest["attack"] not in ("clean", "all2all") else None
 
-    def one_round(target_hint: int | None = None, perturbations: str = "additive") -> float:
+    from ibau_cli.probes import PROBES, patch_region
+
+    corner = PROBES.get("patch-checker-br-10%")  # the region a corner-patch probe gives the patch family
+    region = patch_region(lambda v: corner.transform(v, torch.Generator().manual_seed(0)), tuple(x.shape[1:]))
+
+    def one_round(target_hint: int | None = None, perturbations: str = "additive", patch: bool = False) -> float:
         model.load_state_dict(state)
         sync()
         t = time.perf_counter()
         config = UnlearnConfig(rounds=1, perturbations=perturbations)
-        unlearn(model, x, y, config, device=device, seed=0, target_hint=target_hint)
+        unlearn(
+            model, x, y, config, device=device, seed=0, target_hint=target_hint, patch_region=region if patch else None
+        )
         sync()
         return time.perf_counter() - t
 
@@ -92,7 +99,7 @@ def _child(args: argparse.Namespace) -> None:
     elif args.what == "round":
         seconds = one_round()
     else:  # "time": both, interleaved twice, the faster of each (less noise from other jobs)
-        times = {"epoch": [], "round": [], "guided_round": [], "warp_round": []}
+        times = {"epoch": [], "round": [], "guided_round": [], "warp_round": [], "patch_round": []}
         for _ in range(2):
             times["epoch"].append(epoch())
             times["round"].append(one_round())
@@ -100,6 +107,8 @@ def _child(args: argparse.Namespace) -> None:
                 times["guided_round"].append(one_round(hint))
                 # guided, with the warp family too (as when a warp probe also fires)
                 times["warp_round"].append(one_round(hint, "additive+warp"))
+                # guided, with the patch family too (as when a corner-patch probe named the class)
+                times["patch_round"].append(one_round(hint, patch=True))
         times = {k: v for k, v in times.items() if v}
         print(json.dumps({k: min(v) for k, v in times.items()}))
         return
@@ -168,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             "guided_round_over_epoch": timed["guided_round"] / timed["epoch"] if "guided_round" in timed else None,
             "warp_round_seconds": timed.get("warp_round"),
             "warp_round_over_epoch": timed["warp_round"] / timed["epoch"] if "warp_round" in timed else None,
+            "patch_round_seconds": timed.get("patch_round"),
+            "patch_round_over_epoch": timed["patch_round"] / timed["epoch"] if "patch_round" in timed else None,
             "tool_version": __version__,
             "epoch_peak_mib": epoch["peak_mib"],
             "round_peak_mib": rnd["peak_mib"],

@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--watch-probe", help="with --trace and --hint: also a fixed probe's flip rate toward the hint, each round"
     )
+    ap.add_argument(
+        "--patch-probe",
+        help="with --hint: the fixed probe the pipeline would grow the patch family's region from "
+        "(the one that named the class); variants with unlearn.patch=off run without it",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = args.variant or [""]
@@ -122,6 +127,17 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(
                 f"unlearn_sweep: --watch-probe needs --hint and a fixed probe name, not {args.watch_probe!r}"
             )
+    region = None
+    if args.patch_probe:
+        from ibau_cli.probes import PROBES, patch_region
+
+        probe = PROBES.get(args.patch_probe)
+        if probe is None or args.hint is None:
+            raise SystemExit(
+                f"unlearn_sweep: --patch-probe needs --hint and a fixed probe name, not {args.patch_probe!r}"
+            )
+        region = patch_region(lambda x: probe.transform(x, torch.Generator().manual_seed(0)), tuple(x_eval.shape[1:]))
+        print(f"patch region from {args.patch_probe}: {None if region is None else int(region.sum())} pixels")
     acc0, asr0 = figures(fresh())
     print(f"{args.model}: before accuracy {acc0:.3f}, ASR {asr0:.3f} ({len(y_eval)} / {int(keep.sum())} images)")
     for seed in args.seeds:
@@ -155,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 return {}
 
             hook = on_round if args.trace else None
-            _, log = unlearn(model, x, y, config, target_hint=args.hint, seed=seed, on_round=hook)
+            patch = None if config.patch == "off" else region
+            _, log = unlearn(model, x, y, config, target_hint=args.hint, seed=seed, on_round=hook, patch_region=patch)
             acc, asr = figures(model)
             print(
                 f"  n={args.n} seed={seed} {variant or 'defaults':40s} accuracy {acc:.3f}  ASR {asr:.3f}  "

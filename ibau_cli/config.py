@@ -40,6 +40,9 @@ class UnlearnConfig:
     perturbations: str = "auto"  # inner problem families: "additive" (I-BAU's), "additive+warp", or "auto"
     warp_pixels: float = 1.0  # warp family: RMS displacement bound of its control points, pixels per 32
     warp_fraction: float = 0.5  # warp family: share of an outer batch given the warp (at least one image)
+    patch: str = "auto"  # "auto": also search the region of the fixed patch probe that named the guided class; "off"
+    patch_fraction: float = 0.2  # patch family: share of an outer batch given the region's perturbation
+    patch_inner_steps: int = 30  # patch family: its inner problem's steps (a pattern to find, not a direction)
     guide: str = "probes"  # "probes": also unlearn a perturbation toward the class the probes suspect; "off"
     clean_loss: str = "teacher"  # "labels": cross-entropy; "teacher": KL to the input model's outputs
     teacher_views: str = "off"  # teacher term on fresh views of the clean images: off, shift, shift-flip, mix
@@ -94,9 +97,11 @@ class UnlearnConfig:
         for name in ("rounds", "min_steps_per_round"):
             if getattr(self, name) < 0:
                 p.append(f"unlearn.{name} must be >= 0")
+        if self.patch_inner_steps < 1:
+            p.append("unlearn.patch_inner_steps must be >= 1")
         if self.inner_steps < 1:
             p.append("unlearn.inner_steps must be >= 1 (0 leaves the perturbation at zero: plain fine-tuning)")
-        for name in ("perturb_fraction", "warp_fraction"):
+        for name in ("perturb_fraction", "warp_fraction", "patch_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 p.append(f"unlearn.{name} must be in (0, 1]")
         if self.radius is not None and self.radius <= 0:
@@ -119,6 +124,8 @@ class UnlearnConfig:
             p.append(f"unlearn.perturbations must be one of {', '.join(PERTURBATIONS)}, not {self.perturbations!r}")
         if self.warp_pixels <= 0:
             p.append("unlearn.warp_pixels must be > 0")
+        if self.patch not in ("auto", "off"):
+            p.append(f"unlearn.patch must be 'auto' or 'off', not {self.patch!r}")
         if self.guide not in ("probes", "off"):
             p.append(f"unlearn.guide must be 'probes' or 'off', not {self.guide!r}")
         if self.optimizer not in ("adam", "sgd"):

@@ -389,6 +389,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         return {"accuracy": f.accuracy.value, "asr": None if f.asr is None else f.asr.value}
 
     stop = _early_stop(settings, unlearn_config, probes_before, guide_class, x_u, y_u, device, amp)
+    patch = _patch_region(settings, probes_before, guide_class, tuple(x_u.shape[1:]))
 
     with timer.phase("unlearn"):
         model, log = unlearn(
@@ -402,6 +403,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             on_round=on_round,
             target_hint=guide_class,
             stop=stop,
+            patch_region=None if patch is None else patch[1],
         )
     _round_to_stored_dtypes(model.model, loaded.stored_dtypes)
     if not all(bool(torch.isfinite(t).all()) for t in model.parameters()):
@@ -455,6 +457,11 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         warnings.append(
             "no --trigger and probes off: the attack success rate was not measured and its gate not applied"
         )
+    elif trigger is None and any(g.name == "asr" and g.status == "not_evaluated" for g in gates):
+        warnings.append(
+            "the ASR gate was not applied: the probes before the repair named a class on weak evidence only, "
+            "and nothing measures an attack success rate toward it without the trigger (see gates)"
+        )
     elif trigger is None:
         warnings.append("no --trigger given: the ASR gate uses the built-in probes (an estimate, not the true ASR)")
     return Report(
@@ -485,7 +492,10 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             "inner_seconds": log.inner_seconds,
             "outer_seconds": log.outer_seconds,
             "guided_class": guide_class,
-            "perturbations": log.perturbations,
+            "perturbations": [
+                {**f, "probe": patch[0]} if f["family"] == "patch" and patch is not None else f
+                for f in log.perturbations
+            ],
             "teacher_views": log.teacher_views,
             "small_set": log.small_set,
             "rounds_planned": log.rounds_planned,
@@ -781,6 +791,22 @@ def _early_stop(settings, unlearn_config, probes_before, guide_class, x_u, y_u, 
     )
 
 
+def _patch_region(settings, probes_before, guide_class, image_shape) -> tuple[str, torch.Tensor] | None:
+    """``unlearn.patch = "auto"`` on a guided repair: when the fixed probe that sent the most held-out
+    images to the guided class is a patch, the region around it (``probes.patch_region``), with
+    that probe's name; the inner problem then also searches patterns there (docs/algorithm.md)."""
+    from .probes import patch_region, proxy_trigger
+
+    if settings.unlearn.patch != "auto" or guide_class is None or probes_before is None:
+        return None
+    found = proxy_trigger(probes_before, guide_class, settings.seed)
+    if found is None:
+        return None
+    name, apply = found
+    region = patch_region(apply, image_shape)
+    return None if region is None else (name, region)
+
+
 def _perturbation_families(settings, probes_before) -> str:
     """``unlearn.perturbations = "auto"``: I-BAU's additive perturbation, plus the warp family when,
     before the repair, a warp (a fixed warp probe or the synthesised universal warp) flipped at
@@ -801,13 +827,28 @@ def _perturbation_families(settings, probes_before) -> str:
 def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repair") -> Gate:
     """Without a known trigger: the strongest ASR-estimating probe toward the class the probes
     suspected (verdict 'suspected') before repair, measured after repair; and the after-repair
-    verdict must not be 'suspected'. Weak evidence (an 'inconclusive' class) does not gate."""
+    verdict must not be 'suspected'. A class named on weak evidence only (an 'inconclusive' verdict
+    before the repair) cannot be gated without the trigger: the gate is 'not_evaluated', not a pass."""
     if probes_after is None:
         return Gate("asr", "not_evaluated", gate_cfg.max_asr, None, "no trigger supplied and probes off")
     cls = None
     for suite in (probes_before, probes_after):
         if cls is None and suite is not None and suite.verdict == "suspected":
             cls = suite.evidence.get("suspected_class")
+    weak = None  # a class the probes before the repair named on weak evidence only (inconclusive)
+    if cls is None and probes_before is not None and probes_before.verdict == "inconclusive":
+        weak = probes_before.evidence.get("suspected_class")
+    if cls is None and weak is not None and probes_after.verdict != "suspected":
+        # nothing bounded estimated an ASR toward it before; after the repair the same weak evidence
+        # may fade whether or not the backdoor went (a qa model: 75 % true ASR, probes "no evidence")
+        return Gate(
+            "asr",
+            "not_evaluated",
+            gate_cfg.max_asr,
+            None,
+            f"no --trigger; the probes before the repair named class {weak} on weak evidence only (inconclusive), "
+            f"and no probe estimates an attack success rate toward it: give --trigger and --target to gate on it",
+        )
     if cls is None:
         ok = probes_after.verdict != "suspected"
         return Gate(

@@ -166,3 +166,28 @@ def test_full_precision_turns_tf32_off_and_restores_it() -> None:
         assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_the_patch_family_moves_only_its_region_and_the_region_follows_a_patch_probe():
+    """The patch family (0.3.8): a perturbation confined to the region around the fixed patch probe
+    that named the class, large enough for every pixel there to take any value; a probe that paints
+    the whole image (a blend) gives no region."""
+    from ibau_cli.probes import PROBES, patch_region
+    from ibau_cli.unlearn.perturbations import Masked
+
+    def region_of(name: str):
+        probe = PROBES.get(name)
+        return patch_region(lambda v: probe.transform(v, torch.Generator().manual_seed(0)), (3, 32, 32))
+
+    region = region_of("patch-checker-br-10%")  # a 3x3 patch 1 px from the corner, grown by 3 px
+    assert region is not None and region.shape == (1, 1, 32, 32)
+    assert region[0, 0, -1, -1] == 1 and region[0, 0, 0, 0] == 0 and region[0, 0, 16, 16] == 0
+    assert 9 < int(region.sum()) <= 0.25 * 32 * 32
+    assert region_of("blend-noise-0.1") is None
+    family = Masked.covering(region, channels=3)
+    assert family.radius == pytest.approx((3 * float(region.sum())) ** 0.5)
+    x = torch.full((2, 3, 32, 32), 0.5)
+    p = torch.ones((1, 3, 32, 32))
+    out = family.apply(x, p)
+    inside = region.bool().expand_as(out)
+    assert torch.equal(out[~inside], x[~inside]) and torch.all(out[inside] == 1.0)

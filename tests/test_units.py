@@ -489,3 +489,21 @@ def test_probes_and_the_inner_problem_leave_the_weights_untouched():
     assert [p.requires_grad for p in repaired.parameters()] == flags  # the outer steps trained the rest
     changed = [not torch.equal(a, b.detach()) for a, b in zip(before, repaired.parameters(), strict=True)]
     assert not changed[0] and any(changed[1:])
+
+
+def test_a_class_named_on_weak_evidence_leaves_the_probe_gate_not_evaluated_not_passed():
+    """A QA model (6x6 yellow patch, 64x64 input): the synthesised mask alone named class 9 before the
+    repair (inconclusive), so the repair was not guided and kept a 75 % true ASR; after it the probes
+    saw nothing, and 0.3.7's ASR gate passed with no value. Without the trigger nothing measures an
+    ASR toward a weakly named class: the gate says so instead of passing."""
+    from ibau_cli.config import GateConfig
+    from ibau_cli.pipeline import _probe_gate
+    from ibau_cli.probes import ProbeSuite
+
+    def suite(verdict: str, cls: int | None) -> ProbeSuite:
+        return ProbeSuite([], verdict, {"suspected_class": cls}, 0.0, 100, {})
+
+    gate = _probe_gate(GateConfig(), suite("inconclusive", 9), suite("no_evidence", None))
+    assert gate.status == "not_evaluated" and gate.value is None
+    assert "named class 9 on weak evidence" in gate.detail and "--trigger" in gate.detail
+    assert _probe_gate(GateConfig(), suite("no_evidence", None), suite("no_evidence", None)).status == "pass"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -250,8 +251,22 @@ def run_probes(
     )
     ctx.clean_pred = predict(model, x, ctx)
     results = []
-    progress.start("probes", len(selected))
-    for probe in selected:
+    # progress in work units: a fixed pattern is one; a synthesised probe declares its optimisation
+    # steps (``units``) and reports them as it goes (``ctx.tick``), so the estimate of the time left
+    # holds on a model where those steps are most of the work
+    units = [max(1, int(probe.units(ctx))) if hasattr(probe, "units") else 1 for probe in selected]
+    progress.start("probes", sum(units))
+    for probe, share in zip(selected, units, strict=True):
+        ticked = 0
+
+        def tick(n: int, share: int = share) -> None:
+            nonlocal ticked
+            n = min(n, share - ticked)
+            if n > 0:
+                ticked += n
+                progress.advance(n)
+
+        ctx.tick = tick
         t_probe = time.perf_counter()
         try:
             with frozen_parameters(model):  # probes need gradients for their triggers only
@@ -263,7 +278,7 @@ def run_probes(
             ) from exc
         result.seconds = time.perf_counter() - t_probe
         results.append(result)
-        progress.advance()
+        progress.advance(share - ticked)
     progress.finish()
     verdict, evidence = judge(results, len(y))
     artifacts = {r.name: getattr(r, "artifacts", None) for r in results if getattr(r, "artifacts", None)}
@@ -290,11 +305,30 @@ def proxy_trigger(suite: ProbeSuite, target: int, seed: int) -> tuple[str, Calla
     return name, lambda x: probe.transform(x, torch.Generator().manual_seed(seed))
 
 
+PATCH_REGION_MAX = 0.25  # a proxy trigger changing more of the image than this is not a patch
+
+
+def patch_region(apply: Callable[[Tensor], Tensor], image_shape: tuple[int, ...]) -> Tensor | None:
+    """Where a fixed patch probe's trigger sits, grown by its own size on every side (a real
+    trigger near it, not on it, still falls inside): [1, 1, H, W], 1 inside. None when the trigger
+    changes more than PATCH_REGION_MAX of the image (a blend, a frame, a signal: not a patch)."""
+    c, h, w = image_shape
+    x = torch.rand((4, c, h, w), generator=torch.Generator().manual_seed(0))
+    changed = (apply(x) != x).any(dim=1).any(dim=0).float()[None, None]
+    area = float(changed.sum())
+    if area == 0 or area > PATCH_REGION_MAX * h * w:
+        return None
+    grow = max(1, math.ceil(math.sqrt(area)))
+    region = torch.nn.functional.max_pool2d(changed, 2 * grow + 1, stride=1, padding=grow)
+    return region if float(region.sum()) <= PATCH_REGION_MAX * h * w else changed
+
+
 __all__ = [
     "PROBES",
     "ProbeResult",
     "ProbeSuite",
     "judge",
+    "patch_region",
     "proxy_trigger",
     "reconcile_after_repair",
     "register_probe",

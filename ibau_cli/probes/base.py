@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,6 +27,7 @@ class ProbeContext:
     radius: float  # L2 bound for synthesised universal perturbations (pixel space)
     batch_size: int = 256
     class_batch: int | None = None  # classes whose triggers are fitted in one batch; None: resolved_class_batch
+    tick: Callable[[int], None] = field(default=lambda n: None)  # a synthesised probe's optimisation steps, as done
 
 
 def resolved_class_batch(
@@ -61,6 +63,10 @@ class ProbeResult:
 
 
 class Probe(Protocol):
+    """``run`` measures the model. A probe that optimises may also define ``units(ctx) -> int``, its
+    steps, and call ``ctx.tick(n)`` as it does them: the progress bar and its time estimate then
+    count steps, not probes (one unit otherwise)."""
+
     name: str
     family: str
 

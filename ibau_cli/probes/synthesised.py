@@ -125,9 +125,15 @@ def _draw(fit: Tensor, steps: int, gen: torch.Generator) -> list[Tensor]:
     return [fit[torch.randint(len(fit), (min(BATCH, len(fit)),), generator=gen)] for _ in range(steps)]
 
 
+def class_wise_units(ctx: ProbeContext) -> int:
+    """A class-wise synthesised probe's progress units: one optimisation step for one class."""
+    return steps_per_class(ctx.budget_steps, ctx.num_classes) * ctx.num_classes
+
+
 class MaskPatternProbe:
     name = "synth-mask-pattern"
     family = "synthesised"
+    units = staticmethod(class_wise_units)
 
     def __init__(self, l1_weight: float = 0.05) -> None:
         self.l1_weight = l1_weight
@@ -162,6 +168,7 @@ class MaskPatternProbe:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                ctx.tick(len(chunk))
             with torch.no_grad():
                 m, p = torch.sigmoid(m_logit).cpu(), torch.sigmoid(p_logit).cpu()
             return [(m[k : k + 1], p[k : k + 1]) for k in range(len(chunk))]
@@ -222,6 +229,7 @@ UAP_SCALES = (1.0, 0.5, 0.25)  # each fitted perturbation is also measured at th
 class UniversalPerturbationProbe:
     name = "synth-universal-perturbation"
     family = "synthesised"
+    units = staticmethod(class_wise_units)
 
     def run(self, model: nn.Module, ctx: ProbeContext) -> ProbeResult:
         fit_idx, test_idx = _halves(ctx)
@@ -251,6 +259,7 @@ class UniversalPerturbationProbe:
                     delta = delta.detach() - alpha * g / (g_norm + 1e-12)
                     n = delta.flatten(1).norm(dim=1).view_as(g_norm)
                     delta = torch.where(n > ctx.radius, delta * (ctx.radius / n), delta)
+                ctx.tick(len(chunk))
             delta = delta.cpu()
             return [delta[k : k + 1] for k in range(len(chunk))]
 
@@ -312,6 +321,9 @@ class WarpPerturbationProbe:
     rms_pixels = 0.5  # bound on the control points' RMS displacement, pixels of a 32-pixel image
     steps = 20
 
+    def units(self, ctx: ProbeContext) -> int:
+        return self.steps
+
     def run(self, model: nn.Module, ctx: ProbeContext) -> ProbeResult:
         fit_idx, test_idx = _halves(ctx)
         warp = Warp.with_rms_pixels(self.rms_pixels, tuple(ctx.x.shape[1:]))
@@ -329,6 +341,7 @@ class WarpPerturbationProbe:
                 n = p.norm()
                 if n > warp.radius:
                     p = p * (warp.radius / n)
+            ctx.tick(1)
         with torch.no_grad():
             x_test = torch.cat(
                 [

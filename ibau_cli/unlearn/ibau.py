@@ -32,7 +32,7 @@ from ..frozen import frozen_parameters
 from ..progress import NoProgress, Progress
 from .augment import clean_views
 from .hypergrad import fixed_point_hypergradient
-from .perturbations import Additive, Perturbation, Warp
+from .perturbations import Additive, Masked, Perturbation, Warp
 
 
 @dataclass
@@ -192,6 +192,7 @@ def unlearn(
     on_round: Callable[[int, nn.Module], dict] | None = None,
     target_hint: int | None = None,
     stop: Callable[[int, nn.Module], bool] | None = None,
+    patch_region: Tensor | None = None,
 ) -> tuple[nn.Module, UnlearnLog]:
     """Run I-BAU on ``model`` in place and return it with a per-round log.
 
@@ -205,6 +206,9 @@ def unlearn(
     trigger that worked before no longer does).
     ``config.perturbations``: "additive+warp" adds a universal warp to the inner problem; "auto" is
     "additive" here (the pipeline resolves it from the probes before calling).
+    ``patch_region``: [1, 1, H, W] (1 where a patch trigger may sit, 0 elsewhere); with a target
+    hint, each round also finds the easiest perturbation toward the hinted class inside that region
+    (``Masked``), and ``config.patch_fraction`` of the images of its outer steps get it.
     """
     problems = config.check()
     if problems:
@@ -238,6 +242,12 @@ def unlearn(
     if config.perturbations == "additive+warp":
         families.append(Warp.with_rms_pixels(config.warp_pixels, tuple(x_all.shape[1:])))
     guided = target_hint is not None and bool((y_all != target_hint).any())
+    # (family, the targets of its inner problems); a patch region is searched toward the hint only
+    problems: list[tuple[Perturbation, list[int | None]]] = [
+        (f, [None, target_hint] if guided else [None]) for f in families
+    ]
+    if guided and patch_region is not None:
+        problems.append((Masked.covering(patch_region.float(), x_all.shape[1]), [target_hint]))
     steps_per_round = max(math.ceil(n / bs), config.min_steps_per_round)
     batch_stream = _batches(n, bs, gen)
     # small-set schedule: on a set each round revisits many times, shorter steps over more rounds
@@ -273,14 +283,17 @@ def unlearn(
         t_round = time.perf_counter()
         # (1) inner maximisation: universal delta by L2 projected gradient ascent, from zero; with a
         # target hint, also the easiest universal delta toward that class.
-        targets = [None, target_hint] if guided else [None]
-        progress.start(f"round {r}/{n_rounds}: inner", config.inner_steps * len(targets) * len(families))
+        inner_total_steps = sum(
+            (config.patch_inner_steps if f.name == "patch" else config.inner_steps) * len(t) for f, t in problems
+        )
+        progress.start(f"round {r}/{n_rounds}: inner", inner_total_steps)
         deltas, inner_losses = [], []  # (family, perturbation, target): the outer steps cycle through them
         with frozen_parameters(model):  # the inner problem differentiates with respect to delta only
-            for family in families:
+            for family, targets in problems:
+                steps = config.patch_inner_steps if family.name == "patch" else config.inner_steps
                 for target in targets:
                     d_k, loss_k = _inner_max(
-                        model, family, x_all, y_all, batch_stream, config.inner_steps, dev, dtype, progress, target
+                        model, family, x_all, y_all, batch_stream, steps, dev, dtype, progress, target
                     )
                     deltas.append((family, d_k, target))
                     inner_losses.append(loss_k)
@@ -296,7 +309,10 @@ def unlearn(
             idx = next(batch_stream)
             xb, yb = x_all[idx].to(dev), y_all[idx].to(dev)
             family_k, delta_k, target_k = deltas[step % len(deltas)]  # the round's perturbations take turns
-            m = _share(config.warp_fraction if family_k.name == "warp" else config.perturb_fraction, len(idx))
+            fraction = {"warp": config.warp_fraction, "patch": config.patch_fraction}.get(
+                family_k.name, config.perturb_fraction
+            )
+            m = _share(fraction, len(idx))
             d = delta_k.clone().requires_grad_(config.hypergrad)
             logits_adv = model(family_k.apply(xb[:m], d))
             loss_out = _outer_loss(
@@ -373,7 +389,10 @@ def unlearn(
         seconds=time.perf_counter() - t_start,
         inner_seconds=inner_total,
         outer_seconds=outer_total,
-        perturbations=[{"family": f.name, "radius": f.radius} for f in families],
+        perturbations=[
+            {"family": f.name, "radius": f.radius, **({"pixels": int(f.region.sum())} if isinstance(f, Masked) else {})}
+            for f, _ in problems
+        ],
         teacher_views=views,
         small_set=small_set,
         rounds_planned=n_rounds,

@@ -46,6 +46,30 @@ class Additive:
         return (x + p).clamp(0, 1)
 
 
+@dataclass(frozen=True, eq=False)
+class Masked:
+    """x -> clip(x + region * delta): an additive perturbation confined to a region of the image
+    (``region``: [1, 1, H, W], 1 inside), the inner problem of a patch trigger. Outside the region
+    nothing moves, so the ball can be large enough for every pixel inside to take any value: a
+    dense perturbation of I-BAU's radius fools a model without the trigger's help, a patch this
+    size cannot, except through the trigger."""
+
+    radius: float
+    region: Tensor
+    name: str = "patch"
+
+    @classmethod
+    def covering(cls, region: Tensor, channels: int) -> Masked:
+        """The ball in which each pixel inside ``region`` can move by 1 (its whole range)."""
+        return cls(radius=math.sqrt(channels * float(region.sum())), region=region)
+
+    def zeros(self, image_shape: tuple[int, ...], device: torch.device) -> Tensor:
+        return torch.zeros((1, *image_shape), device=device)
+
+    def apply(self, x: Tensor, p: Tensor) -> Tensor:
+        return (x + self.region.to(x.device, x.dtype) * p).clamp(0, 1)
+
+
 @dataclass(frozen=True)
 class Warp:
     """x -> x sampled at (identity + flow); flow = bicubic upsampling of a (1, 2, k, k) grid of
