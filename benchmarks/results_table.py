@@ -430,8 +430,9 @@ def main() -> int:
             "",
             "A guided round (the backdoor's class given, as when the probes suspect it) adds a targeted inner",
             "maximisation; a warp round (guided, with the warp family, as when a warp probe fires) adds two more",
-            "inner problems and perturbs half of every warp step's batch; both ratios are measured in the same",
-            "interleaving.",
+            "inner problems and perturbs half of every warp step's batch; a patch round (0.3.8: guided, with the",
+            "patch family in a corner region, as when a corner-patch probe named the class) adds one more inner",
+            "problem of 30 steps; all are measured in the same interleaving.",
             "",
             "The `cuda` rows (torch 2.11, bf16 autocast, the data on the CPU and moved a batch at a time as",
             "ibau moves it): the H100 rows say 0.3.3 but ran with 0.3.4's warp sampler in the tree: with 0.3.3's",
@@ -441,17 +442,18 @@ def main() -> int:
             "plain step (the inner gradient, its double backward for the Neumann terms), hence ratios above",
             "the CPU's.",
             "",
-            "| model | ibau | device | threads | N | epoch s | round s | round / epoch | guided round / epoch | warp round / epoch | peak MiB epoch / round |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| model | ibau | device | threads | N | epoch s | round s | round / epoch | guided round / epoch | warp round / epoch | patch round / epoch | peak MiB epoch / round |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in sorted(speed, key=lambda r: (r["device"], r["model"], r["n"], row_version(r))):
             guided = r.get("guided_round_over_epoch")
             warp = r.get("warp_round_over_epoch")
+            patch = r.get("patch_round_over_epoch")
             out.append(
                 f"| {r['model']} | {row_version(r)} | {r['device']} ({r['device_name']}) | {r['threads']} | {r['n']} | "
                 f"{r['epoch_seconds']:.2f} | {r['round_seconds']:.2f} | {r['round_over_epoch']:.2f} | "
                 f"{'-' if guided is None else f'{guided:.2f}'} | {'-' if warp is None else f'{warp:.2f}'} | "
-                f"{r['epoch_peak_mib']:.0f} / {r['round_peak_mib']:.0f} |"
+                f"{'-' if patch is None else f'{patch:.2f}'} | {r['epoch_peak_mib']:.0f} / {r['round_peak_mib']:.0f} |"
             )
     out += _class_batch_section()
     out += [

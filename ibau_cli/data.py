@@ -47,6 +47,8 @@ def _conversions(source_mode: str, source_size: tuple[int, int], pre: Preprocess
         sw, sh = source_size
         if abs(sw / sh - w / h) > 0.01 * (w / h):
             kinds.append("resized_other_aspect")
+        if sw >= 2 * w and sh >= 2 * h:
+            kinds.append("shrunk_2x_or_more")
     grey = source_mode in GREY_MODES
     if pre.channels == 3 and grey:
         kinds.append("grey_to_rgb")

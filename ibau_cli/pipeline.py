@@ -245,6 +245,14 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
     if len(y_h) < 100:
         warnings.append(f"only {len(y_h)} held-out images: every rate measured on them has a wide confidence interval")
     warnings += _conversion_warnings(clean, pre)
+    shrunk = clean.conversions.get("shrunk_2x_or_more", 0)
+    if shrunk == len(clean.labels) and shrunk and sources.origins.get("preprocess.input_size") == "defaults":
+        # every image at least twice the size ibau assumed when nothing said the model's input size
+        warnings.append(
+            f"all {shrunk} clean images are at least twice {pre.input_size[0]}x{pre.input_size[1]} on each side, "
+            "the input size ibau assumes when nothing sets it (no --input-size, preset, config or model metadata): "
+            "if the model takes larger images, set --input-size HxW, or every figure is measured on shrunk images"
+        )
     if split and len(clean.labels) and len(y_h) / len(clean.labels) > settings.split.holdout + 0.05:
         warnings.append(
             f"{len(y_h)} of {len(clean.labels)} images held out ({len(y_h) / len(clean.labels):.0%}, not "

@@ -672,3 +672,24 @@ def test_ctrl_c_after_the_run_has_finished_keeps_its_exit_code():
     res = subprocess.run([sys.executable, "-c", child, "config", "show"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, (res.returncode, res.stderr)
     assert "Traceback" not in res.stderr and "max_acc_drop" in res.stdout
+
+
+def test_images_all_shrunk_to_an_input_size_nothing_set_are_warned(backdoored, tmp_path):
+    """A QA model taking 64x64 images, shipped as TorchScript with no metadata: without --input-size
+    ibau assumed 32x32 and shrank every clean image to it, with no word (0.3.7); the accuracy gate
+    still passed on the shrunk images. Counted and warned now; with --input-size, neither."""
+    from PIL import Image
+
+    model = tmp_path / "bare.ts"
+    torch.jit.save(torch.jit.script(backdoored["module"].eval()), str(model))
+    clean = tmp_path / "clean64"
+    for f in sorted(backdoored["clean100"].glob("*/*.png"))[:40]:
+        (clean / f.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.open(f).resize((64, 64), Image.BICUBIC).save(clean / f.parent.name / f.name)
+    args = ["sanitize", model, "--clean", clean, "--rounds", "0", "--no-probes", "--json", "-q", "--force"]
+    code, stdout, err = invoke(*args, "--out", tmp_path / "a.ts")
+    report = json.loads(stdout)
+    assert report["data"]["conversions"]["shrunk_2x_or_more"] == 40, report["data"]
+    assert any(w.startswith("all 40 clean images are at least twice 32x32") for w in report["warnings"]), report
+    code, stdout, err = invoke(*args, "--out", tmp_path / "b.ts", "--input-size", "64x64")
+    assert not any("at least twice" in w for w in json.loads(stdout)["warnings"])
