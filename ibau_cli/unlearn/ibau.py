@@ -6,7 +6,8 @@ Each round: (1) inner maximisation, L2 projected gradient ascent on one universa
 zero; (2) outer minimisation, one or more passes of optimiser steps on theta whose gradient is
 the direct gradient of the outer loss plus the implicit hypergradient through delta*(theta)
 (see ``hypergrad.py``). With a ``target_hint`` (a class the probes suspect), step (1) also finds
-the easiest universal delta toward that class and step (2) alternates between the two. Every
+the easiest universal delta toward that class (and, given a ``patch_region``, the easiest one
+confined to that region) and step (2) alternates between them. Every
 departure from the authors' script is listed in docs/algorithm.md.
 
 The model is expected to take pixel inputs in [0, 1] (wrap it with ``preprocess.Normalized``) and
@@ -243,11 +244,11 @@ def unlearn(
         families.append(Warp.with_rms_pixels(config.warp_pixels, tuple(x_all.shape[1:])))
     guided = target_hint is not None and bool((y_all != target_hint).any())
     # (family, the targets of its inner problems); a patch region is searched toward the hint only
-    problems: list[tuple[Perturbation, list[int | None]]] = [
+    inner_problems: list[tuple[Perturbation, list[int | None]]] = [
         (f, [None, target_hint] if guided else [None]) for f in families
     ]
     if guided and patch_region is not None:
-        problems.append((Masked.covering(patch_region.float(), x_all.shape[1]), [target_hint]))
+        inner_problems.append((Masked.covering(patch_region.float(), x_all.shape[1]), [target_hint]))
     steps_per_round = max(math.ceil(n / bs), config.min_steps_per_round)
     batch_stream = _batches(n, bs, gen)
     # small-set schedule: on a set each round revisits many times, shorter steps over more rounds
@@ -284,12 +285,12 @@ def unlearn(
         # (1) inner maximisation: universal delta by L2 projected gradient ascent, from zero; with a
         # target hint, also the easiest universal delta toward that class.
         inner_total_steps = sum(
-            (config.patch_inner_steps if f.name == "patch" else config.inner_steps) * len(t) for f, t in problems
+            (config.patch_inner_steps if f.name == "patch" else config.inner_steps) * len(t) for f, t in inner_problems
         )
         progress.start(f"round {r}/{n_rounds}: inner", inner_total_steps)
         deltas, inner_losses = [], []  # (family, perturbation, target): the outer steps cycle through them
         with frozen_parameters(model):  # the inner problem differentiates with respect to delta only
-            for family, targets in problems:
+            for family, targets in inner_problems:
                 steps = config.patch_inner_steps if family.name == "patch" else config.inner_steps
                 for target in targets:
                     d_k, loss_k = _inner_max(
@@ -391,7 +392,7 @@ def unlearn(
         outer_seconds=outer_total,
         perturbations=[
             {"family": f.name, "radius": f.radius, **({"pixels": int(f.region.sum())} if isinstance(f, Masked) else {})}
-            for f, _ in problems
+            for f, _ in inner_problems
         ],
         teacher_views=views,
         small_set=small_set,

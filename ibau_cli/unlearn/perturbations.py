@@ -4,9 +4,11 @@ I-BAU's inner variable is one universal additive perturbation in pixel space. So
 additive: a WaNet trigger is a fixed, smooth, sub-pixel warp whose pixel change differs from image
 to image, so no single additive delta reproduces it. ``Warp`` is a second family: one universal
 displacement field on a k x k control grid, upsampled bicubically and applied by bilinear
-sampling. Both are differentiable twice (the implicit hypergradient needs that) and are bounded by
-an L2 ball in their own parameter space, so the projected solver and the hypergradient through the
-projection (``hypergrad.py``) apply to either unchanged.
+sampling. ``Masked`` is a third: an additive perturbation confined to a region (where a patch
+probe points), free to take any value there. All are differentiable twice (the implicit
+hypergradient needs that) and are bounded by an L2 ball in their own parameter space, so the
+projected solver and the hypergradient through the projection (``hypergrad.py``) apply to each
+unchanged.
 """
 
 from __future__ import annotations
