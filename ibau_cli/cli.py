@@ -641,13 +641,10 @@ def run(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         _exit_interrupted()
     except click.ClickException as exc:
-        _ignore_interrupts()
         exc.show()
         sys.exit(exc.exit_code)
-    except SystemExit:
+    finally:  # the outcome is decided, whichever way the run ended
         _ignore_interrupts()
-        raise
-    _ignore_interrupts()
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 

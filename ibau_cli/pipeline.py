@@ -396,8 +396,9 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         f = figures()
         return {"accuracy": f.accuracy.value, "asr": None if f.asr is None else f.asr.value}
 
-    stop = _early_stop(settings, unlearn_config, probes_before, guide_class, x_u, y_u, device, amp)
-    patch = _patch_region(settings, probes_before, guide_class, tuple(x_u.shape[1:]))
+    proxy = _guide_proxy(settings, probes_before, guide_class)
+    stop = _early_stop(settings, unlearn_config, proxy, guide_class, x_u, y_u, device, amp)
+    patch = _patch_region(settings, proxy, tuple(x_u.shape[1:]))
 
     with timer.phase("unlearn"):
         model, log = unlearn(
@@ -773,19 +774,25 @@ def _guide_class(settings, probes_before) -> int | None:
     return None if cls is None else int(cls)
 
 
-def _early_stop(settings, unlearn_config, probes_before, guide_class, x_u, y_u, device, amp):
-    """``unlearn.early_stop`` (``UnlearnConfig.resolved_early_stop``) on a guided repair:
-    stop once the fixed probe pattern that sent the most held-out images to the guided class no
-    longer sends the unlearning images there (docs/algorithm.md). None (the full schedule) when no
-    fixed pattern named the class."""
+def _guide_proxy(settings, probes_before, guide_class):
+    """The fixed probe pattern that sent the most held-out images to the guided class (its name and
+    the trigger, ``probes.proxy_trigger``), which both the early stop and the patch family use; None
+    on an unguided repair or when no fixed pattern named the class."""
     from .probes import proxy_trigger
 
-    if not unlearn_config.resolved_early_stop(len(y_u)) or guide_class is None or probes_before is None:
+    if guide_class is None or probes_before is None:
         return None
-    found = proxy_trigger(probes_before, guide_class, settings.seed)
-    if found is None:
+    return proxy_trigger(probes_before, guide_class, settings.seed)
+
+
+def _early_stop(settings, unlearn_config, proxy, guide_class, x_u, y_u, device, amp):
+    """``unlearn.early_stop`` (``UnlearnConfig.resolved_early_stop``) on a guided repair:
+    stop once the fixed probe pattern that sent the most held-out images to the guided class
+    (``proxy``, from ``_guide_proxy``) no longer sends the unlearning images there
+    (docs/algorithm.md). None (the full schedule) when no fixed pattern named the class."""
+    if not unlearn_config.resolved_early_stop(len(y_u)) or proxy is None:
         return None
-    name, apply = found
+    name, apply = proxy
     return ProxyTriggerStop(
         name=name,
         apply=apply,
@@ -799,18 +806,16 @@ def _early_stop(settings, unlearn_config, probes_before, guide_class, x_u, y_u, 
     )
 
 
-def _patch_region(settings, probes_before, guide_class, image_shape) -> tuple[str, torch.Tensor] | None:
+def _patch_region(settings, proxy, image_shape) -> tuple[str, torch.Tensor] | None:
     """``unlearn.patch = "auto"`` on a guided repair: when the fixed probe that sent the most held-out
-    images to the guided class is a patch, the region around it (``probes.patch_region``), with
-    that probe's name; the inner problem then also searches patterns there (docs/algorithm.md)."""
-    from .probes import patch_region, proxy_trigger
+    images to the guided class (``proxy``, from ``_guide_proxy``) is a patch, the region around it
+    (``probes.patch_region``), with that probe's name; the inner problem then also searches
+    patterns there (docs/algorithm.md)."""
+    from .probes import patch_region
 
-    if settings.unlearn.patch != "auto" or guide_class is None or probes_before is None:
+    if settings.unlearn.patch != "auto" or proxy is None:
         return None
-    found = proxy_trigger(probes_before, guide_class, settings.seed)
-    if found is None:
-        return None
-    name, apply = found
+    name, apply = proxy
     region = patch_region(apply, image_shape)
     return None if region is None else (name, region)
 

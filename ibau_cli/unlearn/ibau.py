@@ -243,12 +243,14 @@ def unlearn(
     if config.perturbations == "additive+warp":
         families.append(Warp.with_rms_pixels(config.warp_pixels, tuple(x_all.shape[1:])))
     guided = target_hint is not None and bool((y_all != target_hint).any())
-    # (family, the targets of its inner problems); a patch region is searched toward the hint only
-    inner_problems: list[tuple[Perturbation, list[int | None]]] = [
-        (f, [None, target_hint] if guided else [None]) for f in families
+    # (family, the targets of its inner problems, steps for each); a patch region is searched toward
+    # the hint only, with its own step count (a pattern to find, not a direction)
+    inner_problems: list[tuple[Perturbation, list[int | None], int]] = [
+        (f, [None, target_hint] if guided else [None], config.inner_steps) for f in families
     ]
     if guided and patch_region is not None:
-        inner_problems.append((Masked.covering(patch_region.float(), x_all.shape[1]), [target_hint]))
+        region = patch_region.float().to(dev)  # moved once, not at every step that applies it
+        inner_problems.append((Masked.covering(region, x_all.shape[1]), [target_hint], config.patch_inner_steps))
     steps_per_round = max(math.ceil(n / bs), config.min_steps_per_round)
     batch_stream = _batches(n, bs, gen)
     # small-set schedule: on a set each round revisits many times, shorter steps over more rounds
@@ -284,14 +286,10 @@ def unlearn(
         t_round = time.perf_counter()
         # (1) inner maximisation: universal delta by L2 projected gradient ascent, from zero; with a
         # target hint, also the easiest universal delta toward that class.
-        inner_total_steps = sum(
-            (config.patch_inner_steps if f.name == "patch" else config.inner_steps) * len(t) for f, t in inner_problems
-        )
-        progress.start(f"round {r}/{n_rounds}: inner", inner_total_steps)
+        progress.start(f"round {r}/{n_rounds}: inner", sum(steps * len(t) for _, t, steps in inner_problems))
         deltas, inner_losses = [], []  # (family, perturbation, target): the outer steps cycle through them
         with frozen_parameters(model):  # the inner problem differentiates with respect to delta only
-            for family, targets in inner_problems:
-                steps = config.patch_inner_steps if family.name == "patch" else config.inner_steps
+            for family, targets, steps in inner_problems:
                 for target in targets:
                     d_k, loss_k = _inner_max(
                         model, family, x_all, y_all, batch_stream, steps, dev, dtype, progress, target
@@ -392,7 +390,7 @@ def unlearn(
         outer_seconds=outer_total,
         perturbations=[
             {"family": f.name, "radius": f.radius, **({"pixels": int(f.region.sum())} if isinstance(f, Masked) else {})}
-            for f, _ in inner_problems
+            for f, _, _ in inner_problems
         ],
         teacher_views=views,
         small_set=small_set,
