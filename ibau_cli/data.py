@@ -72,14 +72,26 @@ def _listed(items: list, limit: int = 5) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def _entries(folder: Path) -> list[Path]:
+    """A folder's entries, sorted; a folder that cannot be listed is an input error, not a crash."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise InputError(
+            f"cannot list folder {folder} ({type(exc).__name__}: {exc.strerror or exc})",
+            hint="make it readable by this user (e.g. chmod a+rx), or remove it",
+        ) from None
+
+
 def _class_folders(root: Path) -> list[Path]:
     if not root.exists():
         raise InputError(f"clean data folder not found: {root}", hint="pass --clean DIR with one sub-folder per class")
     if not root.is_dir():
         raise InputError(f"--clean {root} is not a folder", hint="pass a folder laid out as DIR/<class>/<image>")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    other = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in loose)
+    entries = _entries(root)
+    folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    loose = [p.name for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    other = [p.name for p in entries if p.is_file() and not p.name.startswith(".") and p.name not in loose]
     if other:  # as a non-image inside a class folder is: nothing in --clean is skipped unsaid
         raise InputError(
             f"{len(other)} file(s) at the top of {root} are not class folders ({_listed(other, 3)})",
@@ -174,7 +186,7 @@ def load_clean_folder(root: Path, pre: Preprocess, num_classes: int, *, classes_
     examples: dict[str, str] = {}
     ignored = []
     for folder in folders:
-        for path in sorted(folder.iterdir()):
+        for path in _entries(folder):
             if path.name.startswith("."):
                 continue
             if path.is_dir():

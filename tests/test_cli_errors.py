@@ -98,6 +98,28 @@ def test_unreadable_image(backdoored, tmp_path):
     assert not out.exists()
 
 
+def test_a_class_folder_that_cannot_be_listed_is_named(backdoored, tmp_path, monkeypatch):
+    """A QA run (chmod 000 on a class folder, as a user without the rights) exited 3 with
+    "unexpected PermissionError". Root reads any folder here, so the refusal is raised for it."""
+    from pathlib import Path
+
+    clean = tmp_path / "clean"
+    shutil.copytree(backdoored["clean100"], clean)
+    locked = clean / "3"
+    listing = Path.iterdir
+
+    def iterdir(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    out = tmp_path / "o.safetensors"
+    code, _, err = invoke("sanitize", backdoored["model"], "--clean", clean, "--out", out)
+    assert_one_line_error(code, err, 2, "cannot list folder", str(locked), "Permission denied", "chmod")
+    assert not out.exists()
+
+
 def test_non_image_file_is_not_silently_skipped(backdoored, tmp_path):
     clean = tmp_path / "clean"
     shutil.copytree(backdoored["clean100"], clean)
