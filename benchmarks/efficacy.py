@@ -246,6 +246,7 @@ def main() -> int:
                         "round_over_epoch": report["unlearning"]["seconds"] / rounds / epoch_s,
                         "rounds_run": rounds,
                         "early_stop": report["unlearning"].get("early_stop"),
+                        "extension": report["unlearning"].get("extension"),
                         "plain_epoch_seconds": epoch_s,
                         "wall_seconds": wall,
                         "threads": torch.get_num_threads(),

@@ -119,6 +119,28 @@ SAME_PATH["0.3.8"] = {
 }
 
 
+# 0.3.9 runs a guided repair's schedule once more when the fixed probe that named the class still
+# sends more than a tenth of the unlearning images there after it (unlearn.extend). An earlier run
+# took 0.3.9's path when no such check could have happened: a baseline, an unguided repair, one the
+# early stop ended, or an additive-only repair on the small-set schedule with no early stop recorded
+# (no fixed probe named the class, so no proxy trigger). The others are rerun or listed as earlier.
+def _same_path_as_0_3_9(r: dict) -> bool:
+    if r.get("method") != "ibau" or r.get("guided_class") is None:
+        return True
+    stop = r.get("early_stop")
+    if stop is not None:
+        return stop.get("stopped_after_round") is not None
+    families = [p.get("family") if isinstance(p, dict) else p for p in r.get("perturbations") or []]
+    small_set = r.get("n_unlearn", 10**9) <= 160  # 64 images x 10 steps / 4 passes, the defaults
+    return small_set and "warp" not in families
+
+
+SAME_PATH["0.3.9"] = {
+    v: (lambda r, same=same: _same_path_as_0_3_9(r) and same(r))
+    for v, same in {"0.3.8": lambda r: True, **SAME_PATH["0.3.8"]}.items()
+}
+
+
 def round_over_epoch(r: dict) -> float:
     """One round's time over one plain epoch. Rows written before efficacy.py recorded ``rounds_run``
     divided by the configured rounds, which the small-set schedule doubles: those are corrected here."""
@@ -172,9 +194,17 @@ def _gpu_efficacy_rows() -> list[dict]:
 def _gpu_section(version: str) -> list[str]:
     """Efficacy rows measured on a GPU (``efficacy.py --device cuda``), kept apart from the CPU tables:
     there the repair's forward passes run under bf16 autocast."""
-    rows = current_rows(_gpu_efficacy_rows(), version)
+    every = _gpu_efficacy_rows()
+    rows = current_rows(every, version)
     if not rows:
         return []
+    earlier = []  # GPU runs of an earlier version that did not take this version's code path
+    for older in sorted({row_version(r) for r in every} - {version}):
+        same = SAME_PATH.get(version, {}).get(older, lambda r: False)
+        left = [r for r in every if row_version(r) == older and not same(r)]
+        if left:
+            earlier += ["", f"### Earlier defaults on a GPU (ibau {older}), not on {version}'s code path", ""]
+            earlier += _efficacy_table(left)
     devices = sorted({r.get("device", "cuda") for r in rows})
     torches = sorted({r["torch"] for r in rows})
     amps = sorted({str(r.get("amp")) for r in rows})
@@ -187,6 +217,7 @@ def _gpu_section(version: str) -> list[str]:
         "hypergradient in fp32). Same protocol as above (the same permutation, clean sets and evaluation half),",
         "`efficacy.py --device cuda`; the evaluation itself runs in fp32.",
         *_both_tables(rows),
+        *earlier,
     ]
 
 

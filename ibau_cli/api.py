@@ -213,7 +213,7 @@ def report_targets(
     Each must be a writable file path; with ``model`` (and ``out``, the repaired model's path) none
     may be the input model, the repaired model or another report; with ``request``, none may be one
     of its other input files either, and its artifacts folder none of the outputs."""
-    from .destinations import check_distinct, check_writable_folder
+    from .destinations import check_distinct, check_regular_destination, check_writable_folder
     from .reporters import format_for_path
 
     targets = []
@@ -224,6 +224,7 @@ def report_targets(
             raise UsageError(f"--report {path}: folder {path.parent} does not exist", hint="create it first")
         if path.is_dir():
             raise UsageError(f"--report {path} is a folder; give a file name")
+        check_regular_destination(path, "--report")
         check_writable_folder(path.parent, f"--report {path}")
         targets.append((path, fmt))
     if model is not None:

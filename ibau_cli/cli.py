@@ -433,6 +433,10 @@ def config() -> None:
 @click.option("--preset", help="Preset: cifar10, gtsrb, mnist, imagenet.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 @click.option("--set", "assignments", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a key.")
+@click.option("--input-size", help="Model input size, HxW (as for sanitize).")
+@click.option("--mean", help="Normalisation mean, comma-separated per channel (as for sanitize).")
+@click.option("--std", help="Normalisation std, comma-separated per channel (as for sanitize).")
+@click.option("--seed", type=int, help="Seed (as for sanitize).")
 @click.option("--json", "json_stdout", is_flag=True, help="Print JSON (config, layers, origins) instead of TOML.")
 @click.option("--debug", is_flag=True)
 def config_show(
@@ -441,6 +445,10 @@ def config_show(
     preset: str | None,
     config_file: Path | None,
     assignments: tuple[str, ...],
+    input_size: str | None,
+    mean: str | None,
+    std: str | None,
+    seed: int | None,
     json_stdout: bool,
     debug: bool,
 ) -> None:
@@ -450,16 +458,23 @@ def config_show(
     file (--config, else $IBAU_CONFIG) < environment (IBAU_SECTION__KEY) < command line. With MODEL,
     the model's own metadata and input shape take part, as in a run.
     """
-    _run(debug, lambda: _config_show(model, arch, preset, config_file, assignments, json_stdout))
+    shortcuts = {"input_size": input_size, "mean": mean, "std": std, "seed": seed}
+    _run(debug, lambda: _config_show(model, arch, preset, config_file, assignments, shortcuts, json_stdout))
 
 
-def _config_show(model, arch, preset, config_file, assignments, json_stdout) -> None:
-    from .api import overrides_layer
+def _config_show(model, arch, preset, config_file, assignments, shortcuts, json_stdout) -> None:
+    from .api import overrides_layer, parse_floats, parse_size
     from .config_show import render_json, render_toml
     from .pipeline import SanitizeRequest, settings_for
     from .settings_resolve import resolve_settings
 
-    overrides = overrides_layer(assignments)
+    overrides = overrides_layer(
+        assignments,
+        input_size=parse_size(shortcuts["input_size"]),
+        mean=parse_floats(shortcuts["mean"], "--mean"),
+        std=parse_floats(shortcuts["std"], "--std"),
+        seed=shortcuts["seed"],
+    )
     if arch is not None and ":" not in arch:
         from .archs import ARCHS
 
@@ -563,10 +578,12 @@ def _demo(workdir: Path | None, device: str, json_stdout: bool, report_paths: tu
     import os
 
     from .demo import build_demo
+    from .destinations import check_artifacts_folder
     from .pipeline import SanitizeRequest, TriggerSpec
     from .pipeline import sanitize as run_sanitize
 
     root = workdir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ibau" / "demo"
+    check_artifacts_folder(root, "--dir" if workdir is not None else "the demo folder")
     targets = _report_targets(
         {"report_paths": report_paths, "json_stdout": json_stdout},
         root / "model.safetensors",
@@ -614,8 +631,15 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def _exit_interrupted() -> None:
+    from .destinations import remove_created_files
+
     _ignore_interrupts()  # a second Ctrl-C while exiting would end the process with no message
+    removed = remove_created_files()  # a cancelled run leaves none of its outputs, complete or not
     Console(stderr=True).print("terminated" if _terminated else "interrupted")
+    if removed:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"removed the {len(removed)} file(s) this run had written: {', '.join(map(str, removed))}", markup=False
+        )
     sys.exit(EXIT_TERMINATED if _terminated else EXIT_INTERRUPTED)
 
 
@@ -635,13 +659,20 @@ def run(argv: list[str] | None = None) -> None:
     comes during start-up; Python's default for SIGTERM skips every clean-up)."""
     import signal
 
+    from .destinations import track_created_files
+
     signal.signal(signal.SIGTERM, _on_sigterm)
+    track_created_files()
     try:
         rv = main.main(args=argv, prog_name="ibau", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
         _exit_interrupted()
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # click's own usage errors, on one line as ibau's are
+        ctx = getattr(exc, "ctx", None)
+        where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"error: {exc.format_message().rstrip('.')}{where}", markup=False
+        )
         sys.exit(exc.exit_code)
     finally:  # the outcome is decided, whichever way the run ended
         _ignore_interrupts()

@@ -49,6 +49,10 @@ class UnlearnConfig:
     small_set: str = "auto"  # "auto": shorter steps and twice the rounds on tiny additive-only sets; "on"; "off"
     early_stop: str = "auto"  # "probes": stop once the fixed probe that named the guided class stops working; "auto": so on the small-set schedule only; "off"
     early_stop_flip: float = 0.02  # ... working: it sends more than this share of the unlearning images to the class
+    extend: str = (
+        "auto"  # "auto": a guided repair whose proxy trigger still works after the schedule runs it once more; "off"
+    )
+    extend_flip: float = 0.1  # ... still works: it sends more than this share of the unlearning images to the class
     neumann_terms: int = 5
     fixed_point_lr: float = 0.1
     optimizer: str = "sgd"
@@ -118,6 +122,10 @@ class UnlearnConfig:
             p.append(f"unlearn.early_stop must be 'auto', 'probes' or 'off', not {self.early_stop!r}")
         if not 0 <= self.early_stop_flip < 1:
             p.append("unlearn.early_stop_flip must be in [0, 1)")
+        if self.extend not in ("auto", "off"):
+            p.append(f"unlearn.extend must be 'auto' or 'off', not {self.extend!r}")
+        if not 0 <= self.extend_flip < 1:
+            p.append("unlearn.extend_flip must be in [0, 1)")
         if self.teacher_views not in TEACHER_VIEWS:
             p.append(f"unlearn.teacher_views must be one of {', '.join(TEACHER_VIEWS)}, not {self.teacher_views!r}")
         if self.perturbations not in PERTURBATIONS:
@@ -351,6 +359,11 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; a binary or Latin-1 file fails before parsing
+        raise ConfigError(
+            f"{path}: not a TOML file (not UTF-8 text: byte {exc.start} is 0x{exc.object[exc.start]:02x})",
+            hint="save the config as UTF-8 text",
+        ) from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from exc
 

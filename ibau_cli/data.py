@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,12 +84,28 @@ def _entries(folder: Path) -> list[Path]:
         ) from None
 
 
+def _check_utf8_name(path: Path) -> None:
+    """A file name that is not UTF-8 (bytes Python keeps as surrogates) cannot go into the report:
+    0.3.8 read the image, repaired the model and then failed writing the reports (exit 3)."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path.name)
+        raise InputError(
+            f"file name {shown!r} in {path.parent} is not valid UTF-8",
+            hint="rename the file (and its class folder, if that is not UTF-8 either)",
+        ) from None
+
+
 def _class_folders(root: Path) -> list[Path]:
     if not root.exists():
         raise InputError(f"clean data folder not found: {root}", hint="pass --clean DIR with one sub-folder per class")
     if not root.is_dir():
         raise InputError(f"--clean {root} is not a folder", hint="pass a folder laid out as DIR/<class>/<image>")
     entries = _entries(root)
+    for entry in entries:
+        if not entry.name.startswith("."):
+            _check_utf8_name(entry)
     folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     loose = [p.name for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     other = [p.name for p in entries if p.is_file() and not p.name.startswith(".") and p.name not in loose]
@@ -146,8 +163,16 @@ def map_classes(folders: list[Path], num_classes: int, classes_file: Path | None
         mapping = ClassMapping("classes-file", {n: index[n] for n in names})
     elif all(_is_index(n) for n in names):
         mapping = ClassMapping("integer-folders", {n: int(n) for n in names})
-        if len(set(mapping.folder_to_index.values())) != len(names):
-            raise InputError("two class folders name the same integer index (e.g. '7' and '007')")
+        by_index: dict[int, list[str]] = {}
+        for name, idx in mapping.folder_to_index.items():
+            by_index.setdefault(idx, []).append(name)
+        clashes = [sorted(group) for group in by_index.values() if len(group) > 1]
+        if clashes:
+            shown = ", ".join(" and ".join(repr(n) for n in group) for group in clashes[:3])
+            raise InputError(
+                f"class folders {shown} in {folders[0].parent} name the same class index",
+                hint="keep one folder per class index (merge or rename the others)",
+            )
     elif any(_is_index(n) for n in names):
         others = [n for n in names if not _is_index(n)]
         raise InputError(
@@ -189,6 +214,7 @@ def load_clean_folder(root: Path, pre: Preprocess, num_classes: int, *, classes_
         for path in _entries(folder):
             if path.name.startswith("."):
                 continue
+            _check_utf8_name(path)
             if path.is_dir():
                 raise InputError(
                     f"class folder {folder} holds a sub-folder, {path.name}: ibau reads the images directly in each "

@@ -4,11 +4,109 @@ every destination writable, none of them the input model, no two of them the sam
 from __future__ import annotations
 
 import os
+import signal
+import stat
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import UsageError
+
+_SPECIAL = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_regular_destination(path: Path, what: str) -> None:
+    """An output path that exists must be a regular file: ibau writes by renaming a finished file
+    over it, which would replace a device such as /dev/null (as root, the system's) or a pipe."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # not there (or not reachable): the folder checks say what is wrong
+    for test, kind in _SPECIAL:
+        if test(mode):
+            raise UsageError(
+                f"{what} {path} is {kind}, not a regular file: ibau writes by replacing the file, which would "
+                "replace it",
+                hint="give the path of a regular file (to discard an output, write it to a temporary folder)",
+            )
+
+
+def make_temp_file(folder: Path, made: list[Path], *, prefix: str, suffix: str = "") -> Path:
+    """``tempfile.mkstemp`` in ``folder``, its path appended to ``made`` before Ctrl-C or SIGTERM can
+    interrupt (both are held meanwhile): a signal landing between a file's creation and the caller's
+    clean-up left hidden ``.tmp`` files behind (a QA run signalled as each one appeared). Call it
+    inside the ``try`` whose handler removes what ``made`` holds; a held signal arrives after."""
+    held = hold_signals()
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+        os.close(fd)
+        made.append(Path(name))
+        return made[-1]
+    finally:
+        release_signals(held)
+
+
+_created: list[Path] | None = None  # files this run created; None: not tracked (the library API)
+
+
+def track_created_files() -> None:
+    """From now on, remember every output file ``write_atomically`` creates (not ones it replaces):
+    the command line removes them when Ctrl-C or SIGTERM ends the run before its outcome is decided,
+    so a cancelled run leaves no model (unverified, say) without its reports."""
+    global _created
+    _created = []
+
+
+def note_created(path: Path) -> None:
+    if _created is not None:
+        _created.append(path)
+
+
+def remove_created_files() -> list[Path]:
+    """Remove the files this run created (tracking on), returning those removed."""
+    removed = []
+    for path in _created or []:
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    if _created is not None:
+        _created.clear()
+    return removed
+
+
+def hold_signals() -> dict | None:
+    """Defer Ctrl-C and SIGTERM (until ``release_signals``), where a step and its record must not part.
+    Python runs signal handlers in the main thread between bytecodes, whichever thread the signal hit
+    (torch's threads do not block it), so blocking the signal (pthread_sigmask) is not enough: the
+    handlers are swapped for one that notes the signal, and ``release_signals`` raises it again.
+    Outside the main thread (a library caller's worker) nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if any(signal.getsignal(sig) is None for sig in (signal.SIGINT, signal.SIGTERM)):
+        return None  # a handler installed from C: it could not be put back
+    pending: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+    return {"previous": previous, "pending": pending}
+
+
+def release_signals(held: dict | None) -> None:
+    """Put the handlers back, then raise again the first signal that came meanwhile."""
+    if held is None:
+        return
+    for sig, handler in held["previous"].items():
+        signal.signal(sig, handler)
+    if held["pending"]:
+        signal.raise_signal(held["pending"][0])
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -24,26 +122,30 @@ def same_file(a: Path, b: Path) -> bool:
 def check_writable_folder(folder: Path, what: str) -> None:
     """Create and remove a scratch file in ``folder``: the only test that holds for every user and
     file system (root passes permission checks, /proc and read-only mounts do not take new files)."""
+    made: list[Path] = []
     try:
-        fd, scratch = tempfile.mkstemp(dir=folder, prefix=".ibau-write-check-")
+        os.unlink(make_temp_file(folder, made, prefix=".ibau-write-check-"))
     except OSError as e:
         raise UsageError(
             f"{what}: cannot write in folder {folder} ({e.strerror or e})", hint="choose a writable location"
         ) from None
-    os.close(fd)
-    os.unlink(scratch)
+    except BaseException:
+        for path in made:
+            path.unlink(missing_ok=True)
+        raise
 
 
-def check_artifacts_folder(path: Path) -> None:
-    """``--artifacts``: a folder (created if missing) whose nearest existing ancestor takes files."""
+def check_artifacts_folder(path: Path, flag: str = "--artifacts") -> None:
+    """``--artifacts`` (or ``demo --dir``): a folder (created if missing) whose nearest existing
+    ancestor takes files."""
     if path.exists() and not path.is_dir():
-        raise UsageError(f"--artifacts {path} is a file; give a folder (created if missing)")
+        raise UsageError(f"{flag} {path} is a file; give a folder (created if missing)")
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
-        raise UsageError(f"--artifacts {path}: {existing} is a file, so the folder cannot be created")
-    check_writable_folder(existing, f"--artifacts {path}")
+        raise UsageError(f"{flag} {path}: {existing} is a file, so the folder cannot be created")
+    check_writable_folder(existing, f"{flag} {path}")
 
 
 def check_distinct(

@@ -17,7 +17,7 @@ import torch
 from .artifacts import render_images, write_artifacts
 from .config import EARLY_STOP_PATIENCE, Settings
 from .data import load_clean_folder, stratified_split
-from .destinations import check_artifacts_folder, check_writable_folder, same_file
+from .destinations import check_artifacts_folder, check_regular_destination, check_writable_folder, same_file
 from .device import amp_dtype, full_precision, resolve_device
 from .errors import ModelMismatchError, RuntimeFailure, UsageError, first_line
 from .evaluate import accuracy, attack_success, logits
@@ -100,6 +100,7 @@ def _check_output_path(model: Path, out: Path) -> None:
         )
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file path")
+    check_regular_destination(out, "--out")
     if not out.parent.exists():
         raise UsageError(f"--out {out}: output folder does not exist: {out.parent}", hint="create it first")
     check_writable_folder(out.parent, f"--out {out}")
@@ -185,7 +186,8 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         out_fmt = format_for_output(out_path, loaded.fmt)
         if not out_fmt.can_save_from(loaded.fmt):
             raise UsageError(
-                f"--out {out_path}: cannot write {out_fmt.name} from a {loaded.fmt} model",
+                f"--out {out_path}: cannot write {out_fmt.name} from {'an' if loaded.fmt[0] in 'aeio' else 'a'} "
+                f"{loaded.fmt} model",
                 hint=f"write {loaded.fmt} (the input's format); conversions: safetensors <-> checkpoint, either "
                 "-> TorchScript or .pt2; ONNX only from ONNX",
             )
@@ -320,7 +322,12 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         warnings.append(f"the model outputs {what}, not logits: the probes optimise on their logarithm")
     with timer.phase("evaluate_before"):
         before = _figures(model, x_h, y_h, trigger, eval_kw)
-    if trigger is not None and before.asr is not None and before.asr.value is not None and before.asr.value < 0.5:
+    if (
+        trigger is not None
+        and before.asr is not None
+        and before.asr.value is not None
+        and before.asr.value < TRIGGER_WORKS
+    ):
         warnings.append(
             f"the given trigger sends only {before.asr.value:.1%} of the held-out images (n={before.asr.n}) to class "
             f"{trigger.target} before the repair: if the model has a backdoor this is not its trigger (check "
@@ -397,7 +404,8 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         return {"accuracy": f.accuracy.value, "asr": None if f.asr is None else f.asr.value}
 
     proxy = _guide_proxy(settings, probes_before, guide_class)
-    stop = _early_stop(settings, unlearn_config, proxy, guide_class, x_u, y_u, device, amp)
+    monitor = _proxy_monitor(settings, proxy, guide_class, x_u, y_u, device, amp)
+    stop = monitor if monitor is not None and unlearn_config.resolved_early_stop(len(y_u)) else None
     patch = _patch_region(settings, proxy, tuple(x_u.shape[1:]))
 
     with timer.phase("unlearn"):
@@ -413,6 +421,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             target_hint=guide_class,
             stop=stop,
             patch_region=None if patch is None else patch[1],
+            extend=monitor,
         )
     _round_to_stored_dtypes(model.model, loaded.stored_dtypes)
     if not all(bool(torch.isfinite(t).all()) for t in model.parameters()):
@@ -468,8 +477,8 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         )
     elif trigger is None and any(g.name == "asr" and g.status == "not_evaluated" for g in gates):
         warnings.append(
-            "the ASR gate was not applied: the probes before the repair named a class on weak evidence only, "
-            "and nothing measures an attack success rate toward it without the trigger (see gates)"
+            "the ASR gate was not applied: without --trigger the probes gave no estimate to gate on and did not "
+            "rule a backdoor out (see gates: weak evidence before the repair, or too few held-out images)"
         )
     elif trigger is None:
         warnings.append("no --trigger given: the ASR gate uses the built-in probes (an estimate, not the true ASR)")
@@ -509,6 +518,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             "small_set": log.small_set,
             "rounds_planned": log.rounds_planned,
             "early_stop": None if stop is None else stop.to_dict(),
+            "extension": None if log.extension is None else {"proxy_trigger": monitor.name, **log.extension},
         },
         verification=verification,
         gates=gates,
@@ -620,6 +630,7 @@ def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
 PARITY_TOL = 1e-3
 MIN_TESTED_UNLEARN = 78  # the smallest unlearning set of the benchmarks (100 GTSRB images, 43 classes)
 EPS = 1e-9  # rates are ratios of counts: gates compare with a tolerance, not bit for bit
+TRIGGER_WORKS = 0.5  # a given trigger sending fewer held-out images to its class before the repair does not work
 
 
 def reference_parity(model: Normalized, reference, x: torch.Tensor, eval_kw) -> dict:
@@ -785,12 +796,12 @@ def _guide_proxy(settings, probes_before, guide_class):
     return proxy_trigger(probes_before, guide_class, settings.seed)
 
 
-def _early_stop(settings, unlearn_config, proxy, guide_class, x_u, y_u, device, amp):
-    """``unlearn.early_stop`` (``UnlearnConfig.resolved_early_stop``) on a guided repair:
-    stop once the fixed probe pattern that sent the most held-out images to the guided class
-    (``proxy``, from ``_guide_proxy``) no longer sends the unlearning images there
-    (docs/algorithm.md). None (the full schedule) when no fixed pattern named the class."""
-    if not unlearn_config.resolved_early_stop(len(y_u)) or proxy is None:
+def _proxy_monitor(settings, proxy, guide_class, x_u, y_u, device, amp):
+    """On a guided repair, the fixed probe pattern that sent the most held-out images to the guided
+    class (``proxy``, from ``_guide_proxy``), measured on the unlearning images: ``unlearn.early_stop``
+    stops the repair once it no longer sends them there, ``unlearn.extend`` runs the schedule once more
+    while it still does (docs/algorithm.md). None when no fixed pattern named the class."""
+    if proxy is None:
         return None
     name, apply = proxy
     return ProxyTriggerStop(
@@ -862,6 +873,18 @@ def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repai
             f"no --trigger; the probes before the repair named class {weak} on weak evidence only (inconclusive), "
             f"and no probe estimates an attack success rate toward it: give --trigger and --target to gate on it",
         )
+    if cls is None and probes_after.verdict == "inconclusive":
+        # neither an estimate nor a ruling-out: with 20 held-out images (100 clean ones) the probes can
+        # find nothing and still not rule a backdoor out (probes.MIN_IMAGES)
+        why = "; ".join(probes_after.evidence.get("reasons") or []) or "inconclusive"
+        return Gate(
+            "asr",
+            "not_evaluated",
+            gate_cfg.max_asr,
+            None,
+            f"no --trigger; the probes {stage} were inconclusive ({why}): they neither estimate an attack success "
+            "rate nor rule a backdoor out; give --trigger and --target, or more clean images",
+        )
     if cls is None:
         ok = probes_after.verdict != "suspected"
         return Gate(
@@ -871,21 +894,31 @@ def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repai
             None,
             f"no --trigger; probes {stage}: {probes_after.verdict.replace('_', ' ')}",
         )
+    from .probes import MIN_IMAGES
+
     name, value, counts = probes_after.probe_asr(cls)
     status = "pass" if value <= gate_cfg.max_asr + EPS and probes_after.verdict != "suspected" else "fail"
+    n = counts.n if counts is not None else probes_after.n_images
     share = (
         f"{counts.hits} of the {counts.n} held-out images of other classes, not already called {cls}, go there"
         if counts is not None
         else f"the share of the held-out images of other classes, not already called {cls}, that it sends there; "
         f"{probes_after.n_images} held out, half of them for a synthesised probe"
     )
+    short = ""
+    if n < MIN_IMAGES:  # the probes' own floor for ruling a backdoor out
+        status = "fail"
+        short = (
+            f"; {n} images are fewer than the {MIN_IMAGES} a probe estimate needs to pass: give --trigger and "
+            "--target, or more clean images"
+        )
     return Gate(
         "asr",
         status,
         gate_cfg.max_asr,
         value,
         f"no --trigger; strongest probe toward suspected class {cls} {stage} ({name}: {share}); "
-        f"probe verdict {stage}: {probes_after.verdict.replace('_', ' ')}",
+        f"probe verdict {stage}: {probes_after.verdict.replace('_', ' ')}{short}",
     )
 
 
@@ -907,20 +940,28 @@ def _gates(gate_cfg, before: Figures, after: Figures | None, probes_before=None,
     )
     if after.asr is None:
         gates.append(_probe_gate(gate_cfg, probes_before, probes_after))
-    else:
-        v = after.asr.value
-        status, short = _enough(
-            "pass" if v is not None and v <= gate_cfg.max_asr + EPS else "fail", after.asr.n, gate_cfg
-        )
-        gates.append(
-            Gate(
-                name="asr",
-                status=status,
-                limit=gate_cfg.max_asr,
-                value=v,
-                detail=f"true-trigger attack success rate after repair (n={after.asr.n}){short}",
+        return gates
+    v = after.asr.value
+    status, short = _enough("pass" if v is not None and v <= gate_cfg.max_asr + EPS else "fail", after.asr.n, gate_cfg)
+    gate = Gate(
+        "asr", status, gate_cfg.max_asr, v, f"true-trigger attack success rate after repair (n={after.asr.n}){short}"
+    )
+    v0 = None if before.asr is None else before.asr.value
+    if v0 is not None and v0 < TRIGGER_WORKS and probes_before is not None and probes_before.verdict == "suspected":
+        # the given trigger did not work on the input model, yet the probes found a backdoor: it is not
+        # that backdoor's trigger (a wrong --trigger-pos, say), and its ASR after the repair says nothing
+        probe = _probe_gate(gate_cfg, probes_before, probes_after)
+        if probe.status == "fail":
+            gate = Gate(
+                "asr",
+                "fail",
+                gate_cfg.max_asr,
+                probe.value,
+                f"the given trigger sent only {v0:.1%} of the held-out images to its class before the repair (so it "
+                f"is not the trigger of the backdoor the probes found), {v:.1%} after; "
+                + probe.detail.removeprefix("no --trigger; "),
             )
-        )
+    gates.append(gate)
     return gates
 
 

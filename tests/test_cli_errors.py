@@ -120,6 +120,93 @@ def test_a_class_folder_that_cannot_be_listed_is_named(backdoored, tmp_path, mon
     assert not out.exists()
 
 
+def test_an_output_path_that_is_a_pipe_or_device_is_refused_not_replaced(backdoored, tmp_path):
+    """A QA run as root turned /dev/full into a 108 KB model file (exit 0): ibau renames a finished
+    file over its destination. A destination that exists and is not a regular file is refused."""
+    import os
+    import stat
+
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    code, _, err = invoke("sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--out", fifo)
+    assert_one_line_error(code, err, 2, f"--out {fifo} is a named pipe (FIFO), not a regular file")
+    pipe_report = tmp_path / "r.json"
+    os.mkfifo(pipe_report)
+    out = tmp_path / "o.safetensors"
+    code, _, err = invoke("scan", backdoored["model"], "--clean", backdoored["clean100"], "--report", pipe_report)
+    assert_one_line_error(code, err, 2, f"--report {pipe_report} is a named pipe (FIFO)")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and stat.S_ISFIFO(os.stat(pipe_report).st_mode)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["sanitize", "m.safetensors", "--clean", "c", "--max-acc-drop", "5%"], "'5%' is not a valid float"),
+        (["sanitise", "m.safetensors"], "No such command 'sanitise'. Did you mean 'sanitize'?"),
+        (["sanitize", "m.safetensors"], "Missing option '--clean'"),
+    ],
+)
+def test_command_line_usage_errors_are_one_line_too(args, needle):
+    """click printed its usage errors on three lines (Usage, Try, Error); ibau's own are one line
+    with what to do, and so are click's now: the message, then where the help is."""
+    res = run_cli(*args)
+    assert_one_line_error(res.returncode, res.stderr, 2, needle, "--help`")
+
+
+def test_a_file_name_that_is_not_utf8_is_named_before_any_work(backdoored, tmp_path):
+    """0.3.8 read such an image, repaired the model, then failed writing the reports (exit 3, some
+    written, some not): the name cannot go into a JSON report. Now it is an input error up front."""
+    import os
+
+    clean = tmp_path / "clean"
+    shutil.copytree(backdoored["clean100"], clean)
+    first = sorted((clean / "2").iterdir())[0]
+    os.rename(first, os.path.join(os.fsencode(clean / "2"), b"\xff\xfegrey.png"))
+    out = tmp_path / "o.safetensors"
+    code, _, err = invoke(
+        "sanitize", backdoored["model"], "--clean", clean, "--out", out, "--report", tmp_path / "r.json"
+    )
+    assert_one_line_error(code, err, 2, "b'\\xff\\xfegrey.png'", "is not valid UTF-8", "rename")
+    assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_class_folders_naming_one_index_twice_are_named(backdoored, tmp_path):
+    clean = tmp_path / "clean"
+    shutil.copytree(backdoored["clean100"], clean)
+    shutil.copytree(clean / "3", clean / "03")
+    code, _, err = invoke("scan", backdoored["model"], "--clean", clean)
+    assert_one_line_error(code, err, 2, "class folders '03' and '3'", "name the same class index")
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    config = tmp_path / "binary.toml"
+    config.write_bytes(b"\xff\xfe[unlearn]\n")
+    code, _, err = invoke("config", "show", "--config", config)
+    assert_one_line_error(code, err, 2, str(config), "not UTF-8 text", "save the config as UTF-8")
+
+
+def test_a_damaged_torchscript_archive_is_refused(backdoored, tmp_path):
+    """torch.jit.load does not check the archive's checksums: a QA run flipped 200 bytes of one
+    weight file and the model loaded (inspect exit 0; sanitize blamed the preprocessing)."""
+    import struct
+    import zipfile
+
+    good = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(backdoored["module"].eval()), str(good))
+    with zipfile.ZipFile(good) as zf:
+        member = next(i for i in zf.infolist() if "/data/" in i.filename and i.file_size > 64)
+    data = bytearray(good.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[member.header_offset + 26 : member.header_offset + 30])
+    start = member.header_offset + 30 + name_len + extra_len
+    data[start : start + 16] = bytes(b ^ 0xFF for b in data[start : start + 16])
+    bad = tmp_path / "damaged.pt"
+    bad.write_bytes(bytes(data))
+    code, _, err = invoke("inspect", bad)
+    assert_one_line_error(code, err, 2, f"member {member.filename} does not match its checksum")
+    assert invoke("inspect", good)[0] == 0
+
+
 def test_non_image_file_is_not_silently_skipped(backdoored, tmp_path):
     clean = tmp_path / "clean"
     shutil.copytree(backdoored["clean100"], clean)
@@ -429,6 +516,31 @@ def test_ctrl_c_during_start_up_exits_130_not_the_gate_code(monkeypatch, capsys)
     assert "interrupted" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("signame", "code", "word"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_a_signal_while_the_command_line_is_imported_exits_with_its_code(signame, code, word):
+    """Importing click and rich takes a tenth of a second or more; a QA run's Ctrl-C 0.05-0.15 s after
+    the start printed a KeyboardInterrupt traceback. The console script (``ibau_cli.entry``) answers
+    signals before that import: here the import is slowed down and the signal lands inside it."""
+    import subprocess
+    import sys
+
+    child = f"""
+import importlib.abc, os, signal, sys, threading, time
+class Slow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "rich":
+            time.sleep(3)
+        return None
+sys.meta_path.insert(0, Slow())
+threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.{signame})).start()
+sys.argv = ["ibau", "--help"]
+from ibau_cli.entry import main
+main()
+"""
+    res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert res.returncode == code and res.stderr.strip() == word, (res.returncode, res.stderr)
+
+
 def test_the_entry_point_keeps_click_usage_errors_at_exit_2():
     from ibau_cli.cli import run
 
@@ -501,6 +613,22 @@ def test_user_factory_gets_the_class_count_of_the_file_and_may_import_beside_it(
         assert (tmp_path / "o.pt2").stat().st_size > 0
 
 
+def _signalled_at_rename(when: str, signame: str) -> str:
+    """A child program running the command line that sends itself ``signame`` as it is about to
+    rename a finished file into place, when the condition ``when`` (on ``src``, ``dst``) holds."""
+    return (
+        "import os, signal, sys\n"
+        "real = os.replace\n"
+        "def replace(src, dst, *a, **k):\n"
+        f"    if {when}:\n"
+        f"        os.kill(os.getpid(), signal.{signame})\n"
+        "    return real(src, dst, *a, **k)\n"
+        "os.replace = replace\n"
+        "from ibau_cli.cli import run\n"
+        "run(sys.argv[1:])\n"
+    )
+
+
 def test_sigterm_while_the_output_is_written_exits_143_and_leaves_nothing(backdoored, tmp_path):
     """CI cancellation, `docker stop` and Kubernetes send SIGTERM: 0.3.5 died at once and left a
     hidden temporary file beside the output. The signal arrives here just before the finished
@@ -509,17 +637,7 @@ def test_sigterm_while_the_output_is_written_exits_143_and_leaves_nothing(backdo
     import subprocess
     import sys
 
-    child = (
-        "import os, signal, sys\n"
-        "real = os.replace\n"
-        "def replace(src, dst, *a, **k):\n"
-        "    if '.tmp' in str(src):\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return real(src, dst, *a, **k)\n"
-        "os.replace = replace\n"
-        "from ibau_cli.cli import run\n"
-        "run(sys.argv[1:])\n"
-    )
+    child = _signalled_at_rename("'.tmp' in str(src)", "SIGTERM")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     before = hashlib.sha256(backdoored["model"].read_bytes()).hexdigest()
@@ -532,6 +650,28 @@ def test_sigterm_while_the_output_is_written_exits_143_and_leaves_nothing(backdo
     assert "terminated" in res.stderr and "Traceback" not in res.stderr
     assert list(out_dir.iterdir()) == []  # neither the output nor its temporary file
     assert hashlib.sha256(backdoored["model"].read_bytes()).hexdigest() == before
+
+
+def test_a_run_interrupted_after_writing_the_model_leaves_none_of_its_outputs(backdoored, tmp_path):
+    """A QA run's Ctrl-C while the report was written (exit 130) left the repaired model, not yet
+    verified, with no report: a pipeline that looks for the model took one from a cancelled run. An
+    interrupted run now removes the files it had created; a file it replaced is left as written."""
+    import subprocess
+    import sys
+
+    child = _signalled_at_rename("str(dst).endswith('.json')", "SIGINT")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    res = subprocess.run(
+        [sys.executable, "-c", child, "sanitize", str(backdoored["model"]), "--clean", str(backdoored["clean100"]),
+         "--no-probes", "--set", "unlearn.rounds=1", "--out", str(out_dir / "fixed.safetensors"),
+         "--report", str(out_dir / "r.sarif"), "--report", str(out_dir / "r.json"), "-q"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 130, res.stderr
+    assert "interrupted" in res.stderr and "removed the 3 file(s) this run had written" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert list(out_dir.iterdir()) == []
 
 
 def test_progress_in_a_log_is_plain_lines_only_for_long_phases():

@@ -113,6 +113,24 @@ def test_config_show_prints_loadable_toml_with_origins(tmp_path, backdoored):
     assert "from the model's class count" in data["automatic"]["gate.min_clean_acc"]  # no model: the rule
 
 
+def test_config_show_takes_the_preprocessing_shortcuts_of_sanitize():
+    """A QA user could not preview what --preset mnist --mean 0 --std 1 resolves to: config show
+    refused the flags sanitize takes."""
+    res = _cli(
+        "config", "show", "--preset", "mnist", "--mean", "0", "--std", "1", "--input-size", "28x28", "--seed", "3"
+    )
+    assert res.returncode == 0, res.stderr
+    for line in (
+        "mean = [0.0]  # command line",
+        "std = [1.0]  # command line",
+        "input_size = [28, 28]  # command line",
+    ):
+        assert line in res.stdout, res.stdout
+    assert "seed = 3  # command line" in res.stdout
+    res = _cli("config", "show", "--mean", "0,x")
+    assert res.returncode == 2 and res.stderr.startswith("error: --mean '0,x'"), res.stderr
+
+
 def test_seed_is_a_key_of_set_and_out_of_range_seeds_are_usage_errors():
     res = _cli("config", "show", "--set", "seed=5")
     assert res.returncode == 0 and "seed = 5  # command line" in res.stdout, res.stderr

@@ -507,3 +507,109 @@ def test_a_class_named_on_weak_evidence_leaves_the_probe_gate_not_evaluated_not_
     assert gate.status == "not_evaluated" and gate.value is None
     assert "named class 9 on weak evidence" in gate.detail and "--trigger" in gate.detail
     assert _probe_gate(GateConfig(), suite("no_evidence", None), suite("no_evidence", None)).status == "pass"
+
+
+def _suite(verdict: str, cls: int | None, hits: int = 0, n: int = 0, reasons: list[str] | None = None):
+    """A probe suite as the probes report it: one fixed patch sending ``hits`` of ``n`` images to ``cls``."""
+    from ibau_cli.metrics import Rate
+    from ibau_cli.probes import ProbeResult, ProbeSuite
+
+    results = []
+    if cls is not None:
+        counts = [Rate(0, n)] * 10
+        counts[cls] = Rate(hits, n)
+        rates = [c.hits / c.n if c.n else 0.0 for c in counts]
+        results.append(ProbeResult("patch-white-br-20%", "patch", cls, Rate(hits, n), {}, rates, counts))
+    evidence = {"suspected_class": cls, "reasons": reasons or []}
+    return ProbeSuite(results, verdict, evidence, 0.0, 20 if n < 40 else 100, {})
+
+
+def test_inconclusive_probes_after_the_repair_leave_the_probe_gate_not_evaluated():
+    """A QA GTSRB model at 100 clean images: 20 held out, fewer than the 40 the probes need to rule a
+    backdoor out, so they were inconclusive before and after, and 0.3.8's gate passed with no value
+    (exit 0 on a model keeping a 16 % ASR). Inconclusive probes neither estimate nor rule out."""
+    from ibau_cli.config import GateConfig
+    from ibau_cli.pipeline import _probe_gate
+
+    few = ["only 20 held-out images; at least 40 are needed to rule out a backdoor"]
+    gate = _probe_gate(
+        GateConfig(), _suite("inconclusive", None, reasons=few), _suite("inconclusive", None, reasons=few)
+    )
+    assert gate.status == "not_evaluated" and gate.value is None, gate
+    assert "inconclusive (only 20 held-out images" in gate.detail and "more clean images" in gate.detail
+    gate = _probe_gate(GateConfig(), _suite("no_evidence", None), _suite("suspected", None, reasons=["all-to-all"]))
+    assert gate.status == "fail"
+
+
+def test_a_probe_estimate_on_fewer_than_40_images_cannot_pass():
+    """A QA MLP (MNIST) at 100 clean images: the strongest probe toward the suspected class sent 3 of
+    17 held-out images there after the repair, 17.6 % under the 20 % limit, and the gate passed a
+    model keeping a 34 % true ASR. The probes' own floor for ruling a backdoor out (40) applies."""
+    from ibau_cli.config import GateConfig
+    from ibau_cli.pipeline import _probe_gate
+
+    gate = _probe_gate(GateConfig(), _suite("suspected", 0, 17, 17), _suite("inconclusive", 0, 3, 17))
+    assert gate.status == "fail" and gate.value == pytest.approx(3 / 17), gate
+    assert "3 of the 17 held-out images" in gate.detail and "fewer than the 40" in gate.detail
+    gate = _probe_gate(GateConfig(), _suite("suspected", 0, 60, 60), _suite("no_evidence", 0, 3, 60))
+    assert gate.status == "pass" and "fewer than" not in gate.detail, gate
+
+
+def test_a_given_trigger_that_did_not_work_does_not_pass_a_backdoor_the_probes_found():
+    """A QA run with a wrong --trigger-pos: the trigger sent 2 % of the images to its class before the
+    repair, the probes found the real backdoor, and the true-trigger gate passed (2 % -> 0 %) a model
+    keeping 91 %. The gate then also asks the probes; a trigger that worked is gated on its own."""
+    from ibau_cli.config import GateConfig
+    from ibau_cli.metrics import Rate
+    from ibau_cli.pipeline import _gates
+    from ibau_cli.report import Figures
+
+    acc = Rate(95, 100)
+    before_probes, after_probes = _suite("suspected", 0, 60, 60), _suite("suspected", 0, 54, 60)
+    wrong = _gates(GateConfig(), Figures(acc, Rate(2, 90)), Figures(acc, Rate(0, 90)), before_probes, after_probes)
+    (asr,) = [g for g in wrong if g.name == "asr"]
+    assert asr.status == "fail" and asr.value == pytest.approx(0.9), asr
+    assert "sent only 2.2%" in asr.detail and "not the trigger of the backdoor" in asr.detail
+    right = _gates(GateConfig(), Figures(acc, Rate(88, 90)), Figures(acc, Rate(0, 90)), before_probes, after_probes)
+    (asr,) = [g for g in right if g.name == "asr"]
+    assert asr.status == "pass" and asr.value == 0.0 and asr.detail.startswith("true-trigger"), asr
+
+
+def test_a_repair_whose_proxy_trigger_still_works_runs_its_schedule_once_more(backdoored):
+    """``unlearn.extend``: one round at a tenth of the learning rate leaves the demo backdoor in place
+    (the true patch, the proxy here, still sends most unlearning images to the target), so the
+    schedule runs once more, learning rate restarted; the ASR on images the repair never saw ends
+    lower than without the extension. With ``extend = "off"`` the same seed runs the one round."""
+    import copy
+    import dataclasses
+
+    from ibau_cli.config import UnlearnConfig
+    from ibau_cli.demo import TARGET, add_badnets_trigger, synthetic_images
+    from ibau_cli.unlearn import ProxyTriggerStop, unlearn
+
+    x_u, y_u = synthetic_images(300, seed=4242)
+    x_e, y_e = backdoored["x_eval"], backdoored["y_eval"]
+    keep = y_e != TARGET
+
+    def asr(model) -> float:
+        with torch.no_grad():
+            return float((model(add_badnets_trigger(x_e[keep])).argmax(1) == TARGET).float().mean())
+
+    def repair(extend: str):
+        monitor = ProxyTriggerStop(
+            "badnets", add_badnets_trigger, x_u, y_u, TARGET, 0.02, patience=2, device=torch.device("cpu")
+        )
+        config = dataclasses.replace(UnlearnConfig(), rounds=1, lr=0.003, extend=extend)
+        model, log = unlearn(
+            copy.deepcopy(backdoored["module"]), x_u, y_u, config, target_hint=TARGET, seed=0, extend=monitor
+        )
+        return model, log, monitor
+
+    kept, log_off, _ = repair("off")
+    assert log_off.extension is None and len(log_off.rounds) == 1
+    fixed, log, monitor = repair("auto")
+    ext = log.extension
+    assert ext["extended"] and ext["rate_after_schedule"] > ext["threshold"] == 0.1, ext
+    assert ext["extra_rounds_planned"] == log.rounds_planned == 1 and len(log.rounds) == 2
+    assert monitor.measured_after == [1] and monitor.rates[0] == ext["rate_after_schedule"]
+    assert asr(fixed) < asr(kept), (asr(fixed), asr(kept))

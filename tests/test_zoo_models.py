@@ -184,5 +184,8 @@ def test_a_clean_model_sanitized_with_100_images_is_not_called_backdoored(tmp_pa
     # the ASR gate is this test's subject; the accuracy gate on these 23 held-out images moves 4.3
     # points an image, and GPU arithmetic (not bit-repeatable) lost 2 of them on an H200 (exit 1)
     (asr_gate,) = [g for g in report["gates"] if g["name"] == "asr"]
-    assert asr_gate["status"] == "pass", asr_gate
+    # 23 held-out images are fewer than the probes need to rule a backdoor out (40): no evidence is then
+    # inconclusive, and the gate neither passes nor fails (0.3.9)
+    inconclusive = probes["after"]["verdict"] == "inconclusive"
+    assert asr_gate["status"] == ("not_evaluated" if inconclusive else "pass"), asr_gate
     assert res.returncode == (0 if all(g["status"] == "pass" for g in report["gates"]) else 1)

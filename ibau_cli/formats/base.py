@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -122,16 +121,25 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
             f"cannot write {path}: its folder {path.parent} no longer exists (removed during the run?)",
             hint="keep the output folder in place until ibau exits, and rerun",
         )
-    # hidden, marked .tmp, and ending in the real extension (writers such as torch.export check it)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    from ..destinations import hold_signals, make_temp_file, note_created, release_signals
+
+    existed = path.exists()
+    made: list[Path] = []
     try:
+        # hidden, marked .tmp, and ending in the real extension (writers such as torch.export check it)
+        tmp = make_temp_file(path.parent, made, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
-        os.replace(tmp, path)
+        held = hold_signals()  # the rename and its record, so that an interrupted run can remove it
+        try:
+            os.replace(tmp, path)
+            if not existed:
+                note_created(path)
+        finally:
+            release_signals(held)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        for leftover in made:
+            leftover.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise RuntimeFailure(f"cannot write {path} ({exc.strerror or exc})") from exc
         raise

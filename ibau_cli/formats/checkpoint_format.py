@@ -18,7 +18,7 @@ from ..errors import InputError
 from .base import LoadedModel, ModelFormat, SaveRequest, state_dict_as_stored
 from .metadata import ibau_metadata
 from .state_dict import loaded_from_state_dict
-from .zipped import is_torch_save_zip
+from .zipped import check_zip_integrity, is_torch_save_zip
 
 # where checkpoints keep the state dict; an exponential moving average only when nothing else is there
 NESTED_KEYS = (
@@ -81,6 +81,8 @@ def _refusal_reason(exc: Exception) -> str:
 
 def safe_load(path: Path) -> object:
     """``torch.load(weights_only=True)``; anything that needs more is refused, never retried."""
+    if is_torch_save_zip(path):
+        check_zip_integrity(path, "torch.save")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for the user
             warnings.simplefilter("ignore")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from .base import LoadedModel, ModelFormat, SaveRequest, fixed_batches
 from .metadata import META_ARCH, ibau_metadata, num_classes_from_metadata, preprocess_from_metadata
-from .zipped import zip_members
+from .zipped import check_zip_integrity, zip_members
 
 EXTRA = "ibau.json"
 
@@ -96,6 +96,7 @@ class ExportedProgramFormat(ModelFormat):
     def load(self, path: Path, *, arch: str | None, device: str) -> LoadedModel:
         if arch is not None:
             raise InputError(f"{path}: a torch.export program carries its own graph; drop --arch")
+        check_zip_integrity(path, "torch.export")
         extra = {EXTRA: ""}
         try:
             with warnings.catch_warnings():

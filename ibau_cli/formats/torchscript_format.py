@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import InputError, UsageError, first_line
 from .base import LoadedModel, ModelFormat, SaveRequest
 from .metadata import META_ARCH, ibau_metadata, num_classes_from_metadata, preprocess_from_metadata
-from .zipped import is_torchscript_zip
+from .zipped import check_zip_integrity, is_torchscript_zip
 
 EXTRA = "ibau.json"
 
@@ -35,6 +35,7 @@ class TorchScriptFormat(ModelFormat):
         return head[:4] == b"PK\x03\x04" and is_torchscript_zip(path)
 
     def load(self, path: Path, *, arch: str | None, device: str) -> LoadedModel:
+        check_zip_integrity(path, "TorchScript")
         extra = {EXTRA: ""}
         try:
             with warnings.catch_warnings():

@@ -24,7 +24,8 @@ def render_console(report: dict[str, Any], console: Console) -> None:
     inp = report["input"]
     head.add_row(
         "model",
-        f"{inp['path']}  ({inp['format']}, {report['model']['architecture']}, {report['model']['num_classes']} classes)",
+        f"{inp['path']}  ({', '.join(dict.fromkeys([inp['format'], report['model']['architecture']]))}, "
+        f"{report['model']['num_classes']} classes)",
     )
     d = report["data"]
     head.add_row(

@@ -37,6 +37,7 @@ class ProxyTriggerStop:
     amp: torch.dtype | None = None
     batch_size: int = 256
     rates: list[float] = field(default_factory=list)
+    measured_after: list[int] = field(default_factory=list)  # the round after which each rate was taken
     stopped_after: int | None = None
 
     def __post_init__(self) -> None:
@@ -58,8 +59,15 @@ class ProxyTriggerStop:
                 hits += int(((triggered == self.target) & ok).sum())
         return hits / eligible if eligible else 0.0
 
+    def record(self, round_number: int, model: nn.Module) -> float:
+        """The rate after ``round_number``, kept in ``rates``."""
+        rate = self.rate(model)
+        self.rates.append(rate)
+        self.measured_after.append(round_number)
+        return rate
+
     def __call__(self, round_number: int, model: nn.Module) -> bool:
-        self.rates.append(self.rate(model))
+        self.record(round_number, model)
         recent = self.rates[-self.patience :]
         if len(recent) == self.patience and all(r <= self.threshold for r in recent):
             self.stopped_after = round_number
@@ -74,5 +82,6 @@ class ProxyTriggerStop:
             "patience": self.patience,
             "n_images": len(self._x),
             "rates": self.rates,
+            "measured_after_rounds": self.measured_after,
             "stopped_after_round": self.stopped_after,
         }

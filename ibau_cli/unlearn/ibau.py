@@ -32,6 +32,7 @@ from ..device import amp_dtype, autocast
 from ..frozen import frozen_parameters
 from ..progress import NoProgress, Progress
 from .augment import clean_views
+from .early_stop import ProxyTriggerStop
 from .hypergrad import fixed_point_hypergradient
 from .perturbations import Additive, Masked, Perturbation, Warp
 
@@ -66,6 +67,7 @@ class UnlearnLog:
     stopped_after: int | None = (
         None  # the round after which ``stop`` ended the repair (one cool-down round followed); None: it did not
     )
+    extension: dict | None = None  # ``extend``'s check after the schedule and what followed; None: no check
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
@@ -194,6 +196,7 @@ def unlearn(
     target_hint: int | None = None,
     stop: Callable[[int, nn.Module], bool] | None = None,
     patch_region: Tensor | None = None,
+    extend: ProxyTriggerStop | None = None,
 ) -> tuple[nn.Module, UnlearnLog]:
     """Run I-BAU on ``model`` in place and return it with a per-round log.
 
@@ -210,6 +213,10 @@ def unlearn(
     ``patch_region``: [1, 1, H, W] (1 where a patch trigger may sit, 0 elsewhere); with a target
     hint, each round also finds the easiest perturbation toward the hinted class inside that region
     (``Masked``), and ``config.patch_fraction`` of the images of its outer steps get it.
+    ``extend``: a trigger that worked before the repair (``ProxyTriggerStop``); with
+    ``config.extend = "auto"``, when it still sends more than ``config.extend_flip`` of the images
+    to its class once the schedule has run (not stopped early), the schedule runs once more, its
+    learning rate restarted, and ``extend`` may stop that second run as ``stop`` stops the first.
     """
     problems = config.check()
     if problems:
@@ -280,13 +287,17 @@ def unlearn(
     stopped_after = None  # the round after which ``stop`` said the repair is done
     cooldown_lrs: list[float] | None = None  # set for the one round after that: its lr falls to zero
     last_round = n_rounds
+    active_stop = stop  # what may end the repair early: ``stop``, then ``extend`` in an extension
+    extension: dict | None = None
     t_start = time.perf_counter()
     inner_total = outer_total = 0.0
-    for r in range(1, n_rounds + 1):
+    r = 0
+    while r < last_round:
+        r += 1
         t_round = time.perf_counter()
         # (1) inner maximisation: universal delta by L2 projected gradient ascent, from zero; with a
         # target hint, also the easiest universal delta toward that class.
-        progress.start(f"round {r}/{n_rounds}: inner", sum(steps * len(t) for _, t, steps in inner_problems))
+        progress.start(f"round {r}/{last_round}: inner", sum(steps * len(t) for _, t, steps in inner_problems))
         deltas, inner_losses = [], []  # (family, perturbation, target): the outer steps cycle through them
         with frozen_parameters(model):  # the inner problem differentiates with respect to delta only
             for family, targets, steps in inner_problems:
@@ -302,7 +313,7 @@ def unlearn(
         inner_total += t_inner - t_round
 
         # (2) outer minimisation with the implicit hypergradient.
-        progress.start(f"round {r}/{n_rounds}: outer", steps_per_round)
+        progress.start(f"round {r}/{last_round}: outer", steps_per_round)
         outer_losses, terms = [], []
         for step in range(steps_per_round):
             idx = next(batch_stream)
@@ -372,8 +383,19 @@ def unlearn(
             log.evaluation = on_round(r, model)
         rounds.append(log)
         if r == last_round:
-            break
-        if stop is not None and stopped_after is None and r < n_rounds - 1 and stop(r, model):
+            if extend is not None and extension is None and stopped_after is None and config.extend == "auto":
+                rate = extend.record(r, model)
+                extension = {"rate_after_schedule": rate, "threshold": config.extend_flip, "extended": False}
+                if rate > config.extend_flip and n_rounds > 0:
+                    # the trigger that worked before still works: the schedule once more, from its lr
+                    extension.update(extended=True, extra_rounds_planned=n_rounds)
+                    last_round, active_stop = r + n_rounds, extend
+                    for group in opt.param_groups:
+                        group["lr"] = config.lr
+                    if config.lr_schedule == "cosine":
+                        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+            continue
+        if active_stop is not None and stopped_after is None and r < last_round - 1 and active_stop(r, model):
             # one cool-down round still runs, its lr falling linearly to zero as the cosine schedule's
             # tail would: the round where the signal came may sit in a high-lr dip of accuracy
             stopped_after, last_round = r, r + 1
@@ -396,4 +418,5 @@ def unlearn(
         small_set=small_set,
         rounds_planned=n_rounds,
         stopped_after=stopped_after,
+        extension=extension,
     )
