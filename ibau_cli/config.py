@@ -50,7 +50,7 @@ class UnlearnConfig:
     early_stop: str = "auto"  # "probes": stop once the fixed probe that named the guided class stops working; "auto": so on the small-set schedule only; "off"
     early_stop_flip: float = 0.02  # ... working: it sends more than this share of the unlearning images to the class
     extend: str = (
-        "auto"  # "auto": a guided repair whose proxy trigger still works after the schedule runs it once more; "off"
+        "auto"  # "auto": a guided repair whose patch proxy trigger still works after the schedule runs it again; "off"
     )
     extend_flip: float = 0.1  # ... still works: it sends more than this share of the unlearning images to the class
     neumann_terms: int = 5

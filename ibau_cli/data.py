@@ -145,7 +145,14 @@ def map_classes(folders: list[Path], num_classes: int, classes_file: Path | None
                 f"--classes file {classes_file} is not UTF-8 text",
                 hint="save it as UTF-8, one class name per line in the model's output order",
             ) from None
-        order = [ln for ln in lines if ln]
+        while lines and not lines[-1]:
+            lines.pop()  # blank lines at the end are the editor's, not a class
+        if "" in lines:  # a blank line inside would drop a class and shift every later index
+            raise InputError(
+                f"--classes file {classes_file} has a blank line (line {lines.index('') + 1}) among the class names",
+                hint="one class name per line, in the model's output order, no blank lines between them",
+            )
+        order = lines
         if len(set(order)) != len(order):
             raise InputError(f"--classes file {classes_file} lists a class name twice")
         if len(order) > num_classes:

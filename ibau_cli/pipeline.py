@@ -421,7 +421,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             target_hint=guide_class,
             stop=stop,
             patch_region=None if patch is None else patch[1],
-            extend=monitor,
+            extend=monitor if _proxy_is_patch(proxy, tuple(x_u.shape[1:])) else None,
         )
     _round_to_stored_dtypes(model.model, loaded.stored_dtypes)
     if not all(bool(torch.isfinite(t).all()) for t in model.parameters()):
@@ -829,6 +829,16 @@ def _patch_region(settings, proxy, image_shape) -> tuple[str, torch.Tensor] | No
     name, apply = proxy
     region = patch_region(apply, image_shape)
     return None if region is None else (name, region)
+
+
+def _proxy_is_patch(proxy, image_shape) -> bool:
+    """Whether the proxy trigger is a fixed patch probe: ``unlearn.extend`` watches only those. A
+    blend that a WaNet model's class also answers (the proxy of 4 of its 9 zoo runs) kept sending a
+    third of the images there after every repair, and running the schedule again for it cost 5-8
+    points of accuracy at 100 images and raised the ASR (docs/algorithm.md)."""
+    from .probes import patch_region
+
+    return proxy is not None and patch_region(proxy[1], image_shape) is not None
 
 
 def _perturbation_families(settings, probes_before) -> str:

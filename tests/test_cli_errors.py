@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from conftest import run_cli, without_probes
 from ibau_cli.cli import main
+from ibau_cli.errors import InputError
 
 
 def invoke(*args, probes: bool = False) -> tuple[int, str, str]:
@@ -205,6 +206,19 @@ def test_a_damaged_torchscript_archive_is_refused(backdoored, tmp_path):
     code, _, err = invoke("inspect", bad)
     assert_one_line_error(code, err, 2, f"member {member.filename} does not match its checksum")
     assert invoke("inspect", good)[0] == 0
+
+
+def test_a_blank_line_among_the_class_names_is_refused(tmp_path):
+    """A blank line inside a --classes file was dropped, which shifted every later class index by one."""
+    from ibau_cli.data import map_classes
+
+    folders = [tmp_path / n for n in ("cat", "dog", "eel")]
+    names = tmp_path / "classes.txt"
+    names.write_text("cat\n\ndog\neel\n\n")
+    with pytest.raises(InputError, match=r"blank line \(line 2\)"):
+        map_classes(folders, 4, names)
+    names.write_text("cat\ndog\neel\n\n\n")  # blank lines at the end are fine
+    assert map_classes(folders, 4, names).folder_to_index == {"cat": 0, "dog": 1, "eel": 2}
 
 
 def test_non_image_file_is_not_silently_skipped(backdoored, tmp_path):

@@ -613,3 +613,20 @@ def test_a_repair_whose_proxy_trigger_still_works_runs_its_schedule_once_more(ba
     assert ext["extra_rounds_planned"] == log.rounds_planned == 1 and len(log.rounds) == 2
     assert monitor.measured_after == [1] and monitor.rates[0] == ext["rate_after_schedule"]
     assert asr(fixed) < asr(kept), (asr(fixed), asr(kept))
+
+
+def test_the_extension_watches_patch_proxies_only():
+    """A blend proxy on the zoo's WaNet model kept firing after every repair and the extra schedule
+    cost accuracy (docs/algorithm.md): ``unlearn.extend`` is wired to fixed patch probes only."""
+    from ibau_cli.pipeline import _proxy_is_patch
+    from ibau_cli.probes import PROBES
+
+    def proxy(name: str):
+        probe = PROBES.get(name)
+        return name, lambda x: probe.transform(x, torch.Generator().manual_seed(0))
+
+    assert _proxy_is_patch(proxy("patch-white-br-20%"), (3, 32, 32))
+    assert _proxy_is_patch(proxy("patch-checker-cc-10%"), (1, 28, 28))
+    assert not _proxy_is_patch(proxy("blend-smooth-0.2"), (3, 32, 32))
+    assert not _proxy_is_patch(proxy("warp-k4-s1.0"), (3, 32, 32))
+    assert not _proxy_is_patch(None, (3, 32, 32))
