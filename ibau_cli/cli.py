@@ -661,7 +661,8 @@ def run(argv: list[str] | None = None) -> None:
 
     from .destinations import track_created_files
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # one the parent ignored stays ignored
+        signal.signal(signal.SIGTERM, _on_sigterm)
     track_created_files()
     try:
         rv = main.main(args=argv, prog_name="ibau", standalone_mode=False)

@@ -21,11 +21,14 @@ def _during_start_up(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, _during_start_up)
-    signal.signal(signal.SIGTERM, _during_start_up)
+    # a signal the parent had ignored (nohup, a background job of a script) stays ignored
+    watched = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    for sig in watched:
+        signal.signal(sig, _during_start_up)
     from .cli import run  # click, rich: the slow part of start-up
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises again; run() maps it to 130
+    if signal.SIGINT in watched:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises again; run() maps it to 130
     run(sys.argv[1:])
 
 

@@ -546,6 +546,8 @@ class Slow(importlib.abc.MetaPathFinder):
             time.sleep(3)
         return None
 sys.meta_path.insert(0, Slow())
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (xdist's workers ignore both)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.{signame})).start()
 sys.argv = ["ibau", "--help"]
 from ibau_cli.entry import main
@@ -632,6 +634,9 @@ def _signalled_at_rename(when: str, signame: str) -> str:
     rename a finished file into place, when the condition ``when`` (on ``src``, ``dst``) holds."""
     return (
         "import os, signal, sys\n"
+        # as in a terminal: a parent may have started this child with SIGINT ignored (pytest-xdist's
+        # workers do), and a process keeps an ignored signal ignored
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "real = os.replace\n"
         "def replace(src, dst, *a, **k):\n"
         f"    if {when}:\n"

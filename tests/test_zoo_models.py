@@ -188,4 +188,4 @@ def test_a_clean_model_sanitized_with_100_images_is_not_called_backdoored(tmp_pa
     # inconclusive, and the gate neither passes nor fails (0.3.9)
     inconclusive = probes["after"]["verdict"] == "inconclusive"
     assert asr_gate["status"] == ("not_evaluated" if inconclusive else "pass"), asr_gate
-    assert res.returncode == (0 if all(g["status"] == "pass" for g in report["gates"]) else 1)
+    assert res.returncode == (1 if any(g["status"] == "fail" for g in report["gates"]) else 0)
