@@ -634,9 +634,10 @@ def _signalled_at_rename(when: str, signame: str) -> str:
     rename a finished file into place, when the condition ``when`` (on ``src``, ``dst``) holds."""
     return (
         "import os, signal, sys\n"
-        # as in a terminal: a parent may have started this child with SIGINT ignored (pytest-xdist's
-        # workers do), and a process keeps an ignored signal ignored
+        # as in a terminal: a parent may have started this child with SIGINT and SIGTERM ignored
+        # (pytest-xdist's workers in CI do), and a process keeps an ignored signal ignored
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
         "real = os.replace\n"
         "def replace(src, dst, *a, **k):\n"
         f"    if {when}:\n"
