@@ -148,6 +148,20 @@ def check_artifacts_folder(path: Path, flag: str = "--artifacts") -> None:
     check_writable_folder(existing, f"{flag} {path}")
 
 
+def check_outside(folder: Path, data: Path, flag: str, data_flag: str) -> None:
+    """An output folder may not be, or lie inside, an input folder: artifacts written into the clean
+    folder made the next run on it fail (PNGs at its top, or a class folder that is not a class)."""
+    try:
+        inside = folder.resolve() == data.resolve() or data.resolve() in folder.resolve().parents
+    except OSError:
+        return
+    if inside:
+        raise UsageError(
+            f"{flag} {folder} is inside {data_flag} {data}: its files would become part of that input",
+            hint=f"give {flag} a folder outside {data}",
+        )
+
+
 def check_distinct(
     model: Path,
     out: Path | None,

@@ -17,7 +17,13 @@ import torch
 from .artifacts import render_images, write_artifacts
 from .config import EARLY_STOP_PATIENCE, Settings
 from .data import load_clean_folder, stratified_split
-from .destinations import check_artifacts_folder, check_regular_destination, check_writable_folder, same_file
+from .destinations import (
+    check_artifacts_folder,
+    check_outside,
+    check_regular_destination,
+    check_writable_folder,
+    same_file,
+)
 from .device import amp_dtype, full_precision, resolve_device
 from .errors import ModelMismatchError, RuntimeFailure, UsageError, first_line
 from .evaluate import accuracy, attack_success, logits
@@ -377,6 +383,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         _check_output_path(Path(request.model), out_path)
     if request.artifacts is not None:
         check_artifacts_folder(Path(request.artifacts))
+        check_outside(Path(request.artifacts), Path(request.clean), "--artifacts", "--clean")
     p = _prepare(request, split=True, out_path=out_path)
     loaded, settings, model, num_classes = p.loaded, p.settings, p.model, p.num_classes
     x_u, y_u, x_h, y_h, trigger = p.x_u, p.y_u, p.x_h, p.y_h, p.trigger
@@ -577,6 +584,7 @@ def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
     progress = progress or NoProgress()
     if request.artifacts is not None:
         check_artifacts_folder(Path(request.artifacts))
+        check_outside(Path(request.artifacts), Path(request.clean), "--artifacts", "--clean")
     p = _prepare(request, split=False, out_path=None)
     if not p.settings.probes.enabled:
         raise UsageError(

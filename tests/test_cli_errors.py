@@ -221,6 +221,18 @@ def test_a_blank_line_among_the_class_names_is_refused(tmp_path):
     assert map_classes(folders, 4, names).folder_to_index == {"cat": 0, "dog": 1, "eel": 2}
 
 
+@pytest.mark.parametrize("where", [".", "charts"])
+def test_artifacts_inside_the_clean_folder_are_refused(backdoored, tmp_path, where):
+    """A QA run wrote --artifacts into the --clean folder; the next run on that folder then failed on
+    the PNGs at its top (or a folder that is not a class)."""
+    clean = tmp_path / "clean"
+    shutil.copytree(backdoored["clean100"], clean)
+    before = sorted(p.name for p in clean.iterdir())
+    code, _, err = invoke("scan", backdoored["model"], "--clean", clean, "--artifacts", clean / where)
+    assert_one_line_error(code, err, 2, "--artifacts", f"is inside --clean {clean}")
+    assert sorted(p.name for p in clean.iterdir()) == before
+
+
 def test_non_image_file_is_not_silently_skipped(backdoored, tmp_path):
     clean = tmp_path / "clean"
     shutil.copytree(backdoored["clean100"], clean)
