@@ -131,8 +131,9 @@ def _same_path_as_0_3_9(r: dict) -> bool:
     if stop is not None:
         return stop.get("stopped_after_round") is not None
     families = [p.get("family") if isinstance(p, dict) else p for p in r.get("perturbations") or []]
-    small_set = r.get("n_unlearn", 10**9) <= 160  # 64 images x 10 steps / 4 passes, the defaults
-    return small_set and "warp" not in families
+    from ibau_cli.config import UnlearnConfig  # noqa: PLC0415  (imported where used, as main imports ibau_cli)
+
+    return "warp" not in families and UnlearnConfig().resolved_small_set(r.get("n_unlearn", 10**9), 1)
 
 
 SAME_PATH["0.3.9"] = {

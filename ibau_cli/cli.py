@@ -12,7 +12,16 @@ import click
 from rich.console import Console
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_RUNTIME, IbauError, UsageError
+from .errors import (
+    EXIT_BAD_INPUT,
+    EXIT_GATE_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RUNTIME,
+    EXIT_TERMINATED,
+    IbauError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from .report import Report
@@ -617,8 +626,6 @@ def _demo(workdir: Path | None, device: str, json_stdout: bool, report_paths: tu
     _emit(report, targets, False, err)
 
 
-EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
-EXIT_TERMINATED = 143  # SIGTERM, 128 + 15 as shells report it
 _terminated = False
 
 
@@ -631,7 +638,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def _exit_interrupted() -> None:
-    from .destinations import remove_created_files
+    from .interrupts import remove_created_files
 
     _ignore_interrupts()  # a second Ctrl-C while exiting would end the process with no message
     removed = remove_created_files()  # a cancelled run leaves none of its outputs, complete or not
@@ -659,7 +666,7 @@ def run(argv: list[str] | None = None) -> None:
     comes during start-up; Python's default for SIGTERM skips every clean-up)."""
     import signal
 
-    from .destinations import track_created_files
+    from .interrupts import track_created_files
 
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # one the parent ignored stays ignored
         signal.signal(signal.SIGTERM, _on_sigterm)

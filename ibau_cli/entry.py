@@ -11,8 +11,7 @@ import os
 import signal
 import sys
 
-EXIT_INTERRUPTED = 130  # as cli.EXIT_INTERRUPTED and cli.EXIT_TERMINATED
-EXIT_TERMINATED = 143
+from .errors import EXIT_INTERRUPTED, EXIT_TERMINATED  # errors imports nothing heavy
 
 
 def _during_start_up(signum: int, frame: object) -> None:

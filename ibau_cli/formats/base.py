@@ -121,7 +121,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
             f"cannot write {path}: its folder {path.parent} no longer exists (removed during the run?)",
             hint="keep the output folder in place until ibau exits, and rerun",
         )
-    from ..destinations import hold_signals, make_temp_file, note_created, release_signals
+    from ..interrupts import hold_signals, make_temp_file, note_created, release_signals
 
     existed = path.exists()
     made: list[Path] = []
