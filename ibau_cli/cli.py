@@ -172,9 +172,18 @@ def _run(debug: bool, fn) -> Any:
     except click.exceptions.Exit:
         raise
     except Exception as exc:  # anything unexpected is a runtime failure, not a traceback
-        from .errors import RuntimeFailure
+        from .errors import RuntimeFailure, out_of_memory, out_of_memory_size
 
-        failure = RuntimeFailure(f"unexpected {type(exc).__name__}: {exc}", hint="rerun with --debug for the traceback")
+        if out_of_memory(exc):
+            failure = RuntimeFailure(
+                f"out of memory{out_of_memory_size(exc)}",
+                hint="give fewer or smaller clean images, a smaller --batch-size or --input-size, or a machine "
+                "with more memory (--device cpu if the GPU's ran out)",
+            )
+        else:
+            failure = RuntimeFailure(
+                f"unexpected {type(exc).__name__}: {exc}", hint="rerun with --debug for the traceback"
+            )
         failure.__cause__ = exc
         _fail(failure, debug)
 
@@ -671,6 +680,9 @@ def run(argv: list[str] | None = None) -> None:
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # one the parent ignored stays ignored
         signal.signal(signal.SIGTERM, _on_sigterm)
     track_created_files()
+    for stream in (sys.stdout, sys.stderr):  # a terminal or log that cannot show a character gets an escape
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         rv = main.main(args=argv, prog_name="ibau", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):

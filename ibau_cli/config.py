@@ -21,6 +21,15 @@ PERTURBATIONS = ("auto", "additive", "additive+warp")
 SMALL_SET_PASSES = 4
 SMALL_SET_CLIP = 0.3  # ... so the gradient clip is scaled by this
 SMALL_SET_ROUNDS = 2  # ... and the rounds multiplied by this
+# upper bounds: a value past these is a typo (10**9 rounds would run for years), not a setting
+MOST = {
+    "rounds": 1000,
+    "min_steps_per_round": 100_000,
+    "inner_steps": 10_000,
+    "patch_inner_steps": 10_000,
+    "neumann_terms": 1000,
+    "batch_size": 65_536,
+}
 EARLY_STOP_PATIENCE = 2  # early_stop: rounds in a row the proxy trigger must have stopped working
 
 
@@ -101,6 +110,9 @@ class UnlearnConfig:
         for name in ("rounds", "min_steps_per_round"):
             if getattr(self, name) < 0:
                 p.append(f"unlearn.{name} must be >= 0")
+        for name, most in MOST.items():
+            if getattr(self, name) > most:
+                p.append(f"unlearn.{name} = {getattr(self, name)} is past {most}, far beyond any measured use")
         if self.patch_inner_steps < 1:
             p.append("unlearn.patch_inner_steps must be >= 1")
         if self.inner_steps < 1:
@@ -200,6 +212,8 @@ class ProbesConfig:
         p = []
         if self.budget_steps < 1:
             p.append("probes.budget_steps must be >= 1")
+        elif self.budget_steps > 1_000_000:
+            p.append(f"probes.budget_steps = {self.budget_steps} is past 1000000, far beyond any measured use")
         if self.class_batch is not None and self.class_batch < 1:
             p.append("probes.class_batch must be >= 1")
         if self.radius is not None and self.radius <= 0:

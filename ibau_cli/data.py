@@ -50,6 +50,8 @@ def _conversions(source_mode: str, source_size: tuple[int, int], pre: Preprocess
             kinds.append("resized_other_aspect")
         if sw >= 2 * w and sh >= 2 * h:
             kinds.append("shrunk_2x_or_more")
+        if 4 * sw <= w or 4 * sh <= h:
+            kinds.append("enlarged_4x_or_more")
     grey = source_mode in GREY_MODES
     if pre.channels == 3 and grey:
         kinds.append("grey_to_rgb")

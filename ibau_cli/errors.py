@@ -76,3 +76,21 @@ def first_line(exc: BaseException) -> str:
     causes = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)]
     text = causes[-1] if causes else (lines[0] if lines else type(exc).__name__)
     return text[:300]
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: Python's MemoryError, torch's CPU allocator
+    ("can't allocate memory") or a CUDA out-of-memory error."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def out_of_memory_size(exc: BaseException) -> str:
+    """`` (an allocation of 120.0 GB)`` from an allocator's message that gives the size, else ``""``."""
+    m = re.search(r"(?:tried to allocate|allocate) (\d+(?:\.\d+)?) ?(bytes|B|KiB|MiB|GiB|TiB)", str(exc))
+    if not m:
+        return ""
+    scale = {"bytes": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[m.group(2)]
+    return f" (an allocation of {float(m.group(1)) * scale / 1e9:.1f} GB failed)"

@@ -29,6 +29,7 @@ from .errors import ModelMismatchError, RuntimeFailure, UsageError, first_line
 from .evaluate import accuracy, attack_success, logits
 from .formats import detect_format, format_for_output, load_model, save_model, sha256_file
 from .formats.onnx_graph import NodeFailure
+from .normalisation_check import BetterPreprocess, better_preprocess
 from .preprocess import Normalized, output_kind
 from .probes import FIXED_FLIP_SUSPECT
 from .progress import NoProgress, Progress
@@ -340,15 +341,30 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
             "--trigger-pos, --target, --trigger-blend), and the ASR gate measures this trigger only"
         )
     floor = settings.gate.resolved_min_clean_acc(num_classes)
+    with timer.phase("preprocess_check"):
+        better = better_preprocess(model.model, pre, x_h, y_h, **eval_kw)
     if before.accuracy.value is not None and before.accuracy.value < floor:
         msg = (
             f"held-out clean accuracy is {before.accuracy.value:.1%} (n={before.accuracy.n}), below "
             f"{floor:.1%} for {num_classes} classes: the class order or the preprocessing almost certainly "
             "does not match the model"
         )
+        if better is not None:
+            msg += f" ({_better_said(better)})"
         if not request.force:
             raise ModelMismatchError(
                 msg, hint="check --classes, --preset/--config (mean, std, input size) or pass --force"
+            )
+        warnings.append(msg + " (continuing because of --force)")
+    elif better is not None:
+        msg = (
+            f"held-out clean accuracy is {before.accuracy.value:.1%} with mean {_fmt(pre.mean)}, std "
+            f"{_fmt(pre.std)}, pixels in {_fmt(pre.value_range)}, but {_better_said(better)}: the preprocessing "
+            "almost certainly does not match the model"
+        )
+        if not request.force:
+            raise ModelMismatchError(
+                msg, hint="set the model's own statistics (--mean/--std, --preset, --config) or pass --force"
             )
         warnings.append(msg + " (continuing because of --force)")
     return _Prepared(
@@ -983,6 +999,18 @@ def _gates(gate_cfg, before: Figures, after: Figures | None, probes_before=None,
     return gates
 
 
+def _fmt(values) -> str:
+    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
+
+
+def _better_said(better: BetterPreprocess) -> str:
+    alt = better.preprocess
+    return (
+        f"with {better.name} (mean {_fmt(alt.mean)}, std {_fmt(alt.std)}, pixels in {_fmt(alt.value_range)}) it is "
+        f"{better.accuracy_better:.1%} on the same {better.n} images"
+    )
+
+
 def _conversion_warnings(clean, pre) -> list[str]:
     """Reading changes that alter what the model sees, not only its size: grey images given to a
     colour model (the channel repeated), colour to a grey one, images squashed to another aspect
@@ -993,6 +1021,8 @@ def _conversion_warnings(clean, pre) -> list[str]:
         "colour_to_grey": "were in colour, given to a grey-scale model as luminance",
         "resized_other_aspect": f"had another aspect ratio and were squashed to {pre.input_size[0]}x{pre.input_size[1]}",
         "cmyk_to_rgb": "were CMYK, converted to RGB without their colour profile",
+        "enlarged_4x_or_more": f"were enlarged at least 4x on a side to {pre.input_size[0]}x{pre.input_size[1]} "
+        "(check the clean folder and --input-size)",
     }
     return [
         f"{clean.conversions[kind]} of {n} clean images {text} (e.g. {clean.examples[kind]}): "

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+MAX_SIDE = 4096  # a larger input side is a typo (one 100,000-pixel square image is 120 GB of floats)
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -37,6 +39,11 @@ class Preprocess:
             problems.append("preprocess.std values must be > 0")
         if len(self.input_size) != 2 or min(self.input_size) < 1:
             problems.append(f"preprocess.input_size must be [height, width], not {list(self.input_size)}")
+        elif max(self.input_size) > MAX_SIDE:
+            problems.append(
+                f"preprocess.input_size {list(self.input_size)} is past {MAX_SIDE} pixels a side: an image "
+                "classifier takes far smaller inputs (give the model's own, e.g. --input-size 224)"
+            )
         lo, hi = self.value_range
         if not hi > lo:
             problems.append(f"preprocess.value_range must be [low, high] with high > low, not {[lo, hi]}")

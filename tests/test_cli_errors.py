@@ -281,6 +281,79 @@ def test_wrong_preprocessing_is_caught_before_repair(backdoored, tmp_path):
     assert not out.exists()
 
 
+def test_milder_preprocessing_mismatch_names_the_better_statistics(backdoored, tmp_path):
+    """Above the accuracy floor but clearly worse than with no normalisation (the model's own): the run
+    stops before any work and names the alternative; --force goes on with a warning."""
+    out = tmp_path / "o.safetensors"
+    wrong = ["--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"]
+    args = ["sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--out", out, *wrong]
+    code, _, err = invoke(*args)
+    assert_one_line_error(code, err, 2, "with none (mean [0, 0, 0], std [1, 1, 1]", "--force")
+    accuracy_given = float(err.split("accuracy is ")[1].split("%")[0])
+    assert accuracy_given > 32.5  # above this 10-class model's floor: the floor alone would have passed it
+    assert not out.exists()
+    code, out_json, err = invoke(*args, "--force", "--rounds", "1", "--json")
+    assert code in (0, 1), err  # a report was written; the gates are not this test's subject
+    warnings = json.loads(out_json)["warnings"]
+    assert any("continuing because of --force" in w and "with none" in w for w in warnings), warnings
+
+
+def test_sign_test_and_candidates():
+    from ibau_cli.normalisation_check import candidates, sign_test
+    from ibau_cli.preprocess import Preprocess
+
+    assert sign_test(10, 0) == 1 / 1024
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) > 0.5
+    names = [name for name, _ in candidates(Preprocess())]
+    assert "none" not in names and "0.5 / 0.5" in names and "preset cifar10" in names  # the given one is left out
+    grey = [name for name, _ in candidates(Preprocess(channels=1, mean=(0.1307,), std=(0.3081,)))]
+    assert "preset mnist" not in grey and "preset cifar10" not in grey and "none" in grey
+
+
+@pytest.mark.parametrize(
+    ("flag", "needle"),
+    [
+        (["--input-size", "100000"], "past 4096 pixels a side"),
+        (["--rounds", "1000000000"], "unlearn.rounds = 1000000000 is past 1000"),
+        (["--set", "probes.budget_steps=100000000"], "probes.budget_steps = 100000000 is past"),
+    ],
+)
+def test_values_far_past_any_use_are_refused(backdoored, flag, needle):
+    code, _, err = invoke("sanitize", backdoored["model"], "--clean", backdoored["clean100"], *flag)
+    assert_one_line_error(code, err, 2, needle)
+
+
+def test_out_of_memory_is_recognised():
+    from ibau_cli.errors import out_of_memory, out_of_memory_size
+
+    cpu = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 120000000000 bytes. Error code 12 (Cannot allocate memory)"
+    )
+    assert out_of_memory(cpu) and out_of_memory_size(cpu) == " (an allocation of 120.0 GB failed)"
+    cuda = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)")
+    assert out_of_memory(cuda) and out_of_memory_size(cuda) == " (an allocation of 2.1 GB failed)"
+    assert out_of_memory(MemoryError()) and not out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_output_that_cannot_show_a_character_gets_an_escape(tmp_path):
+    """An ASCII-only stderr (PYTHONIOENCODING=ascii) once turned a non-ASCII file name into exit 3."""
+    import os
+    import subprocess
+    import sys
+
+    missing = tmp_path / "modèle.safetensors"
+    res = subprocess.run(
+        [sys.executable, "-m", "ibau_cli", "scan", str(missing), "--clean", str(tmp_path)],
+        capture_output=True,
+        env=dict(os.environ, PYTHONIOENCODING="ascii"),
+        timeout=120,
+    )
+    err = res.stderr.decode("ascii")
+    assert res.returncode == 2, err
+    assert "mod\\xe8le.safetensors" in err and "Traceback" not in err
+
+
 def test_unknown_config_key(backdoored, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[unlearn]\nroundz = 3\n")
@@ -767,13 +840,18 @@ def test_images_changed_to_fit_the_model_are_counted_and_the_distorting_changes_
     for f in files[15:18]:  # a print shop's CMYK JPEG
         Image.open(f).convert("CMYK").save(f.with_suffix(".jpg"))
         f.unlink()
+    for f in files[20:22]:  # thumbnails, enlarged 4x or more to 32x32 (0.3.9 said nothing)
+        Image.open(f).resize((8, 8)).save(f)
     code, stdout, err = invoke("sanitize", backdoored["model"], "--clean", clean, "--rounds", "0",
                                "--out", tmp_path / "o.safetensors", "--json", "-q")  # fmt: skip
     assert code in (0, 1), err
     report = json.loads(stdout)
-    conversions = {"grey_to_rgb": 10, "resized": 5, "resized_other_aspect": 5, "cmyk_to_rgb": 3}
+    conversions = {
+        "grey_to_rgb": 10, "resized": 7, "resized_other_aspect": 5, "cmyk_to_rgb": 3, "enlarged_4x_or_more": 2
+    }  # fmt: skip
     assert report["data"]["conversions"] == conversions
     said = [w for w in report["warnings"] if "clean images" in w]
+    assert any(w.startswith("2 of 100 clean images were enlarged at least 4x on a side to 32x32") for w in said)
     assert any(w.startswith("3 of 100 clean images were CMYK, converted to RGB") for w in said), said
     assert any(w.startswith("10 of 100 clean images were grey-scale") for w in said), said
     assert any(w.startswith("5 of 100 clean images had another aspect ratio") for w in said), said
