@@ -26,9 +26,10 @@ from .destinations import (
 )
 from .device import amp_dtype, full_precision, resolve_device
 from .errors import ModelMismatchError, RuntimeFailure, UsageError, first_line
-from .evaluate import accuracy, attack_success, logits
+from .evaluate import attack_success, logits
 from .formats import detect_format, format_for_output, load_model, save_model, sha256_file
 from .formats.onnx_graph import NodeFailure
+from .metrics import Rate, paired_difference_interval
 from .normalisation_check import BetterPreprocess, better_preprocess
 from .preprocess import Normalized, output_kind
 from .probes import FIXED_FLIP_SUSPECT
@@ -162,9 +163,9 @@ class _Prepared:
 
 
 def _figures(model, x, y, trigger, eval_kw) -> Figures:
-    acc = accuracy(model, x, y, **eval_kw)
+    correct = (logits(model, x, **eval_kw).argmax(1) == y).tolist() if len(y) else []
     asr = attack_success(model, x, y, trigger, **eval_kw) if trigger else None
-    return Figures(acc, asr)
+    return Figures(Rate(sum(correct), len(correct)), asr, correct)
 
 
 def settings_for(loaded, request: SanitizeRequest) -> tuple[Settings, SettingsSources]:
@@ -963,13 +964,18 @@ def _gates(gate_cfg, before: Figures, after: Figures | None, probes_before=None,
         drop = before.accuracy.value - after.accuracy.value
     status = "not_evaluated" if drop is None else ("pass" if drop <= gate_cfg.max_acc_drop + EPS else "fail")
     status, short = _enough(status, after.accuracy.n, gate_cfg)
+    interval = None
+    if drop is not None and before.correct is not None and after.correct is not None:
+        interval = paired_difference_interval(before.correct, after.correct)
+    said = "" if interval is None else f"; paired 95% interval {interval[0]:.1%} to {interval[1]:.1%}"
     gates.append(
         Gate(
             name="accuracy_drop",
             status=status,
             limit=gate_cfg.max_acc_drop,
             value=drop,
-            detail=f"held-out clean accuracy drop (n={after.accuracy.n}){short}",
+            detail=f"held-out clean accuracy drop (n={after.accuracy.n}{said}){short}",
+            ci95=None if interval is None else list(interval),
         )
     )
     if after.asr is None:
@@ -977,8 +983,14 @@ def _gates(gate_cfg, before: Figures, after: Figures | None, probes_before=None,
         return gates
     v = after.asr.value
     status, short = _enough("pass" if v is not None and v <= gate_cfg.max_asr + EPS else "fail", after.asr.n, gate_cfg)
+    interval = after.asr.wilson()
     gate = Gate(
-        "asr", status, gate_cfg.max_asr, v, f"true-trigger attack success rate after repair (n={after.asr.n}){short}"
+        "asr",
+        status,
+        gate_cfg.max_asr,
+        v,
+        f"true-trigger attack success rate after repair (n={after.asr.n}){short}",
+        None if interval is None else list(interval),
     )
     v0 = None if before.asr is None else before.asr.value
     if v0 is not None and v0 < TRIGGER_WORKS and probes_before is not None and probes_before.verdict == "suspected":

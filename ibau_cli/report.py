@@ -19,6 +19,7 @@ SCHEMA_VERSION = "1.0"
 class Figures:
     accuracy: Rate
     asr: Rate | None = None
+    correct: list[bool] | None = field(default=None, repr=False)  # per held-out image, to pair before with after
 
     def to_dict(self) -> dict:
         return {"accuracy": self.accuracy.to_dict(), "asr": None if self.asr is None else self.asr.to_dict()}
@@ -31,6 +32,9 @@ class Gate:
     limit: float | None
     value: float | None
     detail: str
+    ci95: list[float] | None = (
+        None  # 95 % interval of value: paired (Newcombe) for the accuracy drop, Wilson for a rate
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -61,6 +61,10 @@ def test_json_report_matches_the_published_schema(sanitized):
     report = json.loads((sanitized / "report.json").read_text())
     jsonschema.Draft202012Validator(_report_schema()).validate(report)
     assert report["after"]["asr"]["value"] < 0.2 < report["before"]["asr"]["value"]
+    gates = {g["name"]: g for g in report["gates"]}
+    lo, hi = gates["accuracy_drop"]["ci95"]  # paired, on the same held-out images
+    assert lo <= gates["accuracy_drop"]["value"] <= hi and "paired 95% interval" in gates["accuracy_drop"]["detail"]
+    assert gates["asr"]["ci95"] == report["after"]["asr"]["ci95"]
     broken = dict(report, verdict="maybe")
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft202012Validator(_report_schema()).validate(broken)

@@ -15,7 +15,7 @@ from ibau_cli.config import Settings, apply_layer, load_preset, preset_names
 from ibau_cli.data import load_clean_folder, map_classes, stratified_split
 from ibau_cli.errors import ConfigError, InputError
 from ibau_cli.formats import detect_format, load_model, save_model
-from ibau_cli.metrics import Rate, wilson_interval
+from ibau_cli.metrics import Rate, paired_difference_interval, wilson_interval
 from ibau_cli.preprocess import Normalized, Preprocess
 from ibau_cli.settings_resolve import resolve_settings
 from ibau_cli.triggers import load_trigger
@@ -28,6 +28,29 @@ def test_wilson_interval_known_values():
     lo, hi = wilson_interval(0, 50)
     assert lo < 1e-12 and 0.06 < hi < 0.08
     assert Rate(3, 4).to_dict()["value"] == 0.75
+
+
+def test_paired_difference_interval():
+    """Newcombe's hybrid score interval for the accuracy drop on the same images: with uncorrelated
+    pairs it is the independent-samples hybrid interval; it covers the true drop at least 95 % of the
+    time on 20-image sets (simulated); its centre follows the discordant pairs only."""
+    # 2 of 20 images lost, none gained: a 10-point drop, as a 100-image clean set's holdout shows it
+    lo, hi = paired_difference_interval([True] * 20, [True] * 18 + [False] * 2)
+    assert lo < 0 < 0.1 < hi and math.isclose(hi - 0.1, 0.2, abs_tol=0.02), (lo, hi)
+    # phi = 0 (a*d == b*c): the independent formula, from the two Wilson intervals
+    first, second = [1, 1, 0, 0] * 5, [1, 0, 1, 0] * 5
+    l1, u1 = wilson_interval(10, 20)
+    lo, hi = paired_difference_interval(first, second)
+    assert math.isclose(lo, -math.hypot(0.5 - l1, u1 - 0.5)) and math.isclose(hi, math.hypot(u1 - 0.5, 0.5 - l1))
+    assert paired_difference_interval([], []) is None
+    gen = torch.Generator().manual_seed(0)
+    covered, trials = 0, 2000
+    for _ in range(trials):
+        before = torch.rand(20, generator=gen) < 0.9
+        after = before & (torch.rand(20, generator=gen) > 0.1)  # each right answer lost with p = 0.1
+        lo, hi = paired_difference_interval(before.tolist(), after.tolist())
+        covered += lo <= 0.09 <= hi
+    assert covered / trials >= 0.95
 
 
 @pytest.mark.parametrize("name", ["cifar10", "gtsrb", "mnist", "imagenet"])
