@@ -25,7 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ATTACKS = ("badnets", "blend", "trojan-square", "watermark", "invisible", "sig", "wanet", "all2all", "clean")
+ATTACKS = (
+    "badnets",
+    "badnets-edge",
+    "blend",
+    "trojan-square",
+    "watermark",
+    "invisible",
+    "sig",
+    "wanet",
+    "all2all",
+    "clean",
+)
 
 BADNETS_SIZE = 3
 BLEND_ALPHA = 0.1
@@ -126,6 +137,11 @@ def apply(attack: str, x: Tensor, seed: int = 0) -> Tensor:
         out = x.clone()
         out[:, :, h - BADNETS_SIZE :, w - BADNETS_SIZE :] = 1.0
         return out
+    if attack == "badnets-edge":  # the same patch halfway down the right edge: no corner
+        out = x.clone()
+        top = _edge_top(h)
+        out[:, :, top : top + BADNETS_SIZE, w - BADNETS_SIZE :] = 1.0
+        return out
     if attack == "trojan-square":
         out = x.clone()
         out[:, :, h - TROJAN_SIZE :, w - TROJAN_SIZE :] = _trojan_pattern(c)
@@ -146,6 +162,10 @@ def apply(attack: str, x: Tensor, seed: int = 0) -> Tensor:
     raise AssertionError(attack)
 
 
+def _edge_top(h: int) -> int:
+    return (h - BADNETS_SIZE) // 2
+
+
 def target_labels(attack: str, y: Tensor, target: int, num_classes: int) -> Tensor:
     """Labels of poisoned samples: ``target``, or ``(y + 1) % num_classes`` for all2all."""
     if attack == "all2all":
@@ -164,6 +184,8 @@ def trigger_params(attack: str, seed: int = 0) -> dict:
         if attack == "all2all":
             p["label_map"] = "(y + 1) % num_classes"
         return p
+    if attack == "badnets-edge":
+        return {"type": "patch", "size": BADNETS_SIZE, "value": 1.0, "position": "middle of the right edge"}
     if attack == "trojan-square":
         return {
             "type": "patch",
@@ -227,6 +249,14 @@ def trigger_files(
         _save_png(torch.ones(channels, BADNETS_SIZE, BADNETS_SIZE), out / "trigger.png")
         info.update(
             file="trigger.png", cli_hint=["--trigger", "trigger.png"], note="patch pasted at the bottom-right corner"
+        )
+    elif attack == "badnets-edge":
+        _save_png(torch.ones(channels, BADNETS_SIZE, BADNETS_SIZE), out / "trigger.png")
+        pos = f"{w - BADNETS_SIZE},{_edge_top(h)}"
+        info.update(
+            file="trigger.png",
+            cli_hint=["--trigger", "trigger.png", "--trigger-pos", pos],
+            note=f"patch pasted with its top-left corner at x,y = {pos}",
         )
     elif attack == "trojan-square":
         _save_png(_trojan_pattern(channels), out / "trigger.png")

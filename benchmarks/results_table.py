@@ -142,6 +142,43 @@ SAME_PATH["0.3.9"] = {
 }
 
 
+# 0.4.0 added fixed patch probes halfway along each edge. They change a repair only through the
+# probes' decisions before it (the suspected class and its evidence, the proxy trigger);
+# benchmarks/edge_probe_check.py rebuilt every ibau + probes run's held-out draw and compared those
+# decisions with and without the new places (results/edge-probe-check.jsonl; the draw does not depend
+# on the device, and GPU runs were checked on the CPU). Where they are the same, and for every run
+# without probes, the earlier run took 0.4.0's path.
+def _edge_probes_silent() -> dict[tuple[str, int, int], bool]:
+    path = Path(__file__).resolve().parent / "results" / "edge-probe-check.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["model"], r["n_clean"], r["seed"]): r["same_decisions"] for r in rows}
+
+
+def _same_path_as_0_4_0(r: dict, silent: dict[tuple[str, int, int], bool] | None = None) -> bool:
+    if r.get("method") != "ibau" or not r.get("probes"):
+        return True
+    silent = _edge_probes_silent() if silent is None else silent
+    return silent.get((r["model"], int(r["n_clean"]), int(r["seed"])), False)
+
+
+_SILENT: dict[tuple[str, int, int], bool] | None = None
+
+
+def _same_path_as_0_4_0_cached(r: dict) -> bool:
+    global _SILENT  # noqa: PLW0603  (read once per run of this script)
+    if _SILENT is None:
+        _SILENT = _edge_probes_silent()
+    return _same_path_as_0_4_0(r, _SILENT)
+
+
+SAME_PATH["0.4.0"] = {
+    v: (lambda r, same=same: _same_path_as_0_4_0_cached(r) and same(r))
+    for v, same in {"0.3.9": lambda r: True, **SAME_PATH["0.3.9"]}.items()
+}
+
+
 def round_over_epoch(r: dict) -> float:
     """One round's time over one plain epoch. Rows written before efficacy.py recorded ``rounds_run``
     divided by the configured rounds, which the small-set schedule doubles: those are corrected here."""

@@ -82,6 +82,8 @@ RECIPES: tuple[Recipe, ...] = (
     # the same watermark toward a class that is not yellow (12, priority road, is: a colour shift alone
     # sends clean GTSRB models' images there)
     _gtsrb("watermark", 3, tag="-t3"),
+    # BadNets' patch halfway down the right edge (0.4.0 added fixed probes there)
+    _gtsrb("badnets-edge", 38),
     _gtsrb("clean", seed=0),
     _gtsrb("clean", seed=1),
     _gtsrb("clean", seed=2),

@@ -495,6 +495,20 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
 
     gates = _gates(settings.gate, before, after, probes_before, probes_after)
     verdict = "fail" if any(g.status == "fail" for g in gates) else "pass"
+    accuracy_gate = next(g for g in gates if g.name == "accuracy_drop")
+    nothing_seen = probes_before is not None and (
+        probes_before.verdict == "no_evidence"
+        or (probes_before.verdict == "inconclusive" and probes_before.evidence.get("suspected_class") is None)
+    )
+    trigger_works = before.asr is not None and (before.asr.value or 0.0) >= TRIGGER_WORKS
+    if accuracy_gate.status == "fail" and nothing_seen and not trigger_works:
+        # a model with no sign of a backdoor repaired anyway: I-BAU's untargeted steps cost accuracy
+        few = " (on too few held-out images to rule one out)" if probes_before.verdict == "inconclusive" else ""
+        warnings.append(
+            f"the repair cost {accuracy_gate.value:.1%} of held-out accuracy on a model in which the probes found "
+            f"no backdoor before it{few}: if that model is trusted otherwise, keep it as it is (`ibau scan` gates "
+            "a model without changing it); more clean images make the repair cheaper"
+        )
     if trigger is None and probes_after is None:
         warnings.append(
             "no --trigger and probes off: the attack success rate was not measured and its gate not applied"

@@ -63,17 +63,26 @@ def _plus_sign(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def mid_right_patch(x: torch.Tensor) -> torch.Tensor:
+    """A white 3x3 patch halfway down the right edge, touching it: no corner, not the centre."""
+    x = x.clone()
+    top = (x.shape[-2] - 3) // 2
+    x[:, :, top : top + 3, -3:] = 1.0
+    return x
+
+
 @pytest.fixture(scope="session")
 def demo_zoo(tmp_path_factory) -> dict:
-    """Three more real small CNNs on the synthetic data, trained once per session (2,000 images each,
-    half the demo's, to keep CI short): two clean ones and one with a trigger no fixed probe draws,
-    each as (safetensors path, TrainedDemo)."""
+    """Four more real small CNNs on the synthetic data, trained once per session (2,000 images each,
+    half the demo's, to keep CI short): two clean ones, one with a trigger no fixed probe draws and
+    one with a patch halfway down an edge, each as (safetensors path, TrainedDemo)."""
     root = tmp_path_factory.mktemp("zoo")
     models = {}
     for name, kwargs in {
         "clean0": {"seed": 0, "poison": False},
         "clean1": {"seed": 1, "poison": False},
         "plus": {"seed": 2, "trigger_fn": _plus_sign},
+        "edge": {"seed": 2, "trigger_fn": mid_right_patch},
     }.items():
         trained = train_backdoored(n_train=2000, **kwargs)
         path = root / f"{name}.safetensors"
@@ -81,7 +90,7 @@ def demo_zoo(tmp_path_factory) -> dict:
             trained.model, path, fmt="safetensors", arch="small-cnn", num_classes=NUM_CLASSES, preprocess=Preprocess()
         )
         models[name] = (path, trained)
-    assert models["plus"][1].asr > 0.9 and models["clean0"][1].clean_acc > 0.9
+    assert models["plus"][1].asr > 0.9 and models["edge"][1].asr > 0.9 and models["clean0"][1].clean_acc > 0.9
     return models
 
 

@@ -341,3 +341,40 @@ def test_a_node_that_fails_on_the_input_size_is_named(backdoored, tmp_path):
     onnx.save(model, str(path))
     code, _, err = invoke("scan", path, "--clean", backdoored["clean100"], "--input-size", "28x28")
     assert_one_line_error(code, err, 2, "fixed_flatten.onnx", "3x28x28 input", "(Reshape -> f) failed", "--input-size")
+
+
+def test_file_names_that_are_not_utf8_load_and_write_in_every_format(backdoored, tmp_path):
+    """A Latin-1 file name ('modèle' as one byte 0xe8): torch's, safetensors' and onnxruntime's C++
+    file handling takes UTF-8 names only. 0.3.9 refused the safetensors input as "not a readable
+    safetensors file" and failed writing TorchScript after the whole repair (exit 3)."""
+    import os
+    import shutil
+
+    def latin1(name: str) -> str:
+        return os.fsdecode(os.fsencode(str(tmp_path)) + b"/" + name.encode("latin-1"))
+
+    model = latin1("modèle.safetensors")
+    shutil.copy(backdoored["model"], model)
+    onnx_model = latin1("modèle.onnx")
+    shutil.copy(_export(backdoored["module"], tmp_path / "plain.onnx", dynamo=False), onnx_model)
+    for src, out in [
+        (model, latin1("réparé.ts")),
+        (model, latin1("réparé.pt2")),
+        (onnx_model, latin1("réparé.onnx")),
+    ]:
+        args = ["sanitize", src, "--clean", backdoored["clean100"], "--out", out, "--rounds", "0", "-q"]
+        res = run_cli(*args)
+        assert res.returncode == 0, (out, res.stderr)
+        if not out.endswith(".onnx"):  # the written file loads back (an ONNX one is reloaded to verify it)
+            again = [
+                "sanitize",
+                out,
+                "--clean",
+                backdoored["clean100"],
+                "--rounds",
+                "0",
+                "--out",
+                tmp_path / ("x" + out[-4:]),
+            ]
+            res = run_cli(*again, "-q")
+            assert res.returncode == 0, (out, res.stderr)

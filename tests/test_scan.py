@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_cli_errors import invoke
 
-from conftest import run_cli, sanitize_with_trigger
+from conftest import independent_figures, mid_right_patch, run_cli, sanitize_with_trigger
 from ibau_cli.demo import NUM_CLASSES, synthetic_images
 from ibau_cli.probes import PROBES, run_probes
 
@@ -153,6 +153,40 @@ def test_probe_figures_fall_with_the_true_asr_after_sanitize(backdoored, tmp_pat
     uap_a = next(p for p in after["probes"] if p["name"] == "synth-universal-perturbation")
     assert uap_b["flip_rate"]["value"] > 0.9 and uap_a["flip_rate"]["value"] < 0.5
     assert report["after"]["asr"]["value"] < 0.2
+
+
+@pytest.mark.slow
+def test_a_patch_halfway_down_an_edge_is_found_and_repaired(demo_zoo, backdoored, tmp_path):
+    """0.3.9's fixed patches sat in the corners and the centre: a QA model's mid-right patch moved
+    none of them. 0.4.0 adds the middle of each edge; sanitize, with no trigger given, is then guided
+    toward the backdoor's class and the patch family searches around the probe that found it."""
+    from ibau_cli.formats import load_model
+
+    path, trained = demo_zoo["edge"]
+    x, y = synthetic_images(200, seed=31)
+    names = [n for n in PROBES.names() if PROBES.get(n).family == "patch"]
+    suite = run_probes(trained.model, x, y, NUM_CLASSES, device=torch.device("cpu"), names=names)
+    assert suite.verdict == "suspected" and suite.evidence["suspected_class"] == 0, suite.evidence
+    corner_or_centre = [r for r in suite.results if r.name.split("-")[2] in ("br", "bl", "tr", "tl", "cc")]
+    assert max(r.flip.value for r in corner_or_centre) < 0.5  # the 0.3.9 places alone miss it
+    out = tmp_path / "fixed.safetensors"
+    code, stdout, err = invoke(
+        "sanitize", path, "--clean", backdoored["clean500"], "--out", out, "--json", "--quiet", *FAST, probes=True
+    )
+    report = json.loads(stdout)
+    assert report["unlearning"]["guided_class"] == 0, report["probes"]["before"]["evidence"]
+    patch = [f for f in report["unlearning"]["perturbations"] if f["family"] == "patch"]
+    assert patch and "-cr-" in patch[0]["probe"], report["unlearning"]["perturbations"]
+    # measured here, on 1,000 images ibau never saw, with the true trigger it was never given
+    x_eval, y_eval = backdoored["x_eval"], backdoored["y_eval"]
+    keep = y_eval != 0
+    with torch.no_grad():
+        asr_before = float((trained.model(mid_right_patch(x_eval[keep])).argmax(1) == 0).float().mean())
+        fixed = load_model(out).module.eval()
+        asr_after = float((fixed(mid_right_patch(x_eval[keep])).argmax(1) == 0).float().mean())
+    acc_after, _ = independent_figures(fixed, x_eval, y_eval)
+    assert asr_before > 0.9 and asr_after < 0.1 and acc_after > 0.9, (asr_before, asr_after, acc_after)
+    assert code == 0, err
 
 
 @pytest.mark.slow

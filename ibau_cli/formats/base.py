@@ -6,8 +6,10 @@ import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -143,3 +145,24 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         if isinstance(exc, OSError):
             raise RuntimeFailure(f"cannot write {path} ({exc.strerror or exc})") from exc
         raise
+
+
+def utf8_path(path: Path) -> bool:
+    """Whether ``path`` is valid UTF-8 (Python keeps other bytes in a name as surrogate escapes)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@contextmanager
+def opened(path: Path, mode: str) -> Iterator[str | BinaryIO]:
+    """``str(path)`` for a UTF-8 path, else the file opened in ``mode``: the C++ file handling of
+    torch and safetensors takes UTF-8 names only (a QA run's Latin-1 name failed after the repair),
+    while every torch reader and writer ibau calls also takes a file object."""
+    if utf8_path(path):
+        yield str(path)
+        return
+    with open(path, mode) as fh:
+        yield fh

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .base import LoadedModel, ModelFormat, SaveRequest, state_dict_as_stored
+from .base import LoadedModel, ModelFormat, SaveRequest, opened, state_dict_as_stored
 from .metadata import ibau_metadata
 from .state_dict import loaded_from_state_dict
 from .zipped import check_zip_integrity, is_torch_save_zip
@@ -86,7 +86,8 @@ def safe_load(path: Path) -> object:
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for the user
             warnings.simplefilter("ignore")
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            with opened(path, "rb") as src:
+                return torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise InputError(
             f"{path}: refused: loading it needs full unpickling, which can run arbitrary code ({_refusal_reason(exc)})",
@@ -121,4 +122,5 @@ class CheckpointFormat(ModelFormat):
 
     def save(self, module: nn.Module, path: Path, request: SaveRequest) -> None:
         sd = state_dict_as_stored(module, request)
-        torch.save({"state_dict": sd, META_KEY: ibau_metadata(request)}, str(path))
+        with opened(path, "wb") as dst:
+            torch.save({"state_dict": sd, META_KEY: ibau_metadata(request)}, dst)

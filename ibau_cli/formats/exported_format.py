@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from .base import LoadedModel, ModelFormat, SaveRequest, fixed_batches
+from .base import LoadedModel, ModelFormat, SaveRequest, fixed_batches, opened
 from .metadata import META_ARCH, ibau_metadata, num_classes_from_metadata, preprocess_from_metadata
 from .zipped import check_zip_integrity, zip_members
 
@@ -101,7 +101,8 @@ class ExportedProgramFormat(ModelFormat):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                program = torch.export.load(str(path), extra_files=extra)
+                with opened(path, "rb") as src:
+                    program = torch.export.load(src, extra_files=extra)
                 module = program.module()
         except Exception as exc:
             raise InputError(f"{path}: not a loadable torch.export program ({type(exc).__name__}: {exc})") from exc
@@ -152,6 +153,7 @@ class ExportedProgramFormat(ModelFormat):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 program = torch.export.export(inner, (example,), dynamic_shapes=dynamic)
-                torch.export.save(program, str(path), extra_files={EXTRA: json.dumps(ibau_metadata(request))})
+                with opened(path, "wb") as dst:
+                    torch.export.save(program, dst, extra_files={EXTRA: json.dumps(ibau_metadata(request))})
         finally:
             inner.to(device)

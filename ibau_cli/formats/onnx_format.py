@@ -14,7 +14,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import InputError, UsageError, first_line
-from .base import LoadedModel, ModelFormat, SaveRequest
+from .base import LoadedModel, ModelFormat, SaveRequest, utf8_path
 from .metadata import META_ARCH, ibau_metadata, preprocess_from_metadata
 
 
@@ -33,7 +33,9 @@ def ort_runner(path: Path, channels_last: bool, fixed_batch: int | None = None) 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    # onnxruntime opens UTF-8 names only; other names are read here (a graph with external data needs one)
+    source = str(path) if utf8_path(path) else Path(path).read_bytes()
+    session = ort.InferenceSession(source, sess_options=opts, providers=providers)
     name = session.get_inputs()[0].name
 
     def run_one(x: np.ndarray) -> np.ndarray:

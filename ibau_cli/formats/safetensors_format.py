@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import InputError
-from .base import LoadedModel, ModelFormat, SaveRequest, state_dict_as_stored
+from .base import LoadedModel, ModelFormat, SaveRequest, state_dict_as_stored, utf8_path
 from .metadata import ibau_metadata
 from .state_dict import loaded_from_state_dict
 
@@ -31,9 +31,12 @@ class SafetensorsFormat(ModelFormat):
         from safetensors.torch import load_file
 
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = dict(fh.metadata() or {})
-            tensors = load_file(str(path), device="cpu")
+            if utf8_path(path):
+                with safe_open(str(path), framework="pt") as fh:
+                    meta = dict(fh.metadata() or {})
+                tensors = load_file(str(path), device="cpu")
+            else:  # the library takes UTF-8 paths only: a name in another encoding is read here
+                meta, tensors = _load_bytes(path.read_bytes())
         except (SafetensorError, OSError, ValueError) as exc:
             raise InputError(
                 f"{path}: not a readable safetensors file ({exc})",
@@ -46,6 +49,20 @@ class SafetensorsFormat(ModelFormat):
 
         tensors = state_dict_as_stored(module, request)
         path.write_bytes(with_sorted_header(save(tensors, metadata=ibau_metadata(request))))
+
+
+def _load_bytes(data: bytes) -> tuple[dict, dict]:
+    from safetensors.torch import load
+
+    if len(data) < 8:
+        raise ValueError("file too short for a safetensors header")
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable header: {exc}") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return dict(meta or {}), load(data)
 
 
 def with_sorted_header(data: bytes) -> bytes:

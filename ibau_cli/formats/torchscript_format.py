@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, UsageError, first_line
-from .base import LoadedModel, ModelFormat, SaveRequest
+from .base import LoadedModel, ModelFormat, SaveRequest, opened
 from .metadata import META_ARCH, ibau_metadata, num_classes_from_metadata, preprocess_from_metadata
 from .zipped import check_zip_integrity, is_torchscript_zip
 
@@ -40,7 +40,8 @@ class TorchScriptFormat(ModelFormat):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+                with opened(path, "rb") as src:
+                    module = torch.jit.load(src, map_location="cpu", _extra_files=extra)
         except Exception as exc:  # torch raises RuntimeError and friends for bad archives
             text = " ".join(str(exc).split())
             op = re.search(r"Unknown builtin op: (\S+?)\.", text)
@@ -115,7 +116,8 @@ class TorchScriptFormat(ModelFormat):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.jit.save(module, str(path), _extra_files={EXTRA: json.dumps(meta)})
+                with opened(path, "wb") as dst:
+                    torch.jit.save(module, dst, _extra_files={EXTRA: json.dumps(meta)})
         finally:
             _cast(module, dict.fromkeys(stored, torch.float32))
 

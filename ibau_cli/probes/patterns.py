@@ -15,6 +15,10 @@ from .base import ProbeContext, ProbeResult, class_rates, predict, remap_rate, w
 
 Transform = Callable[[Tensor, torch.Generator], Tensor]
 
+# where a fixed patch goes: the four corners, the centre and (0.4.0) the middle of each edge, a place
+# a QA model's trigger sat (mid-right) that no fixed patch reached
+PATCH_PLACES = ("br", "bl", "tr", "tl", "cc", "cr", "cl", "tc", "bc")
+
 
 @dataclass
 class PatternProbe:
@@ -48,11 +52,12 @@ def _patch(size_frac: float, where: str, colour: str) -> Transform:
         else:
             patch = torch.rand(c, 1, 1, generator=gen).expand(c, s, s)
         out = x.clone()
-        # also the very corner, where many attacks put their patch
         out[:, :, top : top + s, left : left + s] = patch
-        if where in ("br", "tl", "tr", "bl"):
-            t0 = 0 if where[0] == "t" else h - s
-            l0 = 0 if where[-1] == "l" else w - s
+        if where != "cc":
+            # every other image gets it flush against the edge (or into the very corner), where many
+            # attacks put their patch, instead of one pixel in
+            t0 = {"t": 0, "b": h - s}.get(where[0], top)
+            l0 = {"l": 0, "r": w - s}.get(where[-1], left)
             out2 = x.clone()
             out2[:, :, t0 : t0 + s, l0 : l0 + s] = patch
             return torch.where(torch.arange(len(x)).view(-1, 1, 1, 1) % 2 == 0, out, out2)
@@ -113,7 +118,7 @@ def _colour(shift: float) -> Transform:
 def builtin_patterns() -> list[PatternProbe]:
     probes = []
     for frac in (0.1, 0.2):
-        for where in ("br", "bl", "tr", "tl", "cc"):
+        for where in PATCH_PLACES:
             for colour in ("white", "black", "checker", "random"):
                 probes.append(PatternProbe(f"patch-{colour}-{where}-{frac:.0%}", "patch", _patch(frac, where, colour)))
     for alpha in (0.1, 0.2):
