@@ -30,7 +30,7 @@ EXIT_CODES_HELP = f"""
 \b
 Exit codes:
   {EXIT_OK}  passed: every evaluated gate is within its limit
-  {EXIT_GATE_FAILED}  gate failed: ASR or accuracy drop past the limit, or (scan) a backdoor suspected
+  {EXIT_GATE_FAILED}  gate failed: ASR or accuracy drop past the limit, or (scan) a backdoor suspected, or (--strict) a gate not evaluated
   {EXIT_BAD_INPUT}  bad usage or bad input (one line says which file and what to do)
   {EXIT_RUNTIME}  runtime failure (device, numerics, writing the output)
   130  interrupted (Ctrl-C); no partial file is left
@@ -247,6 +247,9 @@ def _common_options(fn):
             "--max-asr", type=float, help="Gate: highest ASR (true trigger, else the probes), fraction [0.2]."
         ),
         click.option("--force", is_flag=True, help="Continue even if clean accuracy is near chance."),
+        click.option(
+            "--strict", is_flag=True, help="A gate that could not be evaluated fails the run (exit 1): gate.strict."
+        ),
         click.option("--artifacts", type=path, help="Write synthesised triggers and a before/after chart (PNG) here."),
         click.option(
             "--report",
@@ -311,7 +314,7 @@ def _request(opts: dict[str, Any]):
         classes=opts["classes_file"],
         preset=opts["preset"],
         config=opts["config_file"],
-        settings=opts.get("assignments", ()),
+        settings=(*opts.get("assignments", ()), *(("gate.strict=true",) if opts.get("strict") else ())),
         input_size=opts.get("input_size"),
         mean=opts.get("mean"),
         std=opts.get("std"),

@@ -169,6 +169,7 @@ class GateConfig:
     max_acc_drop: float = 0.05
     min_clean_acc: float | None = None  # None: chance + 25 % of the way to 1
     min_samples: int = 10  # a true-trigger ASR or accuracy gate measured on fewer held-out images fails
+    strict: bool = False  # a gate that could not be evaluated (not_evaluated) fails the run too
 
     def check(self) -> list[str]:
         p = []

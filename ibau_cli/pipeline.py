@@ -494,7 +494,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         output_info = {"path": str(out_path), "format": fmt.name, "sha256": sha256_file(out_path)}
 
     gates = _gates(settings.gate, before, after, probes_before, probes_after)
-    verdict = "fail" if any(g.status == "fail" for g in gates) else "pass"
+    verdict = _verdict(gates, settings.gate)
     accuracy_gate = next(g for g in gates if g.name == "accuracy_drop")
     nothing_seen = probes_before is not None and (
         probes_before.verdict == "no_evidence"
@@ -662,7 +662,7 @@ def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
         unlearning=None,
         verification=None,
         gates=gates,
-        verdict="fail" if any(g.status == "fail" for g in gates) else "pass",
+        verdict=_verdict(gates, p.settings.gate),
     )
 
 
@@ -945,6 +945,26 @@ def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repai
         )
     from .probes import MIN_IMAGES
 
+    if (
+        probes_before is not None
+        and probes_before.verdict == "suspected"
+        and probes_after.verdict != "suspected"
+        and not _fixed_probe_reproduces(probes_before, cls)
+    ):
+        # only synthesised triggers named the class: the repair unlearns that very object (a universal
+        # perturbation toward the class, or a universal warp), so their fall after it is no evidence that
+        # the real trigger stopped working (a QA model: 19.3 % estimated after the repair, 88.7 % true ASR)
+        name, value, _ = probes_after.probe_asr(cls)
+        return Gate(
+            "asr",
+            "not_evaluated",
+            gate_cfg.max_asr,
+            None,
+            f"no --trigger; the probes before the repair found class {cls} through synthesised triggers only (no "
+            f"fixed pattern sent half of the images there), and the repair unlearns such triggers, so the probes "
+            f"after it ({name}: {value:.1%}) cannot show that the backdoor's own trigger stopped working: give "
+            "--trigger and --target to gate on it",
+        )
     name, value, counts = probes_after.probe_asr(cls)
     status = "pass" if value <= gate_cfg.max_asr + EPS and probes_after.verdict != "suspected" else "fail"
     n = counts.n if counts is not None else probes_after.n_images
@@ -968,6 +988,26 @@ def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repai
         value,
         f"no --trigger; strongest probe toward suspected class {cls} {stage} ({name}: {share}); "
         f"probe verdict {stage}: {probes_after.verdict.replace('_', ' ')}{short}",
+    )
+
+
+def _verdict(gates: list[Gate], gate_cfg) -> str:
+    """``fail`` when a gate failed, or with ``gate.strict`` when one could not be evaluated."""
+    failing = ("fail", "not_evaluated") if gate_cfg.strict else ("fail",)
+    return "fail" if any(g.status in failing for g in gates) else "pass"
+
+
+def _fixed_probe_reproduces(suite, cls: int) -> bool:
+    """Whether a fixed (not synthesised, not weak) probe in ``suite`` sent at least FIXED_FLIP_SUSPECT
+    of the images to ``cls``: a trigger-like pattern the repair never saw, measurable again after it."""
+    from .probes import WEAK_FAMILIES
+
+    return any(
+        r.family != "synthesised"
+        and r.family not in WEAK_FAMILIES
+        and len(r.per_class) > cls
+        and r.per_class[cls] >= FIXED_FLIP_SUSPECT
+        for r in suite.results
     )
 
 

@@ -969,3 +969,15 @@ def test_images_all_shrunk_to_an_input_size_nothing_set_are_warned(backdoored, t
     assert any(w.startswith("all 40 clean images are at least twice 32x32") for w in report["warnings"]), report
     code, stdout, err = invoke(*args, "--out", tmp_path / "b.ts", "--input-size", "64x64")
     assert not any("at least twice" in w for w in json.loads(stdout)["warnings"])
+
+
+def test_strict_fails_a_run_whose_gate_could_not_be_evaluated(backdoored, tmp_path):
+    """No --trigger and --no-probes: nothing measures an ASR (not_evaluated, exit 0 with a warning);
+    --strict (gate.strict) makes that a failed run for a registry that must fail closed."""
+    args = ["sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--rounds", "0", "--json", "-q"]
+    code, stdout, err = invoke(*args, "--out", tmp_path / "a.safetensors")
+    gates = {g["name"]: g["status"] for g in json.loads(stdout)["gates"]}
+    assert code == 0 and gates["asr"] == "not_evaluated", (gates, err)
+    code, stdout, err = invoke(*args, "--out", tmp_path / "b.safetensors", "--strict")
+    report = json.loads(stdout)
+    assert code == 1 and report["verdict"] == "fail" and report["config"]["gate"]["strict"] is True, err

@@ -653,3 +653,38 @@ def test_the_extension_watches_patch_proxies_only():
     assert not _proxy_is_patch(proxy("blend-smooth-0.2"), (3, 32, 32))
     assert not _proxy_is_patch(proxy("warp-k4-s1.0"), (3, 32, 32))
     assert not _proxy_is_patch(None, (3, 32, 32))
+
+
+def test_a_class_only_synthesised_triggers_named_cannot_pass_the_probe_gate():
+    """0.3.9 passed a QA ResNet (low-frequency additive trigger toward 8, named by the synthesised
+    probes only) on a 19.3 % probe estimate after the repair; the true ASR was 88.7 %. The repair
+    unlearns synthesised-like triggers, so only a fixed pattern that reproduced the backdoor before
+    can be measured again after it."""
+    from ibau_cli.config import GateConfig
+    from ibau_cli.pipeline import _probe_gate, _verdict
+    from ibau_cli.probes import ProbeSuite
+    from ibau_cli.probes.base import ProbeResult
+
+    def result(name, family, cls, hits, n=100):
+        per_class = [0.0] * 10
+        per_class[cls] = hits / n
+        return ProbeResult(name, family, cls, Rate(hits, n), per_class=per_class)
+
+    evidence = {"suspected_class": 8, "all_to_all_probe": None, "reasons": ["r"]}
+    synthesised_only = ProbeSuite(
+        [result("synth-universal-perturbation", "synthesised", 8, 81), result("blend-smooth-0.2", "blend", 8, 30)],
+        "suspected", evidence, 0.0, 200,
+    )  # fmt: skip
+    after = ProbeSuite(
+        [result("synth-universal-perturbation", "synthesised", 8, 5), result("blend-smooth-0.2", "blend", 8, 19)],
+        "no_evidence", {"suspected_class": None, "reasons": []}, 0.0, 200,
+    )  # fmt: skip
+    gate = _probe_gate(GateConfig(), synthesised_only, after)
+    assert gate.status == "not_evaluated" and "synthesised triggers only" in gate.detail, gate
+    assert _verdict([gate], GateConfig()) == "pass" and _verdict([gate], GateConfig(strict=True)) == "fail"
+    # a fixed pattern that sent half of the images to the class before: its figure after is a measurement
+    reproduced = ProbeSuite(
+        [*synthesised_only.results, result("patch-white-br-10%", "patch", 8, 90)], "suspected", evidence, 0.0, 200
+    )
+    gate = _probe_gate(GateConfig(), reproduced, after)
+    assert gate.status == "pass" and gate.value == 0.19, gate
