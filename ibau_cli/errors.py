@@ -93,4 +93,6 @@ def out_of_memory_size(exc: BaseException) -> str:
     if not m:
         return ""
     scale = {"bytes": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[m.group(2)]
-    return f" (an allocation of {float(m.group(1)) * scale / 1e9:.1f} GB failed)"
+    size = float(m.group(1)) * scale
+    said = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    return f" (an allocation of {said} failed)"

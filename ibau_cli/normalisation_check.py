@@ -7,7 +7,8 @@ was seeing shifted images. Here the model's accuracy under its given preprocessi
 its accuracy under the presets' statistics, none and 0.5 / 0.5 on the same held-out images; an
 alternative that is clearly better (paired: the images only it gets right outnumber the images only
 the given one gets right by a sign test at p < 0.001, and by at least ``MIN_GAIN`` of the images)
-is what the caller reports.
+is what the caller reports. An alternative that sends most images to one class is skipped (saturated
+inputs, not a fit), and so is the whole check on fewer than three classes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .preprocess import Normalized, Preprocess
 
 MIN_GAIN = 0.10  # an alternative must get at least this share of the images more right
 P_VALUE = 1e-3  # ... and the paired sign test must give at most this
+MIN_CLASSES = 3  # the held-out images must hold this many classes for the comparison to mean anything
 
 
 @dataclass(frozen=True)
@@ -70,18 +72,20 @@ def sign_test(wins: int, losses: int) -> float:
     n = wins + losses
     if n == 0:
         return 1.0
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2.0**n
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / (1 << n)  # exact integers: no overflow
 
 
 def better_preprocess(model: nn.Module, pre: Preprocess, x: Tensor, y: Tensor, **eval_kw) -> BetterPreprocess | None:
     """The alternative preprocessing under which ``model`` (the raw model, taking normalised inputs)
     is clearly more accurate on pixel images ``x`` in [0, 1] than under ``pre``; None when none is."""
-    if len(y) == 0:
-        return None
-    right_given = _correct(Normalized(model, pre), x, y, eval_kw)
+    if len(torch.unique(y)) < MIN_CLASSES:
+        return None  # on one or two classes an input that pins the model to one of them wins by chance
+    right_given, _ = _correct(Normalized(model, pre), x, y, eval_kw)
     best: BetterPreprocess | None = None
     for name, alt in candidates(pre):
-        right = _correct(Normalized(model, alt), x, y, eval_kw)
+        right, pred = _correct(Normalized(model, alt), x, y, eval_kw)
+        if int(torch.bincount(pred).max()) > len(pred) / 2:
+            continue  # most images to one class: saturated inputs, not a better preprocessing
         wins, losses = int((right & ~right_given).sum()), int((~right & right_given).sum())
         p = sign_test(wins, losses)
         gain = (wins - losses) / len(y)
@@ -92,7 +96,9 @@ def better_preprocess(model: nn.Module, pre: Preprocess, x: Tensor, y: Tensor, *
     return best
 
 
-def _correct(model: nn.Module, x: Tensor, y: Tensor, eval_kw: dict) -> Tensor:
+def _correct(model: nn.Module, x: Tensor, y: Tensor, eval_kw: dict) -> tuple[Tensor, Tensor]:
+    """Per image, whether ``model`` is right, and its predictions."""
     model.to(eval_kw.get("device", "cpu")).eval()
     with torch.no_grad():
-        return (logits(model, x, **eval_kw).argmax(1) == y).cpu()
+        pred = logits(model, x, **eval_kw).argmax(1).cpu()
+    return pred == y, pred

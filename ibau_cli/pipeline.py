@@ -25,7 +25,7 @@ from .destinations import (
     same_file,
 )
 from .device import amp_dtype, full_precision, resolve_device
-from .errors import ModelMismatchError, RuntimeFailure, UsageError, first_line
+from .errors import ModelMismatchError, RuntimeFailure, UsageError, first_line, out_of_memory
 from .evaluate import attack_success, logits
 from .formats import detect_format, format_for_output, load_model, save_model, sha256_file
 from .formats.onnx_graph import NodeFailure
@@ -217,6 +217,8 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
                 "otherwise report the exporter and opset (ibau inspect MODEL lists the graph's operators)",
             ) from None
         except Exception as exc:
+            if out_of_memory(exc):
+                raise
             raise ModelMismatchError(
                 f"{request.model}: the model does not run on a {pre.channels}x{pre.input_size[0]}x{pre.input_size[1]} input ({first_line(exc)})",
                 hint="set the input size and channels with --input-size, --preset, --config or --set "
@@ -775,6 +777,8 @@ def _verify(out_path: Path, arch_flag: str | None, model, pre, x_h, eval_kw) -> 
                 b = logits(wrapped, x_h, **kw)
     except Exception as exc:
         out_path.unlink(missing_ok=True)
+        if out_of_memory(exc):
+            raise
         raise RuntimeFailure(f"the written model {out_path} could not be reloaded ({exc}); it was removed") from exc
     max_diff = float((a - b).abs().max()) if len(a) else 0.0
     agree = float((a.argmax(1) == b.argmax(1)).float().mean()) if len(a) else 1.0
@@ -945,16 +949,17 @@ def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repai
         )
     from .probes import MIN_IMAGES
 
+    name, value, counts = probes_after.probe_asr(cls)
     if (
         probes_before is not None
         and probes_before.verdict == "suspected"
         and probes_after.verdict != "suspected"
+        and value <= gate_cfg.max_asr + EPS  # an estimate past the limit still fails the gate below
         and not _fixed_probe_reproduces(probes_before, cls)
     ):
         # only synthesised triggers named the class: the repair unlearns that very object (a universal
         # perturbation toward the class, or a universal warp), so their fall after it is no evidence that
         # the real trigger stopped working (a QA model: 19.3 % estimated after the repair, 88.7 % true ASR)
-        name, value, _ = probes_after.probe_asr(cls)
         return Gate(
             "asr",
             "not_evaluated",
@@ -965,7 +970,6 @@ def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repai
             f"after it ({name}: {value:.1%}) cannot show that the backdoor's own trigger stopped working: give "
             "--trigger and --target to gate on it",
         )
-    name, value, counts = probes_after.probe_asr(cls)
     status = "pass" if value <= gate_cfg.max_asr + EPS and probes_after.verdict != "suspected" else "fail"
     n = counts.n if counts is not None else probes_after.n_images
     share = (

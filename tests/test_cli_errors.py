@@ -303,9 +303,16 @@ def test_sign_test_and_candidates():
     from ibau_cli.preprocess import Preprocess
 
     assert sign_test(10, 0) == 1 / 1024
+    assert sign_test(900, 200) < 1e-100 and 0.05 < sign_test(3000, 2900) < 0.15  # 1,024+ pairs: no overflow
     assert sign_test(0, 0) == 1.0 and sign_test(3, 3) > 0.5
     names = [name for name, _ in candidates(Preprocess())]
     assert "none" not in names and "0.5 / 0.5" in names and "preset cifar10" in names  # the given one is left out
+    # on one or two classes, or where an alternative pins the model to one class, nothing is compared
+    from ibau_cli.normalisation_check import better_preprocess
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    x, y = torch.rand(40, 3, 4, 4), torch.zeros(40, dtype=torch.long)
+    assert better_preprocess(model, Preprocess(input_size=(4, 4)), x, y, device=torch.device("cpu")) is None
     grey = [name for name, _ in candidates(Preprocess(channels=1, mean=(0.1307,), std=(0.3081,)))]
     assert "preset mnist" not in grey and "preset cifar10" not in grey and "none" in grey
 

@@ -688,3 +688,6 @@ def test_a_class_only_synthesised_triggers_named_cannot_pass_the_probe_gate():
     )
     gate = _probe_gate(GateConfig(), reproduced, after)
     assert gate.status == "pass" and gate.value == 0.19, gate
+    # an estimate past the limit still fails, whoever named the class
+    still = ProbeSuite([result("blend-smooth-0.2", "blend", 8, 40)], "no_evidence", after.evidence, 0.0, 200)
+    assert _probe_gate(GateConfig(), synthesised_only, still).status == "fail"

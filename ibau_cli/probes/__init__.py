@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..errors import RuntimeFailure
+from ..errors import RuntimeFailure, out_of_memory
 from ..frozen import frozen_parameters
 from ..metrics import Rate
 from ..progress import NoProgress, Progress
@@ -272,6 +272,8 @@ def run_probes(
             with frozen_parameters(model):  # probes need gradients for their triggers only
                 result = probe.run(model, ctx)
         except Exception as exc:  # a plugin's probe, most likely: say which one
+            if out_of_memory(exc):
+                raise  # the command line says so in its own words
             raise RuntimeFailure(
                 f"probe {probe.name} (from {PROBES.origin(probe.name)}) failed: {type(exc).__name__}: {exc}",
                 hint="fix or remove the plugin that registers it (ibau --no-plugins skips installed plugins)",
