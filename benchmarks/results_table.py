@@ -220,7 +220,7 @@ def current_rows(rows: list[dict], version: str) -> list[dict]:
 def _efficacy_rows() -> list[dict]:
     rows = []
     for path in sorted((HERE / "results").glob("*.jsonl")):
-        if path.name in ("probes.jsonl", "speed.jsonl") or path.name.startswith("probes-"):
+        if path.name in ("probes.jsonl", "speed.jsonl", "edge-probe-check.jsonl") or path.name.startswith("probes-"):
             continue
         rows += read_rows(path)
     return rows
