@@ -38,7 +38,7 @@ import zoo  # noqa: E402
 from ibau_cli.data import load_clean_folder, stratified_split  # noqa: E402
 from ibau_cli.formats import load_model  # noqa: E402
 from ibau_cli.preprocess import Normalized  # noqa: E402
-from ibau_cli.probes import FIXED_FLIP_SUSPECT, PROBES, WEAK_FAMILIES, judge  # noqa: E402
+from ibau_cli.probes import PROBES, ProbeSuite, judge, proxy_trigger  # noqa: E402
 from ibau_cli.probes.base import ProbeContext, predict  # noqa: E402
 from ibau_cli.probes.patterns import PatternProbe  # noqa: E402
 
@@ -52,17 +52,13 @@ def _place(name: str) -> str | None:
 
 
 def proxies(results: list, num_classes: int) -> list[str | None]:
-    """``proxy_trigger``'s choice for every class: the first fixed probe (registry order) with the
-    largest share toward it, when that share is at least FIXED_FLIP_SUSPECT."""
+    """``proxy_trigger``'s choice for every class, on these results: the suite is rebuilt around
+    them and the function itself asked (registry order, first-wins ties, the edge margin)."""
+    suite = ProbeSuite(results, "suspected", {}, 0.0, 0)
     chosen: list[str | None] = []
     for c in range(num_classes):
-        best = None
-        for r in results:
-            if r.family in WEAK_FAMILIES or len(r.per_class) <= c:
-                continue
-            if r.per_class[c] >= FIXED_FLIP_SUSPECT and (best is None or r.per_class[c] > best[0]):
-                best = (r.per_class[c], r.name)
-        chosen.append(None if best is None else best[1])
+        found = proxy_trigger(suite, c, 0)
+        chosen.append(None if found is None else found[0])
     return chosen
 
 

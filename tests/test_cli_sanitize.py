@@ -74,6 +74,7 @@ def test_json_stdout_is_only_json_and_output_reloads_without_flags(backdoored, t
         "limit": 0.2,
         "value": None,
         "detail": "no trigger supplied and probes off",
+        "ci95": None,
     }
     assert any("not measured" in w for w in report["warnings"])
     # The written file carries its architecture and preprocessing: no --arch needed to reuse it.

@@ -31,6 +31,7 @@ for _p in [*builtin_patterns(), MaskPatternProbe(), UniversalPerturbationProbe()
 
 # Thresholds of the verdict (see docs/probes.md for how they were chosen).
 FIXED_FLIP_SUSPECT = 0.5  # a fixed pattern flipping half the images to one class
+EDGE_PROXY_MARGIN = 0.1  # a mid-edge patch is the proxy trigger over a corner or centre one only this much stronger
 ANOMALY_SUSPECT = 2.0  # Neural Cleanse's threshold on the mask-norm anomaly index
 SYNTH_FLIP_MIN = 0.5  # ... for a synthesised trigger that really works on unseen images
 # Families whose flips alone are weak evidence: on GTSRB a clean small CNN sends 61 % of images to one
@@ -292,18 +293,26 @@ def proxy_trigger(suite: ProbeSuite, target: int, seed: int) -> tuple[str, Calla
     as its name and the trigger itself (drawn with the probes' ``seed``, so the very pattern
     measured), when that share is at least FIXED_FLIP_SUSPECT; None otherwise. Synthesised probes
     and the weak families do not count: the first were fitted to the model, the second move clean
-    models too."""
-    best: tuple[float, str, PatternProbe] | None = None
+    models too. A probe at the middle of an edge (``preferred`` False) is chosen over the corner and
+    centre ones only when it sends EDGE_PROXY_MARGIN more of the images there, or none of them
+    reaches FIXED_FLIP_SUSPECT: the example plugin's LeNet, whose checkerboard detector answers along
+    the bottom edge as well as in its corner, lost its repair (ASR 84 %) when a bottom-centre probe
+    took the proxy's place and the patch family searched there."""
+    best: dict[bool, tuple[float, str, PatternProbe]] = {}  # the preferred probes' best and the others'
     for r in suite.results:
         probe = PROBES.get(r.name)
         if not isinstance(probe, PatternProbe) or r.family in WEAK_FAMILIES or len(r.per_class) <= target:
             continue
         share = r.per_class[target]
-        if share >= FIXED_FLIP_SUSPECT and (best is None or share > best[0]):
-            best = (share, r.name, probe)
-    if best is None:
+        kind = probe.preferred
+        if share >= FIXED_FLIP_SUSPECT and (kind not in best or share > best[kind][0]):
+            best[kind] = (share, r.name, probe)
+    if not best:
         return None
-    _, name, probe = best
+    chosen = best.get(True)
+    if chosen is None or (False in best and best[False][0] >= chosen[0] + EDGE_PROXY_MARGIN):
+        chosen = best[False]
+    _, name, probe = chosen
     return name, lambda x: probe.transform(x, torch.Generator().manual_seed(seed))
 
 

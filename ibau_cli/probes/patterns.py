@@ -18,6 +18,7 @@ Transform = Callable[[Tensor, torch.Generator], Tensor]
 # where a fixed patch goes: the four corners, the centre and (0.4.0) the middle of each edge, a place
 # a QA model's trigger sat (mid-right) that no fixed patch reached
 PATCH_PLACES = ("br", "bl", "tr", "tl", "cc", "cr", "cl", "tc", "bc")
+EDGE_PLACES = ("cr", "cl", "tc", "bc")
 
 
 @dataclass
@@ -25,6 +26,10 @@ class PatternProbe:
     name: str
     family: str
     transform: Transform
+    # False for the places added in 0.4.0 (the middle of each edge): as a proxy trigger such a probe
+    # must beat the corner and centre ones by proxy_trigger's margin (a model whose patch detector
+    # answers along a whole edge kept its corner proxy, whose region the repair had been measured with)
+    preferred: bool = True
 
     def run(self, model: nn.Module, ctx: ProbeContext) -> ProbeResult:
         gen = torch.Generator().manual_seed(ctx.seed)
@@ -120,7 +125,14 @@ def builtin_patterns() -> list[PatternProbe]:
     for frac in (0.1, 0.2):
         for where in PATCH_PLACES:
             for colour in ("white", "black", "checker", "random"):
-                probes.append(PatternProbe(f"patch-{colour}-{where}-{frac:.0%}", "patch", _patch(frac, where, colour)))
+                probes.append(
+                    PatternProbe(
+                        f"patch-{colour}-{where}-{frac:.0%}",
+                        "patch",
+                        _patch(frac, where, colour),
+                        preferred=where not in EDGE_PLACES,
+                    )
+                )
     for alpha in (0.1, 0.2):
         for kind in ("noise", "smooth"):
             probes.append(PatternProbe(f"blend-{kind}-{alpha}", "blend", _blend(alpha, kind)))
