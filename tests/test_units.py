@@ -691,3 +691,23 @@ def test_a_class_only_synthesised_triggers_named_cannot_pass_the_probe_gate():
     # an estimate past the limit still fails, whoever named the class
     still = ProbeSuite([result("blend-smooth-0.2", "blend", 8, 40)], "no_evidence", after.evidence, 0.0, 200)
     assert _probe_gate(GateConfig(), synthesised_only, still).status == "fail"
+
+
+def test_a_mid_edge_patch_is_the_proxy_trigger_only_when_clearly_stronger():
+    """0.4.0's mid-edge probes: a LeNet whose corner trigger also answers along the bottom edge lost
+    its repair when a bottom-centre probe took the proxy's place; the corner stays unless beaten by 0.1."""
+    from ibau_cli.probes import ProbeSuite, proxy_trigger
+    from ibau_cli.probes.base import ProbeResult
+
+    def suite(corner: float, edge: float) -> ProbeSuite:
+        results = []
+        for name, share in (("patch-checker-br-20%", corner), ("patch-checker-bc-20%", edge)):
+            per_class = [0.0] * 10
+            per_class[0] = share
+            results.append(ProbeResult(name, "patch", 0, Rate(int(share * 100), 100), per_class=per_class))
+        return ProbeSuite(results, "suspected", {"suspected_class": 0}, 0.0, 100)
+
+    assert proxy_trigger(suite(0.95, 1.0), 0, 0)[0] == "patch-checker-br-20%"
+    assert proxy_trigger(suite(0.6, 1.0), 0, 0)[0] == "patch-checker-bc-20%"
+    assert proxy_trigger(suite(0.3, 0.9), 0, 0)[0] == "patch-checker-bc-20%"
+    assert proxy_trigger(suite(0.3, 0.4), 0, 0) is None
