@@ -42,13 +42,12 @@ from ibau_cli.probes import PROBES, ProbeSuite, judge, proxy_trigger  # noqa: E4
 from ibau_cli.probes.base import ProbeContext, predict  # noqa: E402
 from ibau_cli.probes.patterns import PatternProbe  # noqa: E402
 
-OLD_PLACES = ("br", "bl", "tr", "tl", "cc")  # 0.3.9's
 OUT = HERE / "results" / "edge-probe-check.jsonl"
 
 
-def _place(name: str) -> str | None:
-    parts = name.split("-")
-    return parts[2] if parts[0] == "patch" and len(parts) == 4 else None
+def _of_0_3_9(result) -> bool:
+    """A probe 0.3.9 ran: every fixed pattern but the mid-edge patches (``PatternProbe.preferred``)."""
+    return PROBES.get(result.name).preferred
 
 
 def proxies(results: list, num_classes: int) -> list[str | None]:
@@ -91,7 +90,7 @@ def check(model_dir: Path, data: Path, n: int, seed: int) -> dict:
     ctx.clean_pred = predict(model, x, ctx)
     fixed = [PROBES.get(n) for n in PROBES.names() if isinstance(PROBES.get(n), PatternProbe)]
     everything = [p.run(model, ctx) for p in fixed]
-    earlier = [r for r in everything if _place(r.name) in (None, *OLD_PLACES)]
+    earlier = [r for r in everything if _of_0_3_9(r)]
     verdict_then, evidence_then = judge(earlier, len(y))
     verdict_now, evidence_now = judge(everything, len(y))
     proxy_then, proxy_now = proxies(earlier, num_classes), proxies(everything, num_classes)
@@ -101,7 +100,7 @@ def check(model_dir: Path, data: Path, n: int, seed: int) -> dict:
         and all(evidence_then.get(k) == evidence_now.get(k) for k in keys)
         and proxy_then == proxy_now
     )
-    new = [r for r in everything if _place(r.name) not in (None, *OLD_PLACES)]
+    new = [r for r in everything if not _of_0_3_9(r)]
     top = max(new, key=lambda r: max(r.per_class) if r.per_class else 0.0)
     return {
         "model": model_dir.name,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from .evaluate import logits
+from .evaluate import predictions
 from .preprocess import Normalized, Preprocess
 
 MIN_GAIN = 0.10  # an alternative must get at least this share of the images more right
@@ -75,12 +75,16 @@ def sign_test(wins: int, losses: int) -> float:
     return sum(math.comb(n, k) for k in range(wins, n + 1)) / (1 << n)  # exact integers: no overflow
 
 
-def better_preprocess(model: nn.Module, pre: Preprocess, x: Tensor, y: Tensor, **eval_kw) -> BetterPreprocess | None:
+def better_preprocess(
+    model: nn.Module, pre: Preprocess, x: Tensor, y: Tensor, right_given: Tensor | None = None, **eval_kw
+) -> BetterPreprocess | None:
     """The alternative preprocessing under which ``model`` (the raw model, taking normalised inputs)
-    is clearly more accurate on pixel images ``x`` in [0, 1] than under ``pre``; None when none is."""
+    is clearly more accurate on pixel images ``x`` in [0, 1] than under ``pre``; None when none is.
+    ``right_given``: which images the model gets right under ``pre``, when the caller measured it."""
     if len(torch.unique(y)) < MIN_CLASSES:
         return None  # on one or two classes an input that pins the model to one of them wins by chance
-    right_given, _ = _correct(Normalized(model, pre), x, y, eval_kw)
+    if right_given is None:
+        right_given, _ = _correct(Normalized(model, pre), x, y, eval_kw)
     best: BetterPreprocess | None = None
     for name, alt in candidates(pre):
         right, pred = _correct(Normalized(model, alt), x, y, eval_kw)
@@ -99,6 +103,5 @@ def better_preprocess(model: nn.Module, pre: Preprocess, x: Tensor, y: Tensor, *
 def _correct(model: nn.Module, x: Tensor, y: Tensor, eval_kw: dict) -> tuple[Tensor, Tensor]:
     """Per image, whether ``model`` is right, and its predictions."""
     model.to(eval_kw.get("device", "cpu")).eval()
-    with torch.no_grad():
-        pred = logits(model, x, **eval_kw).argmax(1).cpu()
+    pred = predictions(model, x, **eval_kw)
     return pred == y, pred

@@ -26,7 +26,7 @@ from .destinations import (
 )
 from .device import amp_dtype, full_precision, resolve_device
 from .errors import ModelMismatchError, RuntimeFailure, UsageError, first_line, out_of_memory
-from .evaluate import attack_success, logits
+from .evaluate import attack_success, logits, predictions
 from .formats import detect_format, format_for_output, load_model, save_model, sha256_file
 from .formats.onnx_graph import NodeFailure
 from .metrics import Rate, paired_difference_interval
@@ -163,7 +163,7 @@ class _Prepared:
 
 
 def _figures(model, x, y, trigger, eval_kw) -> Figures:
-    correct = (logits(model, x, **eval_kw).argmax(1) == y).tolist() if len(y) else []
+    correct = (predictions(model, x, **eval_kw) == y).tolist() if len(y) else []
     asr = attack_success(model, x, y, trigger, **eval_kw) if trigger else None
     return Figures(Rate(sum(correct), len(correct)), asr, correct)
 
@@ -345,7 +345,9 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         )
     floor = settings.gate.resolved_min_clean_acc(num_classes)
     with timer.phase("preprocess_check"):
-        better = better_preprocess(model.model, pre, x_h, y_h, **eval_kw)
+        better = better_preprocess(
+            model.model, pre, x_h, y_h, torch.tensor(before.correct, dtype=torch.bool), **eval_kw
+        )
     if before.accuracy.value is not None and before.accuracy.value < floor:
         msg = (
             f"held-out clean accuracy is {before.accuracy.value:.1%} (n={before.accuracy.n}), below "

@@ -54,15 +54,20 @@ class SafetensorsFormat(ModelFormat):
 def _load_bytes(data: bytes) -> tuple[dict, dict]:
     from safetensors.torch import load
 
+    _, header = _header(data)
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return dict(meta or {}), load(data)
+
+
+def _header(data: bytes) -> tuple[int, dict]:
+    """A safetensors file's header: its length in bytes and its JSON (ValueError when unreadable)."""
     if len(data) < 8:
         raise ValueError("file too short for a safetensors header")
     (n,) = struct.unpack("<Q", data[:8])
     try:
-        header = json.loads(data[8 : 8 + n])
+        return n, json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"unreadable header: {exc}") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return dict(meta or {}), load(data)
 
 
 def with_sorted_header(data: bytes) -> bytes:
@@ -71,8 +76,7 @@ def with_sorted_header(data: bytes) -> bytes:
     run, so two identical repairs gave files with different sha256 sums (a registry or a CI cache
     that compares hashes saw a change where there was none). The tensor bytes are untouched: their
     offsets count from the end of the header."""
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
+    n, header = _header(data)
     meta = header.pop("__metadata__", None)
     ordered = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
     ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
