@@ -357,13 +357,20 @@ def test_file_names_that_are_not_utf8_load_and_write_in_every_format(backdoored,
     shutil.copy(backdoored["model"], model)
     onnx_model = latin1("modèle.onnx")
     shutil.copy(_export(backdoored["module"], tmp_path / "plain.onnx", dynamo=False), onnx_model)
+    # the same graph with its weights in an external-data file beside it; the command runs from another
+    # directory (0.4.0 handed onnxruntime the bytes, and it looked for the data in the working directory)
+    external = latin1("modèle-externe.onnx")
+    onnx.save_model(onnx.load(onnx_model), external, save_as_external_data=True, location="poids.bin", size_threshold=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     for src, out in [
         (model, latin1("réparé.ts")),
         (model, latin1("réparé.pt2")),
         (onnx_model, latin1("réparé.onnx")),
+        (external, latin1("réparé-externe.onnx")),
     ]:
         args = ["sanitize", src, "--clean", backdoored["clean100"], "--out", out, "--rounds", "0", "-q"]
-        res = run_cli(*args)
+        res = run_cli(*args, cwd=elsewhere)
         assert res.returncode == 0, (out, res.stderr)
         if not out.endswith(".onnx"):  # the written file loads back (an ONNX one is reloaded to verify it)
             again = [

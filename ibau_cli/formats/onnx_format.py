@@ -33,8 +33,14 @@ def ort_runner(path: Path, channels_last: bool, fixed_batch: int | None = None) 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    # onnxruntime opens UTF-8 names only; other names are read here (a graph with external data needs one)
-    source = str(path) if utf8_path(path) else Path(path).read_bytes()
+    # onnxruntime opens UTF-8 names only. Other names are read here by onnx, which also reads a graph's
+    # external data from beside it (onnxruntime, given bytes, would look for it in the working directory)
+    if utf8_path(path):
+        source: str | bytes = str(path)
+    else:
+        import onnx
+
+        source = onnx.load(str(path)).SerializeToString()
     session = ort.InferenceSession(source, sess_options=opts, providers=providers)
     name = session.get_inputs()[0].name
 
