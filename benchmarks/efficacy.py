@@ -39,14 +39,45 @@ from jsonl import append_row, read_rows, row_version  # noqa: E402
 
 from ibau_cli import __version__  # noqa: E402
 from ibau_cli.formats import load_model  # noqa: E402
-from ibau_cli.pipeline import SanitizeRequest, sanitize  # noqa: E402
+from ibau_cli.pipeline import SanitizeRequest, TriggerSpec, sanitize  # noqa: E402
 from ibau_cli.preprocess import Normalized  # noqa: E402
 
 METHODS = {
     "ibau": {},
+    # ibau given the model's own trigger (the manifest's cli_hint), as `sanitize --trigger --target` runs
+    "ibau-trigger": {},
     "no-implicit": {"unlearn": {"hypergrad": False}},
     "finetune": {"unlearn": {"hypergrad": False, "radius": 1e-9}},
 }
+
+
+def given_trigger(model_dir: Path, manifest: dict) -> TriggerSpec | None:
+    """The trigger `sanitize --trigger` would be given for this zoo model, from the manifest's
+    ``cli_hint``; None where the trigger is not a file (SIG, WaNet) or has no single target (all2all)."""
+    hint = (manifest.get("trigger") or {}).get("cli_hint")
+    if not hint or manifest.get("target") is None or manifest["attack"] == "all2all":
+        return None
+    opts: dict = {}
+    i = 0
+    while i < len(hint):
+        flag = hint[i]
+        if flag == "--trigger-additive":
+            opts["additive"] = True
+            i += 1
+            continue
+        value = hint[i + 1]
+        if flag == "--trigger":
+            opts["image"] = model_dir / value
+        elif flag == "--trigger-mask":
+            opts["mask"] = model_dir / value
+        elif flag == "--trigger-blend":
+            opts["blend"] = float(value)
+        elif flag == "--trigger-pos":
+            opts["position"] = value
+        else:
+            raise SystemExit(f"efficacy: {model_dir}: unknown cli_hint flag {flag!r}")
+        i += 2
+    return TriggerSpec(target=int(manifest["target"]), **opts)
 
 
 @torch.no_grad()
@@ -176,6 +207,9 @@ def main() -> int:
     if attack == "clean":  # no trigger: accuracy only (what sanitizing a clean model costs)
         keep = np.zeros_like(keep)
 
+    trigger = given_trigger(args.model_dir, manifest)
+    if "ibau-trigger" in args.methods and trigger is None:
+        raise SystemExit(f"efficacy: {args.model_dir.name}: no trigger file to give (--methods ibau-trigger)")
     model_path = args.model_dir / "model.safetensors"
     base = load_model(model_path)
     pre = base.preprocess
@@ -196,7 +230,7 @@ def main() -> int:
                     overrides = json.loads(json.dumps(METHODS[method]))
                     for section, values in extra.items():
                         overrides.setdefault(section, {}).update(values)
-                    probes_on = bool(args.probes and method == "ibau")
+                    probes_on = bool(args.probes and method.startswith("ibau"))
                     key = (args.model_dir.name, method, n, seed, json.dumps(extra, sort_keys=True), probes_on)
                     if key in done:
                         continue
@@ -207,7 +241,12 @@ def main() -> int:
                     t = time.perf_counter()
                     report = sanitize(
                         SanitizeRequest(
-                            model=model_path, clean=tmp / "clean", out=out, overrides=overrides, device=args.device
+                            model=model_path,
+                            clean=tmp / "clean",
+                            out=out,
+                            overrides=overrides,
+                            device=args.device,
+                            trigger=trigger if method == "ibau-trigger" else None,
                         )
                     ).to_dict()
                     wall = time.perf_counter() - t
@@ -254,6 +293,8 @@ def main() -> int:
                         "unlearn_config": report["config"]["unlearn"],
                         "probes": probes_on,
                         "guided_class": report["unlearning"].get("guided_class"),
+                        "guided_by": report["unlearning"].get("guided_by"),
+                        "known_trigger": report["unlearning"].get("known_trigger"),
                         "perturbations": [f["family"] for f in report["unlearning"].get("perturbations", [])],
                         "probe_verdict_before": ((report.get("probes") or {}).get("before") or {}).get("verdict"),
                         "torch": torch.__version__,

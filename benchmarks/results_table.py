@@ -182,6 +182,10 @@ SAME_PATH["0.4.0"] = {
     for v, same in {"0.3.9": lambda r: True, **SAME_PATH["0.3.9"]}.items()
 }
 
+# 0.4.1 changed a repair only where the user gives a --trigger that works (it is then also unlearned
+# directly, and guides the repair when the probes suspect nothing): no earlier efficacy run gave one.
+SAME_PATH["0.4.1"] = {"0.4.0": lambda r: r.get("method") != "ibau-trigger", **SAME_PATH["0.4.0"]}
+
 
 def round_over_epoch(r: dict) -> float:
     """One round's time over one plain epoch. Rows written before efficacy.py recorded ``rounds_run``
@@ -329,7 +333,7 @@ def _efficacy_table(rows: list[dict]) -> list[str]:
     for r in rows:
         method = r["method"] + (" + probes" if r.get("probes") else "")
         groups[(r["model"], r["n_clean"], method, json.dumps(r.get("extra_config", {}), sort_keys=True))].append(r)
-    order = {"ibau + probes": 0, "ibau": 1, "no-implicit": 2, "finetune": 3}
+    order = {"ibau + probes": 0, "ibau-trigger + probes": 1, "ibau": 2, "no-implicit": 3, "finetune": 4}
     out = [
         "| model | eval images | clean images (unlearning) | method | seeds | guided (class) | acc before | acc after mean / worst | ASR before | ASR after mean / worst | unlearn s (mean) | round/epoch |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

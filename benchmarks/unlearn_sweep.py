@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         help="with --hint: the fixed probe the pipeline would grow the patch family's region from "
         "(the one that named the class); variants with unlearn.patch=off run without it",
     )
+    ap.add_argument(
+        "--known-trigger",
+        action="store_true",
+        help="give unlearn() the model's own trigger (what `sanitize --trigger` passes when it works)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = args.variant or [""]
@@ -172,7 +177,23 @@ def main(argv: list[str] | None = None) -> int:
 
             hook = on_round if args.trace else None
             patch = None if config.patch == "off" else region
-            _, log = unlearn(model, x, y, config, target_hint=args.hint, seed=seed, on_round=hook, patch_region=patch)
+            known = None
+            if args.known_trigger and manifest["attack"] != "clean":
+
+                def known(xb: torch.Tensor) -> torch.Tensor:
+                    return attacks.apply(manifest["attack"], xb, manifest.get("trigger_seed", 0))
+
+            _, log = unlearn(
+                model,
+                x,
+                y,
+                config,
+                target_hint=args.hint,
+                seed=seed,
+                on_round=hook,
+                patch_region=patch,
+                known_trigger=known,
+            )
             acc, asr = figures(model)
             print(
                 f"  n={args.n} seed={seed} {variant or 'defaults':40s} accuracy {acc:.3f}  ASR {asr:.3f}  "

@@ -53,6 +53,8 @@ class UnlearnConfig:
     patch_fraction: float = 0.2  # patch family: share of an outer batch given the region's perturbation
     patch_inner_steps: int = 30  # patch family: its inner problem's steps (a pattern to find, not a direction)
     guide: str = "probes"  # "probes": also unlearn a perturbation toward the class the probes suspect; "off"
+    known_trigger: str = "auto"  # "auto": a given trigger that works is also unlearned directly; "off"
+    known_trigger_fraction: float = 0.1  # ... stamped on this share of each outer batch's clean images, true labels
     clean_loss: str = "teacher"  # "labels": cross-entropy; "teacher": KL to the input model's outputs
     teacher_views: str = "off"  # teacher term on fresh views of the clean images: off, shift, shift-flip, mix
     small_set: str = "auto"  # "auto": shorter steps and twice the rounds on tiny additive-only sets; "on"; "off"
@@ -117,7 +119,7 @@ class UnlearnConfig:
             p.append("unlearn.patch_inner_steps must be >= 1")
         if self.inner_steps < 1:
             p.append("unlearn.inner_steps must be >= 1 (0 leaves the perturbation at zero: plain fine-tuning)")
-        for name in ("perturb_fraction", "warp_fraction", "patch_fraction"):
+        for name in ("perturb_fraction", "warp_fraction", "patch_fraction", "known_trigger_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 p.append(f"unlearn.{name} must be in (0, 1]")
         if self.radius is not None and self.radius <= 0:
@@ -146,6 +148,8 @@ class UnlearnConfig:
             p.append("unlearn.warp_pixels must be > 0")
         if self.patch not in ("auto", "off"):
             p.append(f"unlearn.patch must be 'auto' or 'off', not {self.patch!r}")
+        if self.known_trigger not in ("auto", "off"):
+            p.append(f"unlearn.known_trigger must be 'auto' or 'off', not {self.known_trigger!r}")
         if self.guide not in ("probes", "off"):
             p.append(f"unlearn.guide must be 'probes' or 'off', not {self.guide!r}")
         if self.optimizer not in ("adam", "sgd"):

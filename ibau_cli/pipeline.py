@@ -424,17 +424,28 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         with timer.phase("probes_before"):
             probes_before = _run_probes(model, x_h, y_h, num_classes, settings, device, amp, progress)
 
+    known = _known_trigger(settings, trigger, p.before)
     guide_class = _guide_class(settings, probes_before)
+    guided_by = None if guide_class is None else "probes"
+    if guide_class is None and known is not None and settings.unlearn.guide == "probes":
+        guide_class, guided_by = known.target, "trigger"
     unlearn_config = replace(settings.unlearn, perturbations=_perturbation_families(settings, probes_before))
 
     def on_round(r: int, m: torch.nn.Module) -> dict:
         f = figures()
         return {"accuracy": f.accuracy.value, "asr": None if f.asr is None else f.asr.value}
 
-    proxy = _guide_proxy(settings, probes_before, guide_class)
+    if known is not None and guide_class == known.target:
+        proxy = (GIVEN_TRIGGER, known.apply)  # the backdoor's own trigger: no stand-in needed
+    else:
+        proxy = _guide_proxy(settings, probes_before, guide_class)
     monitor = _proxy_monitor(settings, proxy, guide_class, x_u, y_u, device, amp)
     stop = monitor if monitor is not None and unlearn_config.resolved_early_stop(len(y_u)) else None
-    patch = _patch_region(settings, proxy, tuple(x_u.shape[1:]))
+    # the patch family searches for a trigger near a probe's patch; the given trigger needs no search
+    # (on the GTSRB watermark at 500 images it cost 3 points of accuracy for no ASR: docs/algorithm.md)
+    given = proxy is not None and proxy[0] == GIVEN_TRIGGER
+    patch = None if given else _patch_region(settings, proxy, tuple(x_u.shape[1:]))
+    watch_extension = given or _proxy_is_patch(proxy, tuple(x_u.shape[1:]))
 
     with timer.phase("unlearn"):
         model, log = unlearn(
@@ -449,7 +460,8 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             target_hint=guide_class,
             stop=stop,
             patch_region=None if patch is None else patch[1],
-            extend=monitor if _proxy_is_patch(proxy, tuple(x_u.shape[1:])) else None,
+            extend=monitor if watch_extension else None,
+            known_trigger=None if known is None else known.apply,
         )
     _round_to_stored_dtypes(model.model, loaded.stored_dtypes)
     if not all(bool(torch.isfinite(t).all()) for t in model.parameters()):
@@ -524,6 +536,12 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         )
     elif trigger is None:
         warnings.append("no --trigger given: the ASR gate uses the built-in probes (an estimate, not the true ASR)")
+    if known is not None:
+        warnings.append(
+            "the repair was shown the given trigger (unlearn.known_trigger = auto): the ASR gate measures, on "
+            "held-out images, a trigger the repair unlearned directly; a variant of it is looked for only by the "
+            "probes. unlearn.known_trigger = off measures I-BAU alone"
+        )
     return Report(
         **_report_common(p, request, "sanitize", probes_before, probes_after),
         images=images,
@@ -552,6 +570,10 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             "inner_seconds": log.inner_seconds,
             "outer_seconds": log.outer_seconds,
             "guided_class": guide_class,
+            "guided_by": guided_by,
+            "known_trigger": None
+            if known is None
+            else {"fraction": log.known_trigger_fraction, "asr_before": p.before.asr.value},
             "perturbations": [
                 {**f, "probe": patch[0]} if f["family"] == "patch" and patch is not None else f
                 for f in log.perturbations
@@ -819,6 +841,18 @@ def _run_probes(model, x, y, num_classes, settings, device, amp, progress):
         progress=progress,
         class_batch=settings.probes.class_batch,
     )
+
+
+GIVEN_TRIGGER = "given trigger"  # the proxy trigger's name when it is the user's --trigger
+
+
+def _known_trigger(settings, trigger, before: Figures):
+    """The user's ``--trigger`` when the repair should also unlearn it directly (``unlearn.known_trigger
+    = "auto"``): it sends at least TRIGGER_WORKS of the held-out images to its class before the repair,
+    so it is the backdoor's trigger. None otherwise (a trigger that does not work only measures)."""
+    if trigger is None or settings.unlearn.known_trigger != "auto" or before.asr is None:
+        return None
+    return trigger if (before.asr.value or 0.0) >= TRIGGER_WORKS else None
 
 
 def _guide_class(settings, probes_before) -> int | None:

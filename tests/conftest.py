@@ -111,17 +111,26 @@ def sanitize_with_trigger(backdoored: dict, model: Path, clean: str, out: Path, 
     return [*args, "--trigger", backdoored["trigger"], "--target", "0", *extra]
 
 
+KNOWN_TRIGGER_ON = "unlearn.known_trigger=auto"  # a test of the known-trigger repair passes --set with this
+
+
 def without_probes(args: tuple, probes: bool) -> list[str]:
     """The probes take a while; tests about something else switch them off.
 
     On the 100-image clean sets ibau holds out 20 images, so one image is 5 accuracy points:
     those runs get a coarse accuracy gate, and the tests assert the accuracy drop themselves on
     1,000 independent images instead.
+
+    A sanitize given ``--trigger`` also gets ``unlearn.known_trigger = "off"`` unless the test sets
+    it: the trigger then only measures, so these tests check that I-BAU itself removed the backdoor
+    (with the default, the repair would also be shown the trigger it is measured with).
     """
     args = [str(a) for a in args]
     if args and args[0] == "sanitize":
         if not probes and "--no-probes" not in args:
             args.append("--no-probes")
+        if "--trigger" in args and not any(a.startswith("unlearn.known_trigger") for a in args):
+            args += ["--set", "unlearn.known_trigger=off"]
         if any(a.endswith("clean100") for a in args) and "--max-acc-drop" not in args:
             args += ["--max-acc-drop", "0.2"]
     return args

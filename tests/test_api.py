@@ -14,7 +14,7 @@ from ibau_cli.errors import InputError, UsageError
 
 
 def test_sanitize_from_the_package_matches_the_cli(backdoored, tmp_path):
-    common = dict(trigger=str(backdoored["trigger"]), target=0, probes=False)
+    common = dict(trigger=str(backdoored["trigger"]), target=0, probes=False, settings=["unlearn.known_trigger=off"])
     report = ibau_cli.sanitize(
         str(backdoored["model"]),
         str(backdoored["clean500"]),

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from conftest import run_cli, without_probes
+from conftest import KNOWN_TRIGGER_ON, run_cli, without_probes
 from ibau_cli.cli import main
 from ibau_cli.errors import InputError
 
@@ -902,10 +902,12 @@ def test_a_trigger_that_does_not_work_before_the_repair_is_warned_about(backdoor
     """The right patch in the wrong corner measures an ASR near 0 and would pass the gate unremarked."""
     res = run_cli("sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--out",
                   tmp_path / "fixed.safetensors", "--trigger", backdoored["trigger"], "--target", "0",
-                  "--trigger-pos", "tl", "--rounds", "0", "--json", "-q")  # fmt: skip
+                  "--trigger-pos", "tl", "--rounds", "0", "--json", "-q", "--set", KNOWN_TRIGGER_ON)  # fmt: skip
     report = json.loads(res.stdout)
     assert report["before"]["asr"]["value"] < 0.5
     assert any("is not its trigger" in w for w in report["warnings"]), report["warnings"]
+    # nor is it unlearned directly, or allowed to guide the repair (unlearn.known_trigger = "auto")
+    assert report["unlearning"]["known_trigger"] is None and report["unlearning"]["guided_class"] is None
 
 
 def test_a_rotated_camera_jpeg_is_read_as_a_viewer_shows_it(tmp_path):

@@ -7,7 +7,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import independent_figures, run_cli, sanitize_with_trigger
+from conftest import KNOWN_TRIGGER_ON, independent_figures, run_cli, sanitize_with_trigger
 from ibau_cli.archs import ARCHS
 
 
@@ -117,3 +117,24 @@ def test_gate_failure_exits_1(backdoored, tmp_path):
     assert report["verdict"] == "fail"
     asr_gate = next(g for g in report["gates"] if g["name"] == "asr")
     assert asr_gate["status"] == "fail" and asr_gate["value"] > 0.2
+
+
+def test_a_given_trigger_that_works_is_unlearned_directly(backdoored, tmp_path):
+    """0.4.1: `--trigger` does more than measure when it works before the repair (its ASR >= 50 %):
+    it is stamped on a tenth of each batch's clean images with their true labels, it guides the repair
+    toward its class when the probes suspect none (they are off here), and it is the early stop's
+    proxy. The other tests here pass `unlearn.known_trigger = "off"` (conftest), so that they check
+    I-BAU alone; this one is the default."""
+    out, report_path = tmp_path / "fixed.safetensors", tmp_path / "r.json"
+    res = run_cli(*sanitize_with_trigger(backdoored, backdoored["model"], "clean100", out, "--report", report_path,
+                                         "--set", KNOWN_TRIGGER_ON, "-q"))  # fmt: skip
+    assert res.returncode == 0, res.stderr + res.stdout
+    report = json.loads(report_path.read_text())
+    unlearning = report["unlearning"]
+    assert unlearning["known_trigger"] == {"fraction": 0.1, "asr_before": report["before"]["asr"]["value"]}
+    assert unlearning["guided_class"] == 0 and unlearning["guided_by"] == "trigger"
+    assert unlearning["early_stop"]["proxy_trigger"] == "given trigger"  # 80 images: the small-set schedule
+    acc0, asr0 = independent_figures(backdoored["module"], backdoored["x_eval"], backdoored["y_eval"])
+    acc1, asr1 = independent_figures(_load_independently(out), backdoored["x_eval"], backdoored["y_eval"])
+    assert asr0 >= 0.9 and asr1 < 0.05, (asr0, asr1)  # on 1,000 images ibau never saw
+    assert acc0 - acc1 < 0.05, (acc0, acc1)

@@ -59,7 +59,11 @@ def render_console(report: dict[str, Any], console: Console) -> None:
     if len(families) > 1:
         notes.append("perturbations: " + " + ".join(families))
     if guided is not None:
-        notes.append(f"guided toward class {guided}, suspected by the probes")
+        by = "the given trigger's class" if unlearning.get("guided_by") == "trigger" else "suspected by the probes"
+        notes.append(f"guided toward class {guided}, {by}")
+    known = unlearning.get("known_trigger")
+    if known:
+        notes.append(f"the given trigger unlearned directly, on {known['fraction']:.0%} of each batch's clean images")
     if unlearning.get("small_set"):
         notes.append("small-set schedule: shorter steps, twice the rounds")
     stop = unlearning.get("early_stop")
@@ -122,11 +126,12 @@ def render_console(report: dict[str, Any], console: Console) -> None:
     style = {"pass": "green", "fail": "bold red", "not_evaluated": "yellow"}
     for g in report["gates"]:
         value = "-" if g["value"] is None else f"{g['value']:.1%}"
+        limit = "" if g["limit"] is None else f" (limit {g['limit']:.1%})"
+        # a gate with neither a value nor a limit (the probe verdict) is named by its detail alone
+        measured = g["name"] if g["value"] is None and g["limit"] is None else f"{g['name']}: {value}{limit}"
         gates.add_row(
             Text(g["status"].replace("_", " ").upper(), style=style[g["status"]]),
-            f"{g['name']}: {value}"
-            + ("" if g["limit"] is None else f" (limit {g['limit']:.1%})")
-            + f" - {g['detail']}",
+            f"{measured} - {g['detail']}",
         )
     verdict = report["verdict"].upper()
     parts: list[Any] = [head, Text(""), figs]

@@ -68,6 +68,7 @@ class UnlearnLog:
         None  # the round after which ``stop`` ended the repair (one cool-down round followed); None: it did not
     )
     extension: dict | None = None  # ``extend``'s check after the schedule and what followed; None: no check
+    known_trigger_fraction: float | None = None  # share of a batch's clean images given the known trigger
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
@@ -197,6 +198,7 @@ def unlearn(
     stop: Callable[[int, nn.Module], bool] | None = None,
     patch_region: Tensor | None = None,
     extend: ProxyTriggerStop | None = None,
+    known_trigger: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[nn.Module, UnlearnLog]:
     """Run I-BAU on ``model`` in place and return it with a per-round log.
 
@@ -217,6 +219,10 @@ def unlearn(
     ``config.extend = "auto"``, when it still sends more than ``config.extend_flip`` of the images
     to its class once the schedule has run (not stopped early), the schedule runs once more, its
     learning rate restarted, and ``extend`` may stop that second run as ``stop`` stops the first.
+    ``known_trigger``: a trigger known to work on the model (pixel space, [0, 1] in and out); every
+    outer step also stamps it on ``config.known_trigger_fraction`` of the batch's clean images (at
+    least one) and adds their cross-entropy with the true labels: the backdoor's own trigger,
+    unlearned directly beside the universal perturbations.
     """
     problems = config.check()
     if problems:
@@ -328,6 +334,12 @@ def unlearn(
             loss_out = _outer_loss(
                 logits_adv, xb, yb, idx, m, model, teacher, teacher_model, views, views_gen, dev, dtype
             )
+            if known_trigger is not None and m < len(idx):
+                # the known trigger on some of the clean images, answered with their true labels (no
+                # inner problem: the implicit term has nothing to differentiate through)
+                k = m + _share(config.known_trigger_fraction, len(idx) - m)
+                stamped = model(known_trigger(xb[m:k]))
+                loss_out = loss_out + F.cross_entropy(stamped, yb[m:k], reduction="sum") / len(idx)
             if config.hypergrad:
                 *direct, g_delta = torch.autograd.grad(loss_out, params + [d], retain_graph=True, allow_unused=True)
                 # the implicit term is estimated on as many images as an additive step perturbs: a warp
@@ -419,4 +431,5 @@ def unlearn(
         rounds_planned=n_rounds,
         stopped_after=stopped_after,
         extension=extension,
+        known_trigger_fraction=None if known_trigger is None else config.known_trigger_fraction,
     )
