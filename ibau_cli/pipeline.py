@@ -258,12 +258,23 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         warnings.append(f"only {len(y_h)} held-out images: every rate measured on them has a wide confidence interval")
     warnings += _conversion_warnings(clean, pre)
     shrunk = clean.conversions.get("shrunk_2x_or_more", 0)
-    if shrunk == len(clean.labels) and shrunk and sources.origins.get("preprocess.input_size") == "defaults":
+    resized = clean.conversions.get("resized", 0)
+    assumed = sources.origins.get("preprocess.input_size") == "defaults"
+    if shrunk == len(clean.labels) and shrunk and assumed:
         # every image at least twice the size ibau assumed when nothing said the model's input size
         warnings.append(
             f"all {shrunk} clean images are at least twice {pre.input_size[0]}x{pre.input_size[1]} on each side, "
             "the input size ibau assumes when nothing sets it (no --input-size, preset, config or model metadata): "
             "if the model takes larger images, set --input-size HxW, or every figure is measured on shrunk images"
+        )
+    elif resized == len(clean.labels) and resized and assumed:
+        # every image resized to the assumed size (a QA model trained at 40x40 ran at 32x32 unremarked)
+        example = clean.examples.get("resized", "")
+        warnings.append(
+            f"all {resized} clean images were resized to {pre.input_size[0]}x{pre.input_size[1]}, the input size "
+            f"ibau assumes when nothing sets it (no --input-size, preset, config or model metadata); {example} is "
+            f"{_image_size(Path(request.clean) / example)}: if the model takes the images' own size, set --input-size HxW (a --trigger-pos "
+            "is in the model's input pixels)"
         )
     if split and len(clean.labels) and len(y_h) / len(clean.labels) > settings.split.holdout + 0.05:
         warnings.append(
@@ -844,6 +855,17 @@ def _run_probes(model, x, y, num_classes, settings, device, amp, progress):
 
 
 GIVEN_TRIGGER = "given trigger"  # the proxy trigger's name when it is the user's --trigger
+
+
+def _image_size(path: Path) -> str:
+    """``HxW`` of an image file as stored, for a message; "of another size" when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return f"{img.height}x{img.width}"
+    except Exception:
+        return "of another size"
 
 
 def _known_trigger(settings, trigger, before: Figures):

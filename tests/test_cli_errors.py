@@ -978,6 +978,17 @@ def test_images_all_shrunk_to_an_input_size_nothing_set_are_warned(backdoored, t
     assert any(w.startswith("all 40 clean images are at least twice 32x32") for w in report["warnings"]), report
     code, stdout, err = invoke(*args, "--out", tmp_path / "b.ts", "--input-size", "64x64")
     assert not any("at least twice" in w for w in json.loads(stdout)["warnings"])
+    # less than twice (a QA model trained at 40x40, 0.4.0: counted as "resized" and nothing more)
+    clean40 = tmp_path / "clean40"
+    for f in sorted(clean.glob("*/*.png")):
+        (clean40 / f.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.open(f).resize((40, 40), Image.BICUBIC).save(clean40 / f.parent.name / f.name)
+    args[args.index(clean)] = clean40
+    code, stdout, err = invoke(*args, "--out", tmp_path / "c.ts")
+    warned = [w for w in json.loads(stdout)["warnings"] if w.startswith("all 40 clean images were resized to 32x32")]
+    assert len(warned) == 1 and "is 40x40" in warned[0] and "--input-size" in warned[0], stdout
+    code, stdout, err = invoke(*args, "--out", tmp_path / "d.ts", "--input-size", "40x40")
+    assert not any("were resized" in w for w in json.loads(stdout)["warnings"])
 
 
 def test_strict_fails_a_run_whose_gate_could_not_be_evaluated(backdoored, tmp_path):
