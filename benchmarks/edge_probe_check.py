@@ -16,6 +16,10 @@ for every class. Where nothing differs, the earlier run's repair is the one 0.4.
 
 Appends to ``benchmarks/results/edge-probe-check.jsonl`` (one row per model, clean-set size and seed;
 rows already there are skipped, so an interrupted run resumes).
+
+``--since 0.4.2`` makes the same check for the frame probes 0.4.2 added (``PatternProbe.added_in``):
+the probes before them against all of them, for the ``ibau + probes`` and ``ibau-trigger + probes``
+rows, into ``benchmarks/results/frame-probe-check.jsonl``.
 """
 
 from __future__ import annotations
@@ -42,12 +46,20 @@ from ibau_cli.probes import PROBES, ProbeSuite, judge, proxy_trigger  # noqa: E4
 from ibau_cli.probes.base import ProbeContext, predict  # noqa: E402
 from ibau_cli.probes.patterns import PatternProbe  # noqa: E402
 
-OUT = HERE / "results" / "edge-probe-check.jsonl"
+OUTPUTS = {"0.4.0": HERE / "results" / "edge-probe-check.jsonl", "0.4.2": HERE / "results" / "frame-probe-check.jsonl"}
 
 
-def _of_0_3_9(result) -> bool:
-    """A probe 0.3.9 ran: every fixed pattern but the mid-edge patches (``PatternProbe.preferred``)."""
-    return PROBES.get(result.name).preferred
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")) if text else ()
+
+
+def _before(result, since: str) -> bool:
+    """A probe the versions before ``since`` ran (``PatternProbe.added_in``)."""
+    return _version(PROBES.get(result.name).added_in) < _version(since)
+
+
+def _up_to(probe, since: str) -> bool:
+    return _version(probe.added_in) <= _version(since)
 
 
 def proxies(results: list, num_classes: int) -> list[str | None]:
@@ -61,18 +73,19 @@ def proxies(results: list, num_classes: int) -> list[str | None]:
     return chosen
 
 
-def runs_to_check(results: Path) -> list[tuple[str, int, int]]:
-    """(model, clean-set size, seed) of every ibau + probes row, CPU and GPU (the draw is the same)."""
+def runs_to_check(results: Path, methods: tuple[str, ...] = ("ibau",)) -> list[tuple[str, int, int]]:
+    """(model, clean-set size, seed) of every row of ``methods`` with probes, CPU and GPU (the draw is
+    the same)."""
     runs = set()
     for f in sorted(results.rglob("*.jsonl")):
         for line in f.read_text().splitlines():
             r = json.loads(line) if line.strip() else {}
-            if r.get("method") == "ibau" and r.get("probes") and "n_clean" in r:
+            if r.get("method") in methods and r.get("probes") and "n_clean" in r:
                 runs.add((r["model"], int(r["n_clean"]), int(r["seed"])))
     return sorted(runs)
 
 
-def check(model_dir: Path, data: Path, n: int, seed: int) -> dict:
+def check(model_dir: Path, data: Path, n: int, seed: int, since: str = "0.4.0") -> dict:
     manifest = json.loads((model_dir / "manifest.json").read_text())
     x_te, y_te, _, _ = zoo.load_split(data, manifest["dataset"], "test")
     perm = np.random.default_rng(1000).permutation(len(y_te))
@@ -89,8 +102,8 @@ def check(model_dir: Path, data: Path, n: int, seed: int) -> dict:
     ctx = ProbeContext(x, y, num_classes, torch.device("cpu"), None, seed, torch.empty(0), 0, 1.0)
     ctx.clean_pred = predict(model, x, ctx)
     fixed = [PROBES.get(n) for n in PROBES.names() if isinstance(PROBES.get(n), PatternProbe)]
-    everything = [p.run(model, ctx) for p in fixed]
-    earlier = [r for r in everything if _of_0_3_9(r)]
+    everything = [p.run(model, ctx) for p in fixed if _up_to(p, since)]
+    earlier = [r for r in everything if _before(r, since)]
     verdict_then, evidence_then = judge(earlier, len(y))
     verdict_now, evidence_now = judge(everything, len(y))
     proxy_then, proxy_now = proxies(earlier, num_classes), proxies(everything, num_classes)
@@ -100,7 +113,7 @@ def check(model_dir: Path, data: Path, n: int, seed: int) -> dict:
         and all(evidence_then.get(k) == evidence_now.get(k) for k in keys)
         and proxy_then == proxy_now
     )
-    new = [r for r in everything if not _of_0_3_9(r)]
+    new = [r for r in everything if not _before(r, since)]
     top = max(new, key=lambda r: max(r.per_class) if r.per_class else 0.0)
     return {
         "model": model_dir.name,
@@ -122,18 +135,21 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=zoo.default_data_dir())
     ap.add_argument("--zoo", type=Path, default=HERE / "zoo-models")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--since", choices=sorted(OUTPUTS), default="0.4.0", help="the version whose new probes to check")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    out = OUTPUTS[args.since]
+    methods = ("ibau",) if args.since == "0.4.0" else ("ibau", "ibau-trigger")
     done = set()
-    if OUT.exists():
-        for line in OUT.read_text().splitlines():
+    if out.exists():
+        for line in out.read_text().splitlines():
             r = json.loads(line)
             done.add((r["model"], r["n_clean"], r["seed"]))
-    for model, n, seed in runs_to_check(HERE / "results"):
+    for model, n, seed in runs_to_check(HERE / "results", methods):
         if (model, n, seed) in done or not (args.zoo / model / "manifest.json").exists():
             continue
-        row = check(args.zoo / model, args.data, n, seed)
-        with OUT.open("a") as f:
+        row = check(args.zoo / model, args.data, n, seed, args.since)
+        with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
     return 0

@@ -148,8 +148,8 @@ SAME_PATH["0.3.9"] = {
 # decisions with and without the new places (results/edge-probe-check.jsonl; the draw does not depend
 # on the device, and GPU runs were checked on the CPU). Where they are the same, and for every run
 # without probes, the earlier run took 0.4.0's path.
-def _edge_probes_silent() -> dict[tuple[str, int, int], tuple[bool, float]]:
-    path = Path(__file__).resolve().parent / "results" / "edge-probe-check.jsonl"
+def _edge_probes_silent(name: str = "edge-probe-check.jsonl") -> dict[tuple[str, int, int], tuple[bool, float]]:
+    path = Path(__file__).resolve().parent / "results" / name
     if not path.exists():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -185,6 +185,28 @@ SAME_PATH["0.4.0"] = {
 # 0.4.1 changed a repair only where the user gives a --trigger that works (it is then also unlearned
 # directly, and guides the repair when the probes suspect nothing): no earlier efficacy run gave one.
 SAME_PATH["0.4.1"] = {"0.4.0": lambda r: r.get("method") != "ibau-trigger", **SAME_PATH["0.4.0"]}
+
+# 0.4.2 added fixed frame probes (a border 1 or 2 pixels wide, white or black). As for 0.4.0's
+# mid-edge patches, `edge_probe_check.py --since 0.4.2` rebuilt every probe run's held-out draw and
+# compared the probes' decisions with and without them (results/frame-probe-check.jsonl); where they
+# are the same, and for every run without probes, the earlier run took 0.4.2's path.
+_FRAMES_SILENT: dict[tuple[str, int, int], tuple[bool, float]] | None = None
+
+
+def _same_path_as_0_4_2(r: dict) -> bool:
+    global _FRAMES_SILENT  # noqa: PLW0603  (read once per run of this script)
+    if not r.get("probes") or r.get("method") not in ("ibau", "ibau-trigger"):
+        return True
+    if _FRAMES_SILENT is None:
+        _FRAMES_SILENT = _edge_probes_silent("frame-probe-check.jsonl")
+    same, share = _FRAMES_SILENT.get((r["model"], int(r["n_clean"]), int(r["seed"])), (False, 1.0))
+    return same and (r.get("device", "cpu") == "cpu" or share < GPU_MARGIN)
+
+
+SAME_PATH["0.4.2"] = {
+    v: (lambda r, same=same: _same_path_as_0_4_2(r) and same(r))
+    for v, same in {"0.4.1": lambda r: True, **SAME_PATH["0.4.1"]}.items()
+}
 
 
 def round_over_epoch(r: dict) -> float:
@@ -224,7 +246,11 @@ def current_rows(rows: list[dict], version: str) -> list[dict]:
 def _efficacy_rows() -> list[dict]:
     rows = []
     for path in sorted((HERE / "results").glob("*.jsonl")):
-        if path.name in ("probes.jsonl", "speed.jsonl", "edge-probe-check.jsonl") or path.name.startswith("probes-"):
+        if (
+            path.name in ("probes.jsonl", "speed.jsonl")
+            or path.name.endswith("-probe-check.jsonl")
+            or path.name.startswith("probes-")
+        ):
             continue
         rows += read_rows(path)
     return rows
@@ -469,7 +495,10 @@ def main() -> int:
         "`ibau sanitize` does by default: probes on the held-out part before and after, the unlearning",
         "guided toward the class they suspect; `guided` says in how many seeds and toward which class, and",
         "in how many the early stop ended the repair, after how many rounds on average),",
-        "`ibau` (the same without the probes, so never guided),",
+        "`ibau-trigger + probes` (the same given the model's own trigger, as `sanitize --trigger --target`:",
+        "since 0.4.1 a trigger that works is also unlearned directly and guides the repair when the probes",
+        "suspect nothing, so its ASR is measured with a trigger the repair was shown; not in the targets",
+        "table), `ibau` (the same without the probes, so never guided),",
         "`no-implicit` (the same loop with the implicit hypergradient off), `finetune` (the same loop with",
         "the perturbation forced to zero: plain fine-tuning with the same optimiser and steps).",
         "`round/epoch` is one I-BAU round's time over one plain fine-tuning epoch on the same unlearning",

@@ -19,7 +19,30 @@ FAST = ["--set", "probes.budget_steps=300"]
 
 def test_probe_registry_has_every_family():
     families = {PROBES.get(n).family for n in PROBES.names()}
-    assert families == {"patch", "blend", "signal", "warp", "colour", "synthesised"}
+    assert families == {"patch", "frame", "blend", "signal", "warp", "colour", "synthesised"}
+
+
+def _white_frame(x: torch.Tensor) -> torch.Tensor:
+    """A white border one pixel wide, flush with the edges (a QA MNIST model's trigger)."""
+    x = x.clone()
+    x[:, :, 0, :] = x[:, :, -1, :] = 1.0
+    x[:, :, :, 0] = x[:, :, :, -1] = 1.0
+    return x
+
+
+def test_a_one_pixel_frame_is_found_by_the_frame_probes_alone():
+    """0.4.1's probes rated a QA MNIST model with a 1-pixel white frame trigger (100 % ASR) "no
+    evidence": no patch reaches a frame. 0.4.2's frame probes name its class; its patch probes do not."""
+    from ibau_cli.demo import train_backdoored
+
+    trained = train_backdoored(seed=3, n_train=2000, trigger_fn=_white_frame)
+    assert trained.asr > 0.9
+    x, y = synthetic_images(200, seed=31)
+    names = [n for n in PROBES.names() if PROBES.get(n).family in ("patch", "frame")]
+    suite = run_probes(trained.model, x, y, NUM_CLASSES, device=torch.device("cpu"), names=names)
+    assert suite.verdict == "suspected" and suite.evidence["suspected_class"] == 0, suite.evidence
+    assert "frame-white-1px" in suite.evidence["reasons"][0], suite.evidence
+    assert max(r.flip.value for r in suite.results if r.family == "patch") < 0.5
 
 
 def test_scan_flags_backdoor_with_its_target(backdoored):

@@ -43,7 +43,7 @@ def resolved_class_batch(
 @dataclass
 class ProbeResult:
     name: str
-    family: str  # "patch", "blend", "signal", "warp", "colour", "synthesised"
+    family: str  # "patch", "frame", "blend", "signal", "warp", "colour", "synthesised"
     worst_class: int
     flip: Rate  # non-target images, not already predicted as the class, flipped to it
     details: dict = field(default_factory=dict)
