@@ -70,6 +70,7 @@ def _cifar(attack: str, target: int = 0, *, poison: float = 0.1, epochs: int = 3
 RECIPES: tuple[Recipe, ...] = (
     Recipe("cifar10-smallvgg-badnets", "cifar10", "small-vgg", "badnets", 0, 0.1, 14, 0),
     Recipe("cifar10-smallvgg-clean-s0", "cifar10", "small-vgg", "clean", 0, 0.0, 14, 0),
+    Recipe("cifar10-smallvgg-blend", "cifar10", "small-vgg", "blend", 6, 0.1, 14, 0),
     _gtsrb("badnets", 2),
     _gtsrb("blend", 5),
     _gtsrb("trojan-square", 8),
