@@ -547,7 +547,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         )
     elif trigger is None:
         warnings.append("no --trigger given: the ASR gate uses the built-in probes (an estimate, not the true ASR)")
-    if known is not None:
+    if log.known_trigger_fraction is not None:
         warnings.append(
             "the repair was shown the given trigger (unlearn.known_trigger = auto): the ASR gate measures, on "
             "held-out images, a trigger the repair unlearned directly; a variant of it is looked for only by the "
@@ -583,7 +583,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             "guided_class": guide_class,
             "guided_by": guided_by,
             "known_trigger": None
-            if known is None
+            if log.known_trigger_fraction is None
             else {"fraction": log.known_trigger_fraction, "asr_before": p.before.asr.value},
             "perturbations": [
                 {**f, "probe": patch[0]} if f["family"] == "patch" and patch is not None else f

@@ -711,3 +711,27 @@ def test_a_mid_edge_patch_is_the_proxy_trigger_only_when_clearly_stronger():
     assert proxy_trigger(suite(0.6, 1.0), 0, 0)[0] == "patch-checker-bc-20%"
     assert proxy_trigger(suite(0.3, 0.9), 0, 0)[0] == "patch-checker-bc-20%"
     assert proxy_trigger(suite(0.3, 0.4), 0, 0) is None
+
+
+def test_a_known_trigger_is_unlearned_by_the_stamping_itself(backdoored):
+    """unlearn(known_trigger=...) with the perturbations switched off (radius 1e-9: plain fine-tuning,
+    which leaves a backdoor in place): the stamped images alone take the ASR down, and the log says
+    how much of each batch they were; with every image of a batch perturbed, none is stamped."""
+    import copy
+    import dataclasses
+
+    from conftest import independent_figures
+    from ibau_cli.config import UnlearnConfig
+    from ibau_cli.demo import add_badnets_trigger, synthetic_images
+    from ibau_cli.unlearn import unlearn
+
+    x, y = synthetic_images(200, seed=77)
+    config = dataclasses.replace(UnlearnConfig(), radius=1e-9, hypergrad=False, rounds=3)
+    asr = {}
+    for known in (None, add_badnets_trigger):
+        model, log = unlearn(copy.deepcopy(backdoored["module"]), x, y, config, known_trigger=known)
+        asr[known is not None] = independent_figures(model, backdoored["x_eval"], backdoored["y_eval"])[1]
+        assert log.known_trigger_fraction == (0.1 if known else None)
+    assert asr[False] > 0.8 and asr[True] < 0.1, asr
+    _, log = unlearn(copy.deepcopy(backdoored["module"]), x[:1], y[:1], config, known_trigger=add_badnets_trigger)
+    assert log.known_trigger_fraction is None  # a batch of one image is all perturbed: nothing stamped

@@ -68,7 +68,7 @@ class UnlearnLog:
         None  # the round after which ``stop`` ended the repair (one cool-down round followed); None: it did not
     )
     extension: dict | None = None  # ``extend``'s check after the schedule and what followed; None: no check
-    known_trigger_fraction: float | None = None  # share of a batch's clean images given the known trigger
+    known_trigger_fraction: float | None = None  # share of each batch's clean images stamped; None: none were
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
@@ -297,6 +297,7 @@ def unlearn(
     extension: dict | None = None
     t_start = time.perf_counter()
     inner_total = outer_total = 0.0
+    n_stamped = 0  # images the known trigger was stamped on (none: a batch all perturbed, or no rounds)
     r = 0
     while r < last_round:
         r += 1
@@ -340,6 +341,7 @@ def unlearn(
                 k = m + _share(config.known_trigger_fraction, len(idx) - m)
                 stamped = model(known_trigger(xb[m:k]))
                 loss_out = loss_out + F.cross_entropy(stamped, yb[m:k], reduction="sum") / len(idx)
+                n_stamped += k - m
             if config.hypergrad:
                 *direct, g_delta = torch.autograd.grad(loss_out, params + [d], retain_graph=True, allow_unused=True)
                 # the implicit term is estimated on as many images as an additive step perturbs: a warp
@@ -431,5 +433,5 @@ def unlearn(
         rounds_planned=n_rounds,
         stopped_after=stopped_after,
         extension=extension,
-        known_trigger_fraction=None if known_trigger is None else config.known_trigger_fraction,
+        known_trigger_fraction=config.known_trigger_fraction if n_stamped else None,
     )
