@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -148,7 +149,10 @@ SAME_PATH["0.3.9"] = {
 # decisions with and without the new places (results/edge-probe-check.jsonl; the draw does not depend
 # on the device, and GPU runs were checked on the CPU). Where they are the same, and for every run
 # without probes, the earlier run took 0.4.0's path.
-def _edge_probes_silent(name: str = "edge-probe-check.jsonl") -> dict[tuple[str, int, int], tuple[bool, float]]:
+@functools.cache
+def _replayed(name: str) -> dict[tuple[str, int, int], tuple[bool, float]]:
+    """A probe replay's rows (``edge_probe_check.py``): (model, clean-set size, seed) -> whether the
+    probes' decisions were the same without the new probes, and the strongest new probe's share."""
     path = Path(__file__).resolve().parent / "results" / name
     if not path.exists():
         return {}
@@ -159,26 +163,21 @@ def _edge_probes_silent(name: str = "edge-probe-check.jsonl") -> dict[tuple[str,
 GPU_MARGIN = 0.4  # a GPU row (bf16 probes) also needs every new probe well under 0.5 in the fp32 replay
 
 
-def _same_path_as_0_4_0(r: dict, silent: dict[tuple[str, int, int], tuple[bool, float]] | None = None) -> bool:
-    if r.get("method") != "ibau" or not r.get("probes"):
+def _decisions_unchanged(r: dict, replay: str, methods: tuple[str, ...]) -> bool:
+    """Whether the new probes a replay checked leave this run's path as it was: runs of other
+    methods, or without probes, always; the others where the replay found the same decisions."""
+    if r.get("method") not in methods or not r.get("probes"):
         return True
-    silent = _edge_probes_silent() if silent is None else silent
-    same, share = silent.get((r["model"], int(r["n_clean"]), int(r["seed"])), (False, 1.0))
+    same, share = _replayed(replay).get((r["model"], int(r["n_clean"]), int(r["seed"])), (False, 1.0))
     return same and (r.get("device", "cpu") == "cpu" or share < GPU_MARGIN)
 
 
-_SILENT: dict[tuple[str, int, int], tuple[bool, float]] | None = None
-
-
-def _same_path_as_0_4_0_cached(r: dict) -> bool:
-    global _SILENT  # noqa: PLW0603  (read once per run of this script)
-    if _SILENT is None:
-        _SILENT = _edge_probes_silent()
-    return _same_path_as_0_4_0(r, _SILENT)
+def _same_path_as_0_4_0(r: dict) -> bool:
+    return _decisions_unchanged(r, "edge-probe-check.jsonl", ("ibau",))
 
 
 SAME_PATH["0.4.0"] = {
-    v: (lambda r, same=same: _same_path_as_0_4_0_cached(r) and same(r))
+    v: (lambda r, same=same: _same_path_as_0_4_0(r) and same(r))
     for v, same in {"0.3.9": lambda r: True, **SAME_PATH["0.3.9"]}.items()
 }
 
@@ -186,21 +185,13 @@ SAME_PATH["0.4.0"] = {
 # directly, and guides the repair when the probes suspect nothing): no earlier efficacy run gave one.
 SAME_PATH["0.4.1"] = {"0.4.0": lambda r: r.get("method") != "ibau-trigger", **SAME_PATH["0.4.0"]}
 
+
 # 0.4.2 added fixed frame probes (a border 1 or 2 pixels wide, white or black). As for 0.4.0's
 # mid-edge patches, `edge_probe_check.py --since 0.4.2` rebuilt every probe run's held-out draw and
 # compared the probes' decisions with and without them (results/frame-probe-check.jsonl); where they
 # are the same, and for every run without probes, the earlier run took 0.4.2's path.
-_FRAMES_SILENT: dict[tuple[str, int, int], tuple[bool, float]] | None = None
-
-
 def _same_path_as_0_4_2(r: dict) -> bool:
-    global _FRAMES_SILENT  # noqa: PLW0603  (read once per run of this script)
-    if not r.get("probes") or r.get("method") not in ("ibau", "ibau-trigger"):
-        return True
-    if _FRAMES_SILENT is None:
-        _FRAMES_SILENT = _edge_probes_silent("frame-probe-check.jsonl")
-    same, share = _FRAMES_SILENT.get((r["model"], int(r["n_clean"]), int(r["seed"])), (False, 1.0))
-    return same and (r.get("device", "cpu") == "cpu" or share < GPU_MARGIN)
+    return _decisions_unchanged(r, "frame-probe-check.jsonl", ("ibau", "ibau-trigger"))
 
 
 SAME_PATH["0.4.2"] = {

@@ -293,8 +293,8 @@ def proxy_trigger(suite: ProbeSuite, target: int, seed: int) -> tuple[str, Calla
     as its name and the trigger itself (drawn with the probes' ``seed``, so the very pattern
     measured), when that share is at least FIXED_FLIP_SUSPECT; None otherwise. Synthesised probes
     and the weak families do not count: the first were fitted to the model, the second move clean
-    models too. A probe at the middle of an edge (``preferred`` False) is chosen over the corner and
-    centre ones only when it sends EDGE_PROXY_MARGIN more of the images there, or none of them
+    models too. A probe at the middle of an edge or a frame (``preferred`` False) is chosen over the
+    corner and centre ones only when it sends EDGE_PROXY_MARGIN more of the images there, or none of them
     reaches FIXED_FLIP_SUSPECT: the example plugin's LeNet, whose checkerboard detector answers along
     the bottom edge as well as in its corner, lost its repair (ASR 84 %) when a bottom-centre probe
     took the proxy's place and the patch family searched there."""

@@ -26,7 +26,7 @@ class PatternProbe:
     name: str
     family: str
     transform: Transform
-    # False for the places added in 0.4.0 (the middle of each edge): as a proxy trigger such a probe
+    # False for the middle of each edge (0.4.0) and the frames (0.4.2): as a proxy trigger such a probe
     # must beat the corner and centre ones by proxy_trigger's margin (a model whose patch detector
     # answers along a whole edge kept its corner proxy, whose region the repair had been measured with)
     preferred: bool = True
@@ -154,9 +154,10 @@ def builtin_patterns() -> list[PatternProbe]:
                 )
     for width in (1, 2):
         for colour, value in (("white", 1.0), ("black", 0.0)):
-            # not preferred as a proxy trigger over a corner or centre patch (proxy_trigger's margin)
             probes.append(
-                PatternProbe(f"frame-{colour}-{width}px", "frame", _frame(width, value), False, added_in="0.4.2")
+                PatternProbe(
+                    f"frame-{colour}-{width}px", "frame", _frame(width, value), preferred=False, added_in="0.4.2"
+                )
             )
     for alpha in (0.1, 0.2):
         for kind in ("noise", "smooth"):
