@@ -735,3 +735,37 @@ def test_a_known_trigger_is_unlearned_by_the_stamping_itself(backdoored):
     assert asr[False] > 0.8 and asr[True] < 0.1, asr
     _, log = unlearn(copy.deepcopy(backdoored["module"]), x[:1], y[:1], config, known_trigger=add_badnets_trigger)
     assert log.known_trigger_fraction is None  # a batch of one image is all perturbed: nothing stamped
+
+
+class _TinyAttention(torch.nn.Module):
+    """4x4 patches of an 8x8 image as 4 tokens, one ``nn.MultiheadAttention`` (fused kernel when
+    weights are not asked for), mean-pooled into 3 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 16, 4, 4)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head((t + self.attn(t, t, t, need_weights=False)[0]).mean(1))
+
+
+def test_a_model_built_on_attention_is_repaired_with_the_implicit_hypergradient():
+    """The hypergradient differentiates twice; PyTorch's fused attention kernels cannot, and a QA
+    ViT (``nn.MultiheadAttention``) failed every repair with exit 3. ``unlearn`` runs attention on
+    its plain kernel: the same tiny model fails without that switch and is repaired with it."""
+    from ibau_cli.config import UnlearnConfig
+    from ibau_cli.unlearn import unlearn
+
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 3, 8, 8), torch.arange(16) % 3
+    cfg = UnlearnConfig(rounds=1, inner_steps=2, min_steps_per_round=2, small_set="off")
+    with pytest.raises(RuntimeError, match="not implemented"):
+        unlearn.__wrapped__(_TinyAttention().eval(), x, y, cfg)
+    model = _TinyAttention().eval()
+    before = [p.detach().clone() for p in model.parameters()]
+    _, log = unlearn(model, x, y, cfg)
+    assert log.rounds[0].neumann_terms_mean > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

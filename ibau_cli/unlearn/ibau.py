@@ -31,6 +31,7 @@ from ..config import SMALL_SET_CLIP, SMALL_SET_ROUNDS, UnlearnConfig
 from ..device import amp_dtype, autocast
 from ..frozen import frozen_parameters
 from ..progress import NoProgress, Progress
+from .attention import with_math_attention
 from .augment import clean_views
 from .early_stop import ProxyTriggerStop
 from .hypergrad import fixed_point_hypergradient
@@ -186,6 +187,7 @@ def _inner_max(
 
 def unlearn(
     model: nn.Module,
+@with_math_attention  # the hypergradient's double backward needs attention's plain kernel
     images: Tensor,
     labels: Tensor,
     config: UnlearnConfig,
