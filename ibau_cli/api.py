@@ -213,7 +213,7 @@ def report_targets(
     Each must be a writable file path; with ``model`` (and ``out``, the repaired model's path) none
     may be the input model, the repaired model or another report; with ``request``, none may be one
     of its other input files either, and its artifacts folder none of the outputs."""
-    from .destinations import check_distinct, check_regular_destination, check_writable_folder
+    from .destinations import check_distinct, check_outside, check_regular_destination, check_writable_folder
     from .reporters import format_for_path
 
     targets = []
@@ -238,6 +238,9 @@ def report_targets(
             artifacts = None if request.artifacts is None else Path(request.artifacts)
         out_path = None if out is None else Path(out)
         check_distinct(Path(model), out_path, [p for p, _ in targets], inputs=inputs, artifacts=artifacts)
+        if request is not None:
+            for path, _ in targets:
+                check_outside(path, Path(request.clean), "--report", "--clean")
     return targets
 
 

@@ -75,8 +75,9 @@ def check_artifacts_folder(path: Path, flag: str = "--artifacts") -> None:
 
 
 def check_outside(folder: Path, data: Path, flag: str, data_flag: str) -> None:
-    """An output folder may not be, or lie inside, an input folder: artifacts written into the clean
-    folder made the next run on it fail (PNGs at its top, or a class folder that is not a class)."""
+    """An output (a folder, or a file) may not be, or lie inside, an input folder: artifacts, a
+    repaired model or a report written into the clean folder made the next run on it fail (files at
+    its top, or a class folder that is not a class)."""
     try:
         inside = folder.resolve() == data.resolve() or data.resolve() in folder.resolve().parents
     except OSError:

@@ -413,6 +413,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
     out_path = output_path(request)
     if out_path is not None:
         _check_output_path(Path(request.model), out_path)
+        check_outside(out_path, Path(request.clean), "--out", "--clean")
     if request.artifacts is not None:
         check_artifacts_folder(Path(request.artifacts))
         check_outside(Path(request.artifacts), Path(request.clean), "--artifacts", "--clean")
@@ -533,8 +534,9 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         few = " (on too few held-out images to rule one out)" if probes_before.verdict == "inconclusive" else ""
         warnings.append(
             f"the repair cost {accuracy_gate.value:.1%} of held-out accuracy on a model in which the probes found "
-            f"no backdoor before it{few}: if that model is trusted otherwise, keep it as it is (`ibau scan` gates "
-            "a model without changing it); more clean images make the repair cheaper"
+            f"no backdoor before it{few}. The probes reproduce common triggers, not every one: a trigger they miss "
+            "stays in the input model, and the repair may have removed one. Keep the input only if it is trusted "
+            "otherwise (`ibau scan` gates a model without changing it); more clean images make the repair cheaper"
         )
     if trigger is None and probes_after is None:
         warnings.append(

@@ -233,6 +233,23 @@ def test_artifacts_inside_the_clean_folder_are_refused(backdoored, tmp_path, whe
     assert sorted(p.name for p in clean.iterdir()) == before
 
 
+@pytest.mark.parametrize(
+    ("command", "flag", "name"),
+    [("sanitize", "--out", "1/fixed.safetensors"), ("sanitize", "--report", "r.json"), ("scan", "--report", "r.json")],
+)
+def test_outputs_inside_the_clean_folder_are_refused(backdoored, tmp_path, command, flag, name):
+    """QA24 wrote --out into a class folder of --clean and --report at its top: both runs exited 0,
+    and the next run on that folder failed ("not images ibau reads", "not class folders")."""
+    clean = tmp_path / "clean"
+    shutil.copytree(backdoored["clean100"], clean)
+    before = sorted(str(p.relative_to(clean)) for p in clean.rglob("*"))
+    args = ["--out", tmp_path / "o.safetensors"] if command == "sanitize" and flag != "--out" else []
+    code, _, err = invoke(command, backdoored["model"], "--clean", clean, flag, clean / name, *args)
+    assert_one_line_error(code, err, 2, flag, f"is inside --clean {clean}")
+    assert sorted(str(p.relative_to(clean)) for p in clean.rglob("*")) == before
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_non_image_file_is_not_silently_skipped(backdoored, tmp_path):
     clean = tmp_path / "clean"
     shutil.copytree(backdoored["clean100"], clean)
