@@ -286,6 +286,7 @@ def main() -> int:
                         "rounds_run": rounds,
                         "early_stop": report["unlearning"].get("early_stop"),
                         "extension": report["unlearning"].get("extension"),
+                        "step_back": report["unlearning"].get("step_back"),
                         "plain_epoch_seconds": epoch_s,
                         "wall_seconds": wall,
                         "threads": torch.get_num_threads(),

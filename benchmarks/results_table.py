@@ -200,6 +200,22 @@ SAME_PATH["0.4.2"] = {
 }
 
 
+# 0.4.3 steps a guided repair's weights back toward the input's while its proxy trigger stays gone
+# (unlearn.step_back, by default on the small-set schedule only), which is where the early stop watches
+# the same trigger: an earlier run whose report recorded an early stop, on the small-set schedule, takes
+# a new path; every other run (larger sets, unguided repairs, no proxy, the baselines) is 0.4.2's.
+def _same_path_as_0_4_3(r: dict) -> bool:
+    if r.get("method") not in ("ibau", "ibau-trigger") or r.get("early_stop") is None:
+        return True
+    return not _row_small_set(r)
+
+
+SAME_PATH["0.4.3"] = {
+    v: (lambda r, same=same: _same_path_as_0_4_3(r) and same(r))
+    for v, same in {"0.4.2": lambda r: True, **SAME_PATH["0.4.2"]}.items()
+}
+
+
 def round_over_epoch(r: dict) -> float:
     """One round's time over one plain epoch. Rows written before efficacy.py recorded ``rounds_run``
     divided by the configured rounds, which the small-set schedule doubles: those are corrected here."""

@@ -453,6 +453,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         proxy = _guide_proxy(settings, probes_before, guide_class)
     monitor = _proxy_monitor(settings, proxy, guide_class, x_u, y_u, device, amp)
     stop = monitor if monitor is not None and unlearn_config.resolved_early_stop(len(y_u)) else None
+    step_back_to = monitor if monitor is not None and unlearn_config.resolved_step_back(len(y_u)) else None
     # the patch family searches for a trigger near a probe's patch; the given trigger needs no search
     # (on the GTSRB watermark at 500 images it cost 3 points of accuracy for no ASR: docs/algorithm.md)
     given = proxy is not None and proxy[0] == GIVEN_TRIGGER
@@ -474,6 +475,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             patch_region=None if patch is None else patch[1],
             extend=monitor if watch_extension else None,
             known_trigger=None if known is None else known.apply,
+            step_back_to=step_back_to,
         )
     _round_to_stored_dtypes(model.model, loaded.stored_dtypes)
     if not all(bool(torch.isfinite(t).all()) for t in model.parameters()):
@@ -596,6 +598,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             "rounds_planned": log.rounds_planned,
             "early_stop": None if stop is None else stop.to_dict(),
             "extension": None if log.extension is None else {"proxy_trigger": monitor.name, **log.extension},
+            "step_back": log.step_back,
         },
         verification=verification,
         gates=gates,

@@ -160,9 +160,15 @@ def test_probe_guided_sanitize_of_a_small_set_stops_when_the_backdoor_is_gone(tm
     assert stop["stopped_after_round"] is not None, stop
     assert len(report["rounds"]) == stop["stopped_after_round"] + 1 < unlearning["rounds_planned"]
     assert all(r <= stop["threshold"] for r in stop["rates"][-stop["patience"] :])
+    # then the weights step back toward the input's while the same probe stays gone (0.4.3)
+    back = unlearning["step_back"]
+    assert back["proxy_trigger"] == stop["proxy_trigger"] and back["kept_fraction"] < 1, back
+    kept = back["fractions"].index(back["kept_fraction"])
+    assert kept >= 1 and all(r <= back["threshold"] for r in back["rates"][kept - 1 : kept + 1]), back
     (acc0, asr0), (acc1, asr1) = _true_figures("gtsrb", "blend", target, model, out)
     assert asr0 > 0.9 and asr1 < 0.05, (asr0, asr1)
-    assert acc1 > acc0 - 0.06, (acc0, acc1)  # 96.2 -> 91.0 % here; 80 images of 43 classes cost accuracy
+    # 96.2 -> 91.0 % in 0.4.2, where the repaired weights were written as they were
+    assert acc1 > acc0 - 0.04, (acc0, acc1)
 
 
 def test_a_clean_model_sanitized_with_100_images_is_not_called_backdoored(tmp_path):

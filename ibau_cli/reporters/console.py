@@ -73,6 +73,13 @@ def render_console(report: dict[str, Any], console: Console) -> None:
             f"(then one cool-down round): {stop['proxy_trigger']} sent at most {stop['threshold']:.0%} of "
             f"{stop['n_images']} unlearning images to class {stop['target']} for {stop['patience']} rounds"
         )
+    back = unlearning.get("step_back")
+    if back and back["kept_fraction"] < 1:
+        notes.append(
+            f"then stepped back to {back['kept_fraction']:.0%} of the way from the input weights: "
+            f"{back['proxy_trigger']} sent at most {back['threshold']:.0%} of the unlearning images to class "
+            f"{guided} at {back['patience']} points in a row"
+        )
     title = "I-BAU rounds" + (f" ({'; '.join(notes)})" if notes else "")
     rounds = Table(title=title, title_justify="left")
     columns = ["round", "|delta|2", "delta fools", "outer loss", "steps", "held-out acc", "held-out ASR", "time"]

@@ -36,6 +36,7 @@ from .augment import clean_views
 from .early_stop import ProxyTriggerStop
 from .hypergrad import fixed_point_hypergradient
 from .perturbations import Additive, Masked, Perturbation, Warp
+from .step_back import step_back
 
 
 @dataclass
@@ -70,6 +71,7 @@ class UnlearnLog:
     )
     extension: dict | None = None  # ``extend``'s check after the schedule and what followed; None: no check
     known_trigger_fraction: float | None = None  # share of each batch's clean images stamped; None: none were
+    step_back: dict | None = None  # ``step_back``'s measurements and the fraction of the way kept; None: not run
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
@@ -185,9 +187,9 @@ def _inner_max(
     return delta.detach(), loss_value
 
 
+@with_math_attention  # the hypergradient's double backward needs attention's plain kernel
 def unlearn(
     model: nn.Module,
-@with_math_attention  # the hypergradient's double backward needs attention's plain kernel
     images: Tensor,
     labels: Tensor,
     config: UnlearnConfig,
@@ -201,6 +203,7 @@ def unlearn(
     patch_region: Tensor | None = None,
     extend: ProxyTriggerStop | None = None,
     known_trigger: Callable[[Tensor], Tensor] | None = None,
+    step_back_to: ProxyTriggerStop | None = None,
 ) -> tuple[nn.Module, UnlearnLog]:
     """Run I-BAU on ``model`` in place and return it with a per-round log.
 
@@ -225,6 +228,10 @@ def unlearn(
     outer step also stamps it on ``config.known_trigger_fraction`` of the batch's clean images (at
     least one) and adds their cross-entropy with the true labels: the backdoor's own trigger,
     unlearned directly beside the universal perturbations.
+    ``step_back_to``: a trigger that worked before the repair (``ProxyTriggerStop``); once the repair
+    is done, the weights go back toward the input model's to the nearest fraction of the way at
+    which it stays gone (``step_back.py``). The pipeline passes it where ``config.resolved_step_back``
+    says so.
     """
     problems = config.check()
     if problems:
@@ -244,6 +251,7 @@ def unlearn(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    start = None if step_back_to is None else [p.detach().clone() for p in params]
     if config.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.lr)
     else:
@@ -416,6 +424,9 @@ def unlearn(
             # tail would: the round where the signal came may sit in a high-lr dip of accuracy
             stopped_after, last_round = r, r + 1
             cooldown_lrs = [group["lr"] for group in opt.param_groups]
+    stepped = None
+    if start is not None and step_back_to is not None:
+        stepped = step_back(model, params, start, step_back_to)
     progress.finish()
     return model, UnlearnLog(
         rounds=rounds,
@@ -436,4 +447,5 @@ def unlearn(
         stopped_after=stopped_after,
         extension=extension,
         known_trigger_fraction=config.known_trigger_fraction if n_stamped else None,
+        step_back=stepped,
     )
