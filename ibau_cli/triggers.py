@@ -63,7 +63,9 @@ def _place(size: tuple[int, int], patch_hw: tuple[int, int], position: str) -> t
             raise UsageError(f"--trigger-pos {position!r}: expected X,Y or one of {', '.join(POSITIONS)}")
         top, left = table[position]
     if top < 0 or left < 0 or top + h > H or left + w > W:
-        raise UsageError(f"--trigger-pos {position!r}: a {h}x{w} patch does not fit a {H}x{W} input there")
+        raise UsageError(
+            f"--trigger-pos {position!r}: a {w}x{h} patch does not fit a {W}x{H} input there (width x height)"
+        )
     return top, left
 
 
@@ -166,7 +168,7 @@ def load_trigger(
         desc = f"{w}x{h} patch {path.name} at {position}"
     else:
         raise InputError(
-            f"trigger image {path} ({w}x{h}) is larger than the model input ({W}x{H})",
+            f"trigger image {path} ({w}x{h}, width x height) is larger than the model input ({W}x{H})",
             hint=f"give a patch smaller than {W}x{H} (pasted at --trigger-pos) or a full {W}x{H} image "
             "with --trigger-mask, --trigger-blend or --trigger-additive",
         )

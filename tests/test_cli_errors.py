@@ -940,6 +940,18 @@ def test_a_rotated_camera_jpeg_is_read_as_a_viewer_shows_it(tmp_path):
     assert stored_size == (48, 32) and shown.size == (32, 48)
 
 
+def test_a_patch_that_does_not_fit_is_described_width_by_height(backdoored, tmp_path):
+    """QA24: a 32-wide, 30-high trigger was called "a 30x32 patch" in one message and "32x30" in the
+    others; every size in the trigger's messages is now width x height, and says so."""
+    from PIL import Image
+
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (6, 4), (255, 255, 255)).save(wide)
+    code, _, err = invoke("scan", backdoored["model"], "--clean", backdoored["clean100"], "--trigger", wide,
+                          "--trigger-pos", "28,0", "--target", "0")  # fmt: skip
+    assert_one_line_error(code, err, 2, "a 6x4 patch does not fit a 32x32 input there (width x height)")
+
+
 def test_trigger_errors_say_what_to_do(backdoored, tmp_path):
     from PIL import Image
 
@@ -948,7 +960,7 @@ def test_trigger_errors_say_what_to_do(backdoored, tmp_path):
     code, _, err = invoke(
         "scan", backdoored["model"], "--clean", backdoored["clean100"], "--trigger", big, "--target", "0"
     )
-    assert_one_line_error(code, err, 2, "big.png", "larger than the model input", "--trigger-mask")
+    assert_one_line_error(code, err, 2, "big.png", "width x height) is larger than the model input", "--trigger-mask")
     code, _, err = invoke("scan", backdoored["model"], "--clean", backdoored["clean100"], "--trigger", tmp_path,
                           "--target", "0")  # fmt: skip
     assert_one_line_error(code, err, 2, "is a folder", "give one image file")
