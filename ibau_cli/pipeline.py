@@ -157,6 +157,7 @@ class _Prepared:
     out_fmt: Any  # the output's ModelFormat, None when nothing is written
     timer: _Timer
     warnings: list[str]
+    holdout_files: list[str]  # the held-out images, paths under the clean folder
 
     def figures(self) -> Figures:
         return _figures(self.model, self.x_h, self.y_h, self.trigger, self.eval_kw)
@@ -238,9 +239,11 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
             parts = stratified_split(clean.labels, settings.split.holdout, settings.seed)
             x_u, y_u = clean.images[parts.unlearn_idx], clean.labels[parts.unlearn_idx]
             x_h, y_h = clean.images[parts.holdout_idx], clean.labels[parts.holdout_idx]
+            holdout_files = [clean.files[i] for i in parts.holdout_idx.tolist()]
         else:  # nothing is unlearned: every image is held out
             x_u, y_u = clean.images[:0], clean.labels[:0]
             x_h, y_h = clean.images, clean.labels
+            holdout_files = list(clean.files)
     present = set(torch.unique(clean.labels).tolist())
     if len(present) < num_classes:
         missing = [c for c in range(num_classes) if c not in present]
@@ -404,6 +407,7 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         out_fmt,
         timer,
         warnings,
+        holdout_files,
     )
 
 
@@ -635,11 +639,18 @@ def _report_common(p: _Prepared, request: SanitizeRequest, command: str, probes_
             "holdout_fraction": p.settings.split.holdout if len(p.y_u) else 1.0,
             "classes_present": len(torch.unique(p.clean.labels)),
             "conversions": p.clean.conversions,
+            "holdout_files": sorted(p.holdout_files),
         },
         "class_mapping": p.clean.mapping.to_dict(),
         "trigger": None
         if p.trigger is None
-        else {"description": p.trigger.description, "target": p.trigger.target, "path": str(request.trigger.image)},
+        else {
+            "description": p.trigger.description,
+            "target": p.trigger.target,
+            "path": str(request.trigger.image),
+            "sha256": sha256_file(Path(request.trigger.image)),
+            "mask_sha256": None if request.trigger.mask is None else sha256_file(Path(request.trigger.mask)),
+        },
         "parity_before": p.parity,
         "probes": None
         if probes_before is None and probes_after is None

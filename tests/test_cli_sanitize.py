@@ -138,3 +138,41 @@ def test_a_given_trigger_that_works_is_unlearned_directly(backdoored, tmp_path):
     acc1, asr1 = independent_figures(_load_independently(out), backdoored["x_eval"], backdoored["y_eval"])
     assert asr0 >= 0.9 and asr1 < 0.05, (asr0, asr1)  # on 1,000 images ibau never saw
     assert acc0 - acc1 < 0.05, (acc0, acc1)
+
+
+def test_the_report_names_the_held_out_images_and_the_trigger_file(backdoored, tmp_path):
+    """QA24: a report gave only how many images were held out, not which. ``data.holdout_files`` lists
+    them; the input model's predictions on exactly those files, read back independently, give the
+    report's accuracy and ASR before the repair. The trigger file's sha256 is recorded too."""
+    import hashlib
+    import shutil
+
+    import torch
+
+    from ibau_cli.data import load_clean_folder
+    from ibau_cli.demo import TARGET, add_badnets_trigger
+    from ibau_cli.preprocess import Preprocess
+
+    res = run_cli("sanitize", backdoored["model"], "--clean", backdoored["clean100"], "--out",
+                  tmp_path / "fixed.safetensors", "--rounds", "0", "--trigger", backdoored["trigger"],
+                  "--target", str(TARGET), "--json", "-q")  # fmt: skip
+    assert res.returncode == 1, res.stderr  # nothing repaired: the ASR gate fails
+    report = json.loads(res.stdout)
+    files = report["data"]["holdout_files"]
+    assert len(files) == report["data"]["n_holdout"] == 20 and files == sorted(set(files))
+    chosen = tmp_path / "holdout"
+    for name in files:
+        (chosen / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(backdoored["clean100"] / name, chosen / name)
+    held = load_clean_folder(chosen, Preprocess(), 10)
+    model = backdoored["module"].eval()
+    with torch.no_grad():
+        clean_hits = int((model(held.images).argmax(1) == held.labels).sum())
+        keep = held.labels != TARGET
+        asr_hits = int((model(add_badnets_trigger(held.images[keep])).argmax(1) == TARGET).sum())
+    before = report["before"]
+    assert (before["accuracy"]["hits"], before["accuracy"]["n"]) == (clean_hits, len(files))
+    assert (before["asr"]["hits"], before["asr"]["n"]) == (asr_hits, int(keep.sum()))
+    trigger = report["trigger"]
+    assert trigger["sha256"] == hashlib.sha256(backdoored["trigger"].read_bytes()).hexdigest()
+    assert trigger["mask_sha256"] is None
