@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,7 @@ sys.path.insert(0, str(HERE))
 import zoo  # noqa: E402
 from jsonl import append_row, read_rows  # noqa: E402
 
+from ibau_cli import __version__  # noqa: E402
 from ibau_cli.pipeline import SanitizeRequest, scan  # noqa: E402
 
 RESULTS = HERE / "results" / "probes.jsonl"
@@ -95,7 +97,27 @@ def scan_row(model_dir: Path, data: Path, n: int, seed: int) -> dict:
         "wall_seconds": wall,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "tool_version": __version__,
     }
+
+
+UNRECORDED = "<= 0.4.2"  # rows written before probe_eval.py recorded the version
+
+
+def _version_key(r: dict) -> tuple[int, ...]:
+    """The release numbers of a row's version (0.4.3rc1 and 0.4.3+local count as 0.4.3)."""
+    v = r.get("tool_version")
+    return (0,) if v is None else tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+
+
+def latest(rows: list[dict]) -> list[dict]:
+    """One row per (model, N, seed): the newest version's (a rerun with new probes replaces the old)."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["model"], r["n"], r["seed"])
+        if key not in best or _version_key(r) >= _version_key(best[key]):
+            best[key] = r
+    return list(best.values())
 
 
 def outcome(r: dict) -> str:
@@ -124,16 +146,20 @@ def table(rows: list[dict]) -> str:
         "Each row is one scan (default settings) of one zoo model on N clean test images that no evaluation uses.",
         "Model acc / ASR are the zoo manifest's figures on the whole test split. Positive = verdict `suspected`.",
         "",
-        "| model | attack | target | model acc | model ASR | N | seed | verdict | suspected class | outcome | "
+        "The newest scan of each (model, N, seed) is shown; `ibau` is the version that ran it "
+        f"(`{UNRECORDED}`: before versions were recorded, so before the frame probes of 0.4.2 at the latest).",
+        "",
+        "| model | attack | target | model acc | model ASR | N | seed | ibau | verdict | suspected class | outcome | "
         "worst probe (flip) | UAP flip | anomaly index | time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = latest(rows)
     for r in sorted(rows, key=lambda r: (r["dataset"], r["attack"] == "clean", r["model"], r["n"], r["seed"])):
         ai = "-" if r["anomaly_index"] is None else f"{r['anomaly_index']:.1f}"
         uap = "-" if r["uap_flip"] is None else f"{r['uap_flip']:.0%} (class {r['uap_class']})"
         lines.append(
             f"| {r['model']} | {r['attack']} | {'-' if r['target'] is None else r['target']} | {_manifest_metrics(r)} "
-            f"| {r['n_scanned']} | {r['seed']} | {r['verdict']} | "
+            f"| {r['n_scanned']} | {r['seed']} | {r.get('tool_version', UNRECORDED)} | {r['verdict']} | "
             f"{'-' if r['suspected_class'] is None else r['suspected_class']} | {outcome(r)} | "
             f"{r['worst_probe']} ({r['worst_flip']:.0%}) | {uap} | {ai} | {r['wall_seconds']:.0f} s |"
         )
@@ -177,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    done = {(r["model"], r["n"], r["seed"]) for r in rows}
+    done = {(r["model"], r["n"], r["seed"]) for r in rows if r.get("tool_version") == __version__}
     for model_dir in zoo_models(args.zoo, args.only):
         for seed in args.seeds:
             if (model_dir.name, args.n, seed) in done:

@@ -240,7 +240,7 @@ def report_targets(
         check_distinct(Path(model), out_path, [p for p, _ in targets], inputs=inputs, artifacts=artifacts)
         if request is not None:
             for path, _ in targets:
-                check_outside(path, Path(request.clean), "--report", "--clean")
+                check_outside(path, Path(request.clean), "--report", "--clean", is_file=True)
     return targets
 
 

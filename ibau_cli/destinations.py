@@ -74,13 +74,15 @@ def check_artifacts_folder(path: Path, flag: str = "--artifacts") -> None:
     check_writable_folder(existing, f"{flag} {path}")
 
 
-def check_outside(folder: Path, data: Path, flag: str, data_flag: str) -> None:
-    """An output (a folder, or a file) may not be, or lie inside, an input folder: artifacts, a
-    repaired model or a report written into the clean folder made the next run on it fail (files at
-    its top, or a class folder that is not a class)."""
+def check_outside(folder: Path, data: Path, flag: str, data_flag: str, *, is_file: bool = False) -> None:
+    """An output (a folder, or with ``is_file`` a file) may not be, or lie inside, an input folder:
+    artifacts, a repaired model or a report written into the clean folder made the next run on it
+    fail (files at its top, or a class folder that is not a class). A file is replaced, not written
+    through, so its own name is not resolved (a link in the clean folder pointing outside is inside)."""
     try:
-        inside = folder.resolve() == data.resolve() or data.resolve() in folder.resolve().parents
-    except OSError:
+        where = folder.parent.resolve() / folder.name if is_file else folder.resolve()
+        inside = where == data.resolve() or data.resolve() in where.parents
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
         return
     if inside:
         raise UsageError(

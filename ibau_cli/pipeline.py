@@ -158,6 +158,7 @@ class _Prepared:
     timer: _Timer
     warnings: list[str]
     holdout_files: list[str]  # the held-out images, paths under the clean folder
+    trigger_sha: dict  # the --trigger file's sha256 and its mask's, as read (empty without one)
 
     def figures(self) -> Figures:
         return _figures(self.model, self.x_h, self.y_h, self.trigger, self.eval_kw)
@@ -296,6 +297,7 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
             )
 
     trigger = None
+    trigger_sha: dict[str, str | None] = {}
     if request.trigger is not None:
         t = request.trigger
         if not 0 <= t.target < num_classes:
@@ -303,6 +305,8 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         trigger = load_trigger(
             t.image, target=t.target, pre=pre, mask_path=t.mask, blend=t.blend, additive=t.additive, position=t.position
         )
+        # hashed once read (and checked) there, not when the report is built at the end of the run
+        trigger_sha = {"sha256": sha256_file(t.image), "mask_sha256": None if t.mask is None else sha256_file(t.mask)}
         if int((y_h != t.target).sum()) == 0:
             raise UsageError("every held-out image belongs to the --target class, so the ASR cannot be measured")
 
@@ -408,6 +412,7 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
         timer,
         warnings,
         holdout_files,
+        trigger_sha,
     )
 
 
@@ -417,7 +422,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
     out_path = output_path(request)
     if out_path is not None:
         _check_output_path(Path(request.model), out_path)
-        check_outside(out_path, Path(request.clean), "--out", "--clean")
+        check_outside(out_path, Path(request.clean), "--out", "--clean", is_file=True)
     if request.artifacts is not None:
         check_artifacts_folder(Path(request.artifacts))
         check_outside(Path(request.artifacts), Path(request.clean), "--artifacts", "--clean")
@@ -648,8 +653,7 @@ def _report_common(p: _Prepared, request: SanitizeRequest, command: str, probes_
             "description": p.trigger.description,
             "target": p.trigger.target,
             "path": str(request.trigger.image),
-            "sha256": sha256_file(Path(request.trigger.image)),
-            "mask_sha256": None if request.trigger.mask is None else sha256_file(Path(request.trigger.mask)),
+            **p.trigger_sha,
         },
         "parity_before": p.parity,
         "probes": None

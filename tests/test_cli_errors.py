@@ -250,6 +250,24 @@ def test_outputs_inside_the_clean_folder_are_refused(backdoored, tmp_path, comma
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_an_output_link_in_the_clean_folder_is_inside_it(backdoored, tmp_path):
+    """A link ``clean/0/o.safetensors`` pointing outside would be replaced by a regular file in the
+    clean folder (outputs are renamed into place), so it counts as inside; a link outside pointing
+    into the clean folder is replaced where it is, outside, and is allowed."""
+    clean = tmp_path / "clean"
+    shutil.copytree(backdoored["clean100"], clean)
+    (tmp_path / "elsewhere").mkdir()
+    (clean / "0" / "o.safetensors").symlink_to(tmp_path / "elsewhere" / "o.safetensors")
+    code, _, err = invoke("sanitize", backdoored["model"], "--clean", clean, "--out", clean / "0" / "o.safetensors")
+    assert_one_line_error(code, err, 2, "--out", f"is inside --clean {clean}")
+    (clean / "0" / "o.safetensors").unlink()
+    (tmp_path / "link.safetensors").symlink_to(clean / "0" / "x.safetensors")
+    code, _, err = invoke("sanitize", backdoored["model"], "--clean", clean, "--out", tmp_path / "link.safetensors",
+                          "--rounds", "0", "--no-probes")  # fmt: skip
+    assert code == 0, err
+    assert not (clean / "0" / "x.safetensors").exists() and (tmp_path / "link.safetensors").is_file()
+
+
 def test_non_image_file_is_not_silently_skipped(backdoored, tmp_path):
     clean = tmp_path / "clean"
     shutil.copytree(backdoored["clean100"], clean)

@@ -622,3 +622,32 @@ def test_a_torchscript_archive_calling_an_unloaded_custom_operator_names_it(back
     res = run_cli("inspect", src)  # a fresh process, where the operator is not registered
     assert res.returncode == 2 and "custom operator ibau_test_ops::shifted" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_attention_traced_under_no_grad_is_refused_before_any_work(backdoored, tmp_path):
+    """Traced under torch.no_grad(), nn.MultiheadAttention records its fused inference kernel
+    (aten::_native_multi_head_attention), which has no gradient: the repair and the synthesised probes
+    cannot run on it. The same model traced with gradients enabled loads and is repaired."""
+    from test_units import _TinyAttention
+
+    from ibau_cli.config import UnlearnConfig
+    from ibau_cli.unlearn import unlearn
+
+    torch.manual_seed(0)
+    model, x = _TinyAttention().eval(), torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        fused = torch.jit.trace(model, x, check_trace=False)
+    assert "aten::_native_multi_head_attention" in str(fused.inlined_graph)
+    torch.jit.save(fused, tmp_path / "fused.pt")
+    with pytest.raises(Exception, match="no gradient") as info:
+        load_model(tmp_path / "fused.pt")
+    assert "gradients enabled" in info.value.hint
+    code, _, err = invoke("scan", tmp_path / "fused.pt", "--clean", backdoored["clean100"], "--input-size", "8x8")
+    assert_one_line_error(code, err, 2, "fused.pt", "no gradient")
+
+    torch.jit.save(torch.jit.trace(model, x, check_trace=False), tmp_path / "plain.pt")
+    loaded = load_model(tmp_path / "plain.pt")
+    y = torch.arange(16) % 3
+    cfg = UnlearnConfig(rounds=1, inner_steps=2, min_steps_per_round=2, small_set="off")
+    _, log = unlearn(loaded.module, torch.rand(16, 3, 8, 8), y, cfg)
+    assert log.rounds[0].neumann_terms_mean > 0

@@ -738,48 +738,58 @@ def test_a_known_trigger_is_unlearned_by_the_stamping_itself(backdoored):
 
 
 def test_step_back_keeps_the_first_fraction_at_which_the_proxy_stayed_gone():
-    """``unlearn(step_back_to=...)``: the same seeded repair with and without it. A proxy that every
-    model passes (threshold 1) is gone at 25 % and 50 % of the way, so the weights kept are exactly half
-    way from the input's to the repaired ones; a patience no three fractions can meet keeps the
-    repaired weights, and so does a proxy the repaired model still fails (threshold 0 on a trigger
-    that sends every image to class 0)."""
+    """``unlearn(step_back_to=...)``, the same seeded repair with and without it, and a proxy whose
+    rates are given in the order the step back asks for them (the repaired weights, the input's, then
+    25, 50, 75 % of the way): gone at 25 % and 50 % keeps exactly half way; never gone two points in a
+    row keeps the repaired weights exactly; so does a proxy the repaired weights fail (only they are
+    measured), and one the input weights already pass (no signal to follow)."""
     import copy
+    from dataclasses import dataclass, field
 
     from ibau_cli.config import UnlearnConfig
     from ibau_cli.unlearn import ProxyTriggerStop, unlearn
+
+    @dataclass
+    class Scripted(ProxyTriggerStop):
+        script: list[float] = field(default_factory=list)
+
+        def rate(self, model: torch.nn.Module) -> float:
+            return self.script.pop(0)
 
     torch.manual_seed(0)
     x, y = torch.rand(24, 3, 8, 8), torch.arange(24) % 3
     cfg = UnlearnConfig(rounds=2, inner_steps=2, min_steps_per_round=2, small_set="off")
     start = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))
 
-    def proxy(threshold: float, patience: int = 2, apply=lambda z: z.flip(3)) -> ProxyTriggerStop:
-        return ProxyTriggerStop("flip", apply, x, y, 0, threshold, patience, device=torch.device("cpu"))
-
-    repaired, log = unlearn(copy.deepcopy(start), x, y, cfg, seed=3)
-    assert log.step_back is None
+    def run(*rates: float):
+        proxy = Scripted("scripted", lambda z: z, x, y, 0, 0.02, 2, torch.device("cpu"), script=list(rates))
+        model, log = unlearn(copy.deepcopy(start), x, y, cfg, seed=3, step_back_to=proxy)
+        assert proxy.script == [], "asked for fewer rates than expected"
+        return model, log.step_back
 
     def weights(m) -> torch.Tensor:
         return torch.cat([p.detach().flatten() for p in m.parameters()])
 
+    repaired, log = unlearn(copy.deepcopy(start), x, y, cfg, seed=3)
+    assert log.step_back is None
     w0, w1 = weights(start), weights(repaired)
-    half, log = unlearn(copy.deepcopy(start), x, y, cfg, seed=3, step_back_to=proxy(1.0))
-    back = log.step_back
-    assert back["kept_fraction"] == 0.5 and back["fractions"] == [0.25, 0.5, 1.0] and len(back["rates"]) == 3
+
+    half, back = run(0.0, 0.9, 0.0, 0.01)
+    assert back["kept_fraction"] == 0.5 and back["fractions"] == [0.0, 0.25, 0.5, 1.0]
+    assert back["rates"] == [0.9, 0.0, 0.01, 0.0]
     assert torch.allclose(weights(half), w0 + 0.5 * (w1 - w0), atol=1e-6)
 
-    whole, log = unlearn(copy.deepcopy(start), x, y, cfg, seed=3, step_back_to=proxy(1.0, patience=4))
-    assert log.step_back["kept_fraction"] == 1.0 and log.step_back["fractions"] == [0.25, 0.5, 0.75, 1.0]
+    whole, back = run(0.0, 0.9, 0.5, 0.0, 0.5)
+    assert back["kept_fraction"] == 1.0 and back["fractions"] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert torch.equal(weights(whole), w1)
 
-    # a trigger that turns every image white: the repaired model's answer for white is one class,
-    # so toward that class, with the threshold at 0, the repaired model fails it
-    with torch.no_grad():
-        answer = int(repaired(torch.ones(1, 3, 8, 8)).argmax(1))
-    failing = ProxyTriggerStop("white", torch.ones_like, x, y, answer, 0.0, 2, device=torch.device("cpu"))
-    kept, log = unlearn(copy.deepcopy(start), x, y, cfg, seed=3, step_back_to=failing)
-    assert log.step_back["rates"][-1] > 0 and log.step_back["fractions"] == [1.0]
-    assert log.step_back["kept_fraction"] == 1.0 and torch.equal(weights(kept), w1)
+    failing, back = run(0.3)
+    assert back == {**back, "fractions": [1.0], "rates": [0.3], "kept_fraction": 1.0}
+    assert torch.equal(weights(failing), w1)
+
+    no_signal, back = run(0.0, 0.01)
+    assert back["fractions"] == [0.0, 1.0] and back["kept_fraction"] == 1.0
+    assert torch.equal(weights(no_signal), w1)
 
 
 def test_step_back_applies_on_the_small_set_schedule_by_default():

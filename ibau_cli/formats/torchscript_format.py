@@ -71,6 +71,7 @@ class TorchScriptFormat(ModelFormat):
                 hint="save the module after its weights are materialised (e.g. after loading a checkpoint into it)",
             )
         _check_one_input(module, path)
+        _check_differentiable(module, path)
         notes = ["graph from the TorchScript archive (BatchNorm mode as traced or scripted)"]
         stored = {
             k: v.dtype for k, v in module.state_dict().items() if v.is_floating_point() and v.dtype != torch.float32
@@ -143,4 +144,27 @@ def _check_one_input(module: torch.jit.ScriptModule, path: Path) -> None:
             f"{path}: the model's forward takes {len(required)} inputs ({', '.join(required)}); ibau gives it one "
             "image batch",
             hint="save a module whose forward takes the image batch alone (the other inputs fixed inside it)",
+        )
+
+
+# fused inference kernels that torch.jit.trace records when a model is traced under torch.no_grad()
+# (nn.MultiheadAttention's and nn.TransformerEncoderLayer's fast paths): they have no backward at all
+NO_BACKWARD_OPS = ("aten::_native_multi_head_attention", "aten::_transformer_encoder_layer_fwd")
+
+
+def _check_differentiable(module: torch.nn.Module, path: Path) -> None:
+    """A graph holding an op with no gradient can be neither repaired nor probed (the synthesised
+    probes differentiate with respect to the input): say so before any work, not as an autograd
+    error after the probes."""
+    try:
+        graph = str(module.inlined_graph)
+    except (AttributeError, RuntimeError):
+        return
+    found = [op for op in NO_BACKWARD_OPS if op in graph]
+    if found:
+        raise InputError(
+            f"{path}: the graph holds {', '.join(found)}, a fused inference kernel with no gradient "
+            "(recorded when attention is traced under torch.no_grad()), so it can be neither repaired nor probed",
+            hint="trace the model again with gradients enabled (torch.jit.trace outside torch.no_grad()), "
+            "script it, or give its weights as safetensors or a state dict",
         )

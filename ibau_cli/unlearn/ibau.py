@@ -251,7 +251,8 @@ def unlearn(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    start = None if step_back_to is None else [p.detach().clone() for p in params]
+    # the input weights, for the step back: on the CPU, not beside the model on the device
+    start = None if step_back_to is None else [p.detach().to("cpu", copy=True) for p in params]
     if config.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.lr)
     else:

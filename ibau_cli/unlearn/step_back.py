@@ -8,7 +8,9 @@ repair (a fixed probe pattern that named the guided class, or the user's own tri
 measured on the unlearning images at fixed fractions of the way; the weights kept are the first
 fraction at which it has stayed gone ``patience`` points in a row, as the early stop asks it to
 stay gone rounds in a row (a pattern that just stopped working can leave the true trigger at 10-40 %:
-the point before is not enough). Nothing moves when the repaired model itself still fails the test.
+the point before is not enough). When no fraction qualifies, the repaired weights are kept. Nothing
+moves when the repaired model itself still fails the test, nor when the input model already passes
+it on these images (then the test says nothing about the way between).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ FRACTIONS = (0.25, 0.5, 0.75)  # of the way from the input weights to the repair
 
 
 def _set_between(params: Sequence[nn.Parameter], start: Sequence[Tensor], end: Sequence[Tensor], a: float) -> None:
+    """``params`` = start + a (end - start); ``start`` may be kept on the CPU (moved one tensor at a time)."""
     with torch.no_grad():
         for p, p0, p1 in zip(params, start, end, strict=True):
+            p0 = p0.to(p.device, non_blocking=True)
             p.copy_(p0 + a * (p1 - p0))
 
 
@@ -37,16 +41,21 @@ def step_back(
     fractions: Sequence[float] = FRACTIONS,
 ) -> dict:
     """Move ``params`` (now the repaired weights; ``start`` holds their values before the repair) to
-    the nearest fraction of the way at which ``proxy`` has sent at most ``proxy.threshold`` of its
-    images to its class at ``proxy.patience`` fractions in a row, the repaired weights counting as
-    the last; leave them where they are when no such fraction comes before 1. Returns what was
-    measured: the fractions, the proxy's rate at each (the last at 1.0) and the ``kept_fraction``."""
+    the first of ``fractions`` at which ``proxy`` has sent at most ``proxy.threshold`` of its images
+    to its class there and at the ``proxy.patience - 1`` fractions before it; leave them where they
+    are when none does, when the repaired weights fail that test, or when the input weights pass it.
+    Returns what was measured: the fractions (0, those tried, and 1.0), the proxy's rate at each
+    and the ``kept_fraction``."""
     end = [p.detach().clone() for p in params]
     final_rate = proxy.rate(model)
     measured: list[float] = []
     rates: list[float] = []
     kept = 1.0
     if final_rate <= proxy.threshold:
+        _set_between(params, start, end, 0.0)
+        measured.append(0.0)
+        rates.append(proxy.rate(model))
+    if rates and rates[0] > proxy.threshold:  # the proxy worked on the input model: a signal to follow
         streak = 0
         for a in fractions:
             _set_between(params, start, end, a)
