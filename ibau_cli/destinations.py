@@ -53,7 +53,8 @@ def check_writable_folder(folder: Path, what: str) -> None:
         os.unlink(make_temp_file(folder, made, prefix=".ibau-write-check-"))
     except OSError as e:
         raise UsageError(
-            f"{what}: cannot write in folder {folder} ({e.strerror or e})", hint="choose a writable location"
+            f"{what}: folder {folder} does not take a new file (creating one failed: {e.strerror or e})",
+            hint="choose a writable location",
         ) from None
     except BaseException:
         for path in made:
