@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .artifacts import render_images, write_artifacts
-from .config import EARLY_STOP_PATIENCE, Settings
+from .config import Settings
 from .data import load_clean_folder, stratified_split
 from .destinations import (
     check_artifacts_folder,
@@ -24,20 +24,40 @@ from .destinations import (
     check_writable_folder,
     same_file,
 )
-from .device import amp_dtype, full_precision, resolve_device
+from .device import amp_dtype, resolve_device
 from .errors import ModelMismatchError, RuntimeFailure, UsageError, first_line, out_of_memory
-from .evaluate import attack_success, logits, predictions
-from .formats import detect_format, format_for_output, load_model, save_model, sha256_file
+from .evaluate import attack_success, predictions
+from .formats import format_for_output, load_model, save_model, sha256_file
 from .formats.onnx_graph import NodeFailure
-from .metrics import Rate, paired_difference_interval
+from .gates import EPS, asr_probe_gate, gates_for, verdict_of
+from .guidance import (
+    GIVEN_TRIGGER,
+    TRIGGER_WORKS,
+    class_to_guide,
+    guide_proxy,
+    known_trigger_to_unlearn,
+    patch_region_for,
+    perturbation_families,
+    proxy_is_patch,
+    proxy_monitor,
+)
+from .metrics import Rate
 from .normalisation_check import BetterPreprocess, better_preprocess
-from .preprocess import Normalized, output_kind
-from .probes import FIXED_FLIP_SUSPECT
+from .output_check import (
+    PARITY_TOL,
+    check_deterministic,
+    class_count,
+    model_output_kind,
+    reference_parity,
+    round_to_stored_dtypes,
+    verify_written,
+)
+from .preprocess import Normalized
 from .progress import NoProgress, Progress
 from .report import Figures, Gate, Report
 from .settings_resolve import SettingsSources, resolve_settings
 from .triggers import load_trigger
-from .unlearn import ProxyTriggerStop, unlearn
+from .unlearn import unlearn
 
 
 @dataclass(frozen=True)
@@ -226,7 +246,7 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
                 hint="set the input size and channels with --input-size, --preset, --config or --set "
                 "preprocess.input_size=[H,W] / --set preprocess.channels=N",
             ) from None
-    outputs = _class_count(raw, request.model)
+    outputs = class_count(raw, request.model)
     num_classes = loaded.num_classes or outputs
     if num_classes != outputs:
         raise ModelMismatchError(
@@ -323,12 +343,12 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
                 f"(max logit difference {parity['max_abs_logit_diff']:.2e}, argmax agreement {parity['argmax_agreement']:.1%})",
                 hint="report the model's exporter and opset; repairing it would not be trustworthy",
             )
-    _check_deterministic(model, clean.images, eval_kw, request.model)
-    kind = _output_kind(model, clean.images, eval_kw)
+    check_deterministic(model, clean.images, eval_kw, request.model)
+    kind = model_output_kind(model, clean.images, eval_kw)
     if kind == "probabilities" and getattr(model.model, "softmax_input", None):
         # an ONNX graph ending in a Softmax: work on its input, the logits; the file keeps the Softmax
         model.model.output_logits = True
-        kind = _output_kind(model, clean.images, eval_kw)
+        kind = model_output_kind(model, clean.images, eval_kw)
         if kind != "logits":
             model.model.output_logits = False
         else:
@@ -445,12 +465,12 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
         with timer.phase("probes_before"):
             probes_before = _run_probes(model, x_h, y_h, num_classes, settings, device, amp, progress)
 
-    known = _known_trigger(settings, trigger, p.before)
-    guide_class = _guide_class(settings, probes_before)
+    known = known_trigger_to_unlearn(settings, trigger, p.before)
+    guide_class = class_to_guide(settings, probes_before)
     guided_by = None if guide_class is None else "probes"
     if guide_class is None and known is not None and settings.unlearn.guide == "probes":
         guide_class, guided_by = known.target, "trigger"
-    unlearn_config = replace(settings.unlearn, perturbations=_perturbation_families(settings, probes_before))
+    unlearn_config = replace(settings.unlearn, perturbations=perturbation_families(settings, probes_before))
 
     def on_round(r: int, m: torch.nn.Module) -> dict:
         f = figures()
@@ -459,15 +479,15 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
     if known is not None and guide_class == known.target:
         proxy = (GIVEN_TRIGGER, known.apply)  # the backdoor's own trigger: no stand-in needed
     else:
-        proxy = _guide_proxy(settings, probes_before, guide_class)
-    monitor = _proxy_monitor(settings, proxy, guide_class, x_u, y_u, device, amp)
+        proxy = guide_proxy(settings, probes_before, guide_class)
+    monitor = proxy_monitor(settings, proxy, guide_class, x_u, y_u, device, amp)
     stop = monitor if monitor is not None and unlearn_config.resolved_early_stop(len(y_u)) else None
     step_back_to = monitor if monitor is not None and unlearn_config.resolved_step_back(len(y_u)) else None
     # the patch family searches for a trigger near a probe's patch; the given trigger needs no search
     # (on the GTSRB watermark at 500 images it cost 3 points of accuracy for no ASR: docs/algorithm.md)
     given = proxy is not None and proxy[0] == GIVEN_TRIGGER
-    patch = None if given else _patch_region(settings, proxy, tuple(x_u.shape[1:]))
-    watch_extension = given or _proxy_is_patch(proxy, tuple(x_u.shape[1:]))
+    patch = None if given else patch_region_for(settings, proxy, tuple(x_u.shape[1:]))
+    watch_extension = given or proxy_is_patch(proxy, tuple(x_u.shape[1:]))
 
     with timer.phase("unlearn"):
         model, log = unlearn(
@@ -486,7 +506,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             known_trigger=None if known is None else known.apply,
             step_back_to=step_back_to,
         )
-    _round_to_stored_dtypes(model.model, loaded.stored_dtypes)
+    round_to_stored_dtypes(model.model, loaded.stored_dtypes)
     if not all(bool(torch.isfinite(t).all()) for t in model.parameters()):
         raise RuntimeFailure(
             "the repair diverged: the weights became NaN or infinite; nothing was written",
@@ -527,13 +547,13 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
                 else None,
             )
         with timer.phase("verify"):
-            verification = _verify(
+            verification = verify_written(
                 out_path, request.arch if fmt.name != "torchscript" else None, model, pre, x_h, eval_kw
             )
         output_info = {"path": str(out_path), "format": fmt.name, "sha256": sha256_file(out_path)}
 
-    gates = _gates(settings.gate, before, after, probes_before, probes_after)
-    verdict = _verdict(gates, settings.gate)
+    gates = gates_for(settings.gate, before, after, probes_before, probes_after)
+    verdict = verdict_of(gates, settings.gate)
     accuracy_gate = next(g for g in gates if g.name == "accuracy_drop")
     nothing_seen = probes_before is not None and (
         probes_before.verdict == "no_evidence"
@@ -708,7 +728,7 @@ def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
             )
         )
     else:
-        gates.append(_probe_gate(p.settings.gate, None, suite, stage="in the scan"))
+        gates.append(asr_probe_gate(p.settings.gate, None, suite, stage="in the scan"))
     return Report(
         **_report_common(p, request, "scan", suite, None),
         images=images,
@@ -719,140 +739,11 @@ def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
         unlearning=None,
         verification=None,
         gates=gates,
-        verdict=_verdict(gates, p.settings.gate),
+        verdict=verdict_of(gates, p.settings.gate),
     )
 
 
-PARITY_TOL = 1e-3
 MIN_TESTED_UNLEARN = 78  # the smallest unlearning set of the benchmarks (100 GTSRB images, 43 classes)
-EPS = 1e-9  # rates are ratios of counts: gates compare with a tolerance, not bit for bit
-TRIGGER_WORKS = 0.5  # a given trigger sending fewer held-out images to its class before the repair does not work
-
-
-def reference_parity(model: Normalized, reference, x: torch.Tensor, eval_kw) -> dict:
-    """Compare the torch module with an independent runtime on the same (normalised) inputs."""
-    with full_precision():
-        a = logits(model, x, **dict(eval_kw, amp=None))
-    b = torch.from_numpy(reference(model.normalize(x.to(model.scale.device)).cpu().numpy())).float()
-    return {
-        "runtime": "onnxruntime",
-        "max_abs_logit_diff": float((a - b).abs().max()) if len(a) else 0.0,
-        "max_abs_logit": float(a.abs().max()) if len(a) else 0.0,
-        "argmax_agreement": float((a.argmax(1) == b.argmax(1)).float().mean()) if len(a) else 1.0,
-        "n": len(a),
-    }
-
-
-def _class_count(out: object, model_path: object) -> int:
-    """The class count from the model's output on one image; anything but one [batch, classes]
-    tensor of logits is an error saying what the model returns."""
-    if isinstance(out, dict):
-        what = f"a dict (keys {', '.join(map(str, list(out)[:5]))})"
-    elif isinstance(out, tuple | list):
-        what = f"a {type(out).__name__} of {len(out)} values"
-    elif not isinstance(out, torch.Tensor):
-        what = f"a {type(out).__name__}"
-    elif out.dim() != 2 or out.shape[0] != 1:
-        what = f"a tensor of shape {list(out.shape)} for one image"
-    else:
-        return int(out.shape[-1])
-    raise ModelMismatchError(
-        f"{model_path}: the model returns {what}; ibau needs one logits tensor of shape [batch, classes]",
-        hint="wrap or re-export the model so that forward returns only the class logits",
-    )
-
-
-@torch.no_grad()
-def _round_to_stored_dtypes(module: torch.nn.Module, stored: dict[str, torch.dtype]) -> None:
-    """Round the repaired weights to the dtypes the input stored them in (an fp16 file stays fp16),
-    so every figure after the repair is measured on the weights that are written."""
-    if not stored:
-        return
-    for k, v in module.state_dict(keep_vars=True).items():
-        if k in stored and v.is_floating_point():
-            v.copy_(v.to(stored[k]).to(v.dtype))
-
-
-def _check_deterministic(model: Normalized, images: torch.Tensor, eval_kw: dict, model_path: object) -> None:
-    """An image's logits must not depend on the rest of its batch nor change between calls: a graph
-    exported in training mode (batch statistics, dropout) would make every figure noise and fail
-    the write-back check only after the whole repair."""
-    x = images[:16]
-    if len(x) < 4:
-        return
-    kw = dict(eval_kw, amp=None)
-    with full_precision():
-        whole = logits(model, x, **kw)
-        half = logits(model, x[: len(x) // 2], **kw)
-    diff = float((whole[: len(half)] - half).abs().max())
-    if not diff <= 1e-3 * max(1.0, float(whole.abs().max())):
-        raise ModelMismatchError(
-            f"{model_path}: the model's output for an image changes with the rest of its batch or between calls "
-            f"(logits differ by up to {diff:.3g}): batch norm or dropout in training mode was baked into it",
-            hint="re-export the model after model.eval()",
-        )
-
-
-def _output_kind(model: Normalized, images: torch.Tensor, eval_kw: dict) -> str:
-    """What the model's outputs are (logits, probabilities or [0, 1] scores), from up to 256 clean images."""
-    with full_precision():
-        out = logits(model, images[:256], **dict(eval_kw, amp=None))
-    return output_kind(out)
-
-
-@contextmanager
-def _file_outputs(module: torch.nn.Module) -> Iterator[None]:
-    """The module as the file computes it: an ONNX graph's final Softmax back on for the duration."""
-    stripped = getattr(module, "output_logits", False)
-    if stripped:
-        module.output_logits = False
-    try:
-        yield
-    finally:
-        if stripped:
-            module.output_logits = True
-
-
-def _verify(out_path: Path, arch_flag: str | None, model, pre, x_h, eval_kw) -> dict:
-    """Reload the written file (in an independent runtime where there is one) and compare its
-    predictions with the in-memory repaired model."""
-    try:
-        # a user's own architecture file rebuilds a state-dict output; a graph format carries its own
-        user_arch = arch_flag if arch_flag and ":" in arch_flag and not detect_format(out_path).carries_graph else None
-        reloaded = load_model(out_path, arch=user_arch, device="cpu")
-        kw = dict(eval_kw, amp=None)
-        raw = Normalized(model.model, pre).to(eval_kw["device"]).eval()  # what the file outputs, no log
-        with full_precision(), _file_outputs(model.model):
-            a = logits(raw, x_h, **kw)
-            if reloaded.reference is not None:
-                b = torch.from_numpy(reloaded.reference(model.normalize(x_h.to(model.scale.device)).cpu().numpy()))
-                b = b.float()
-            else:
-                wrapped = Normalized(reloaded.module, pre).to(eval_kw["device"]).eval()
-                b = logits(wrapped, x_h, **kw)
-    except Exception as exc:
-        out_path.unlink(missing_ok=True)
-        if out_of_memory(exc):
-            raise
-        raise RuntimeFailure(f"the written model {out_path} could not be reloaded ({exc}); it was removed") from exc
-    max_diff = float((a - b).abs().max()) if len(a) else 0.0
-    agree = float((a.argmax(1) == b.argmax(1)).float().mean()) if len(a) else 1.0
-    scale = max(1.0, float(a.abs().max())) if len(a) else 1.0
-    need = 0.99 if reloaded.reference is not None else 1.0
-    if agree < need or not max_diff <= PARITY_TOL * scale:  # "not <=": a NaN difference fails too
-        out_path.unlink(missing_ok=True)
-        raise RuntimeFailure(
-            f"the written model {out_path} does not reproduce the repaired model "
-            f"(max logit difference {max_diff:.2e}, argmax agreement {agree:.1%}); it was removed"
-        )
-    runtime = "onnxruntime" if reloaded.reference is not None else reloaded.fmt
-    return {
-        "reloaded": True,
-        "runtime": runtime,
-        "max_abs_logit_diff": max_diff,
-        "argmax_agreement": agree,
-        "n": len(a),
-    }
 
 
 def _run_probes(model, x, y, num_classes, settings, device, amp, progress):
@@ -874,9 +765,6 @@ def _run_probes(model, x, y, num_classes, settings, device, amp, progress):
     )
 
 
-GIVEN_TRIGGER = "given trigger"  # the proxy trigger's name when it is the user's --trigger
-
-
 def _image_size(path: Path) -> str:
     """``HxW`` of an image file as stored, for a message; "of another size" when it cannot be read."""
     from PIL import Image
@@ -886,265 +774,6 @@ def _image_size(path: Path) -> str:
             return f"{img.height}x{img.width}"
     except Exception:
         return "of another size"
-
-
-def _known_trigger(settings, trigger, before: Figures):
-    """The user's ``--trigger`` when the repair should also unlearn it directly (``unlearn.known_trigger
-    = "auto"``): it sends at least TRIGGER_WORKS of the held-out images to its class before the repair,
-    so it is the backdoor's trigger. None otherwise (a trigger that does not work only measures)."""
-    if trigger is None or settings.unlearn.known_trigger != "auto" or before.asr is None:
-        return None
-    return trigger if (before.asr.value or 0.0) >= TRIGGER_WORKS else None
-
-
-def _guide_class(settings, probes_before) -> int | None:
-    """The class the probes suspect before the repair, when guidance is on and the verdict is
-    "suspected": the unlearning then also removes the easiest perturbation toward it."""
-    if settings.unlearn.guide != "probes" or probes_before is None or probes_before.verdict != "suspected":
-        return None
-    cls = probes_before.evidence.get("suspected_class")
-    return None if cls is None else int(cls)
-
-
-def _guide_proxy(settings, probes_before, guide_class):
-    """The fixed probe pattern that sent the most held-out images to the guided class (its name and
-    the trigger, ``probes.proxy_trigger``), which both the early stop and the patch family use; None
-    on an unguided repair or when no fixed pattern named the class."""
-    from .probes import proxy_trigger
-
-    if guide_class is None or probes_before is None:
-        return None
-    return proxy_trigger(probes_before, guide_class, settings.seed)
-
-
-def _proxy_monitor(settings, proxy, guide_class, x_u, y_u, device, amp):
-    """On a guided repair, the fixed probe pattern that sent the most held-out images to the guided
-    class (``proxy``, from ``_guide_proxy``), measured on the unlearning images: ``unlearn.early_stop``
-    stops the repair once it no longer sends them there, ``unlearn.extend`` runs the schedule once more
-    while it still does (docs/algorithm.md). None when no fixed pattern named the class."""
-    if proxy is None:
-        return None
-    name, apply = proxy
-    return ProxyTriggerStop(
-        name=name,
-        apply=apply,
-        images=x_u,
-        labels=y_u,
-        target=guide_class,
-        threshold=settings.unlearn.early_stop_flip,
-        patience=EARLY_STOP_PATIENCE,
-        device=device,
-        amp=amp,
-    )
-
-
-def _patch_region(settings, proxy, image_shape) -> tuple[str, torch.Tensor] | None:
-    """``unlearn.patch = "auto"`` on a guided repair: when the fixed probe that sent the most held-out
-    images to the guided class (``proxy``, from ``_guide_proxy``) is a patch, the region around it
-    (``probes.patch_region``), with that probe's name; the inner problem then also searches
-    patterns there (docs/algorithm.md)."""
-    from .probes import patch_region
-
-    if settings.unlearn.patch != "auto" or proxy is None:
-        return None
-    name, apply = proxy
-    region = patch_region(apply, image_shape)
-    return None if region is None else (name, region)
-
-
-def _proxy_is_patch(proxy, image_shape) -> bool:
-    """Whether the proxy trigger is a fixed patch probe: ``unlearn.extend`` watches only those. A
-    blend that a WaNet model's class also answers (the proxy of 4 of its 9 zoo runs) kept sending a
-    third of the images there after every repair, and running the schedule again for it cost 5-8
-    points of accuracy at 100 images and raised the ASR (docs/algorithm.md)."""
-    from .probes import patch_region
-
-    return proxy is not None and patch_region(proxy[1], image_shape) is not None
-
-
-def _perturbation_families(settings, probes_before) -> str:
-    """``unlearn.perturbations = "auto"``: I-BAU's additive perturbation, plus the warp family when,
-    before the repair, a warp (a fixed warp probe or the synthesised universal warp) flipped at
-    least half of the held-out images (95 % lower bound) to one class: the probes' own threshold."""
-    chosen = settings.unlearn.perturbations
-    if chosen != "auto":
-        return chosen
-    if probes_before is not None and any(
-        (r.family == "warp" or r.name == "synth-warp")
-        and r.flip.n
-        and (r.flip.wilson() or (0, 0))[0] >= FIXED_FLIP_SUSPECT
-        for r in probes_before.results
-    ):
-        return "additive+warp"
-    return "additive"
-
-
-def _probe_gate(gate_cfg, probes_before, probes_after, stage: str = "after repair") -> Gate:
-    """Without a known trigger: the strongest ASR-estimating probe toward the class the probes
-    suspected (verdict 'suspected') before repair, measured after repair; and the after-repair
-    verdict must not be 'suspected'. A class named on weak evidence only (an 'inconclusive' verdict
-    before the repair) cannot be gated without the trigger: the gate is 'not_evaluated', not a pass."""
-    if probes_after is None:
-        return Gate("asr", "not_evaluated", gate_cfg.max_asr, None, "no trigger supplied and probes off")
-    cls = None
-    for suite in (probes_before, probes_after):
-        if cls is None and suite is not None and suite.verdict == "suspected":
-            cls = suite.evidence.get("suspected_class")
-    weak = None  # a class the probes before the repair named on weak evidence only (inconclusive)
-    if cls is None and probes_before is not None and probes_before.verdict == "inconclusive":
-        weak = probes_before.evidence.get("suspected_class")
-    if cls is None and weak is not None and probes_after.verdict != "suspected":
-        # nothing bounded estimated an ASR toward it before; after the repair the same weak evidence
-        # may fade whether or not the backdoor went (a qa model: 75 % true ASR, probes "no evidence")
-        return Gate(
-            "asr",
-            "not_evaluated",
-            gate_cfg.max_asr,
-            None,
-            f"no --trigger; the probes before the repair named class {weak} on weak evidence only (inconclusive), "
-            f"and no probe estimates an attack success rate toward it: give --trigger and --target to gate on it",
-        )
-    if cls is None and probes_after.verdict == "inconclusive":
-        # neither an estimate nor a ruling-out: with 20 held-out images (100 clean ones) the probes can
-        # find nothing and still not rule a backdoor out (probes.MIN_IMAGES)
-        why = "; ".join(probes_after.evidence.get("reasons") or []) or "inconclusive"
-        return Gate(
-            "asr",
-            "not_evaluated",
-            gate_cfg.max_asr,
-            None,
-            f"no --trigger; the probes {stage} were inconclusive ({why}): they neither estimate an attack success "
-            "rate nor rule a backdoor out; give --trigger and --target, or more clean images",
-        )
-    if cls is None:
-        ok = probes_after.verdict != "suspected"
-        return Gate(
-            "asr",
-            "pass" if ok else "fail",
-            gate_cfg.max_asr,
-            None,
-            f"no --trigger; probes {stage}: {probes_after.verdict.replace('_', ' ')}",
-        )
-    from .probes import MIN_IMAGES
-
-    name, value, counts = probes_after.probe_asr(cls)
-    if (
-        probes_before is not None
-        and probes_before.verdict == "suspected"
-        and probes_after.verdict != "suspected"
-        and value <= gate_cfg.max_asr + EPS  # an estimate past the limit still fails the gate below
-        and not _fixed_probe_reproduces(probes_before, cls)
-    ):
-        # only synthesised triggers named the class: the repair unlearns that very object (a universal
-        # perturbation toward the class, or a universal warp), so their fall after it is no evidence that
-        # the real trigger stopped working (a QA model: 19.3 % estimated after the repair, 88.7 % true ASR)
-        return Gate(
-            "asr",
-            "not_evaluated",
-            gate_cfg.max_asr,
-            None,
-            f"no --trigger; the probes before the repair found class {cls} through synthesised triggers only (no "
-            f"fixed pattern sent half of the images there), and the repair unlearns such triggers, so the probes "
-            f"after it ({name}: {value:.1%}) cannot show that the backdoor's own trigger stopped working: give "
-            "--trigger and --target to gate on it",
-        )
-    status = "pass" if value <= gate_cfg.max_asr + EPS and probes_after.verdict != "suspected" else "fail"
-    n = counts.n if counts is not None else probes_after.n_images
-    share = (
-        f"{counts.hits} of the {counts.n} held-out images of other classes, not already called {cls}, go there"
-        if counts is not None
-        else f"the share of the held-out images of other classes, not already called {cls}, that it sends there; "
-        f"{probes_after.n_images} held out, half of them for a synthesised probe"
-    )
-    short = ""
-    if n < MIN_IMAGES:  # the probes' own floor for ruling a backdoor out
-        status = "fail"
-        short = (
-            f"; {n} images are fewer than the {MIN_IMAGES} a probe estimate needs to pass: give --trigger and "
-            "--target, or more clean images"
-        )
-    return Gate(
-        "asr",
-        status,
-        gate_cfg.max_asr,
-        value,
-        f"no --trigger; strongest probe toward suspected class {cls} {stage} ({name}: {share}); "
-        f"probe verdict {stage}: {probes_after.verdict.replace('_', ' ')}{short}",
-    )
-
-
-def _verdict(gates: list[Gate], gate_cfg) -> str:
-    """``fail`` when a gate failed, or with ``gate.strict`` when one could not be evaluated."""
-    failing = ("fail", "not_evaluated") if gate_cfg.strict else ("fail",)
-    return "fail" if any(g.status in failing for g in gates) else "pass"
-
-
-def _fixed_probe_reproduces(suite, cls: int) -> bool:
-    """Whether a fixed (not synthesised, not weak) probe in ``suite`` sent at least FIXED_FLIP_SUSPECT
-    of the images to ``cls``: a trigger-like pattern the repair never saw, measurable again after it."""
-    from .probes import WEAK_FAMILIES
-
-    return any(
-        r.family != "synthesised"
-        and r.family not in WEAK_FAMILIES
-        and len(r.per_class) > cls
-        and r.per_class[cls] >= FIXED_FLIP_SUSPECT
-        for r in suite.results
-    )
-
-
-def _gates(gate_cfg, before: Figures, after: Figures | None, probes_before=None, probes_after=None) -> list[Gate]:
-    gates = []
-    drop = None
-    if before.accuracy.value is not None and after.accuracy.value is not None:
-        drop = before.accuracy.value - after.accuracy.value
-    status = "not_evaluated" if drop is None else ("pass" if drop <= gate_cfg.max_acc_drop + EPS else "fail")
-    status, short = _enough(status, after.accuracy.n, gate_cfg)
-    interval = None
-    if drop is not None and before.correct is not None and after.correct is not None:
-        interval = paired_difference_interval(before.correct, after.correct)
-    said = "" if interval is None else f"; paired 95% interval {interval[0]:.1%} to {interval[1]:.1%}"
-    gates.append(
-        Gate(
-            name="accuracy_drop",
-            status=status,
-            limit=gate_cfg.max_acc_drop,
-            value=drop,
-            detail=f"held-out clean accuracy drop (n={after.accuracy.n}{said}){short}",
-            ci95=None if interval is None else list(interval),
-        )
-    )
-    if after.asr is None:
-        gates.append(_probe_gate(gate_cfg, probes_before, probes_after))
-        return gates
-    v = after.asr.value
-    status, short = _enough("pass" if v is not None and v <= gate_cfg.max_asr + EPS else "fail", after.asr.n, gate_cfg)
-    interval = after.asr.wilson()
-    gate = Gate(
-        "asr",
-        status,
-        gate_cfg.max_asr,
-        v,
-        f"true-trigger attack success rate after repair (n={after.asr.n}){short}",
-        None if interval is None else list(interval),
-    )
-    v0 = None if before.asr is None else before.asr.value
-    if v0 is not None and v0 < TRIGGER_WORKS and probes_before is not None and probes_before.verdict == "suspected":
-        # the given trigger did not work on the input model, yet the probes found a backdoor: it is not
-        # that backdoor's trigger (a wrong --trigger-pos, say), and its ASR after the repair says nothing
-        probe = _probe_gate(gate_cfg, probes_before, probes_after)
-        if probe.status == "fail":
-            gate = Gate(
-                "asr",
-                "fail",
-                gate_cfg.max_asr,
-                probe.value,
-                f"the given trigger sent only {v0:.1%} of the held-out images to its class before the repair (so it "
-                f"is not the trigger of the backdoor the probes found), {v:.1%} after; "
-                + probe.detail.removeprefix("no --trigger; "),
-            )
-    gates.append(gate)
-    return gates
 
 
 def _fmt(values) -> str:
@@ -1178,14 +807,3 @@ def _conversion_warnings(clean, pre) -> list[str]:
         for kind, text in said.items()
         if clean.conversions.get(kind)
     ]
-
-
-def _enough(status: str, n: int, gate_cfg) -> tuple[str, str]:
-    """A gate cannot pass on fewer than ``gate.min_samples`` images: 1 of 6 triggered images is a
-    17 % ASR whose 95 % interval reaches 56 %. Returns the status and what to add to the detail."""
-    if status != "pass" or n >= gate_cfg.min_samples:
-        return status, ""
-    return "fail", (
-        f": fewer than gate.min_samples = {gate_cfg.min_samples} images, too few to pass; "
-        "give more clean images (or lower gate.min_samples)"
-    )

@@ -520,16 +520,16 @@ def test_a_class_named_on_weak_evidence_leaves_the_probe_gate_not_evaluated_not_
     saw nothing, and 0.3.7's ASR gate passed with no value. Without the trigger nothing measures an
     ASR toward a weakly named class: the gate says so instead of passing."""
     from ibau_cli.config import GateConfig
-    from ibau_cli.pipeline import _probe_gate
+    from ibau_cli.gates import asr_probe_gate
     from ibau_cli.probes import ProbeSuite
 
     def suite(verdict: str, cls: int | None) -> ProbeSuite:
         return ProbeSuite([], verdict, {"suspected_class": cls}, 0.0, 100, {})
 
-    gate = _probe_gate(GateConfig(), suite("inconclusive", 9), suite("no_evidence", None))
+    gate = asr_probe_gate(GateConfig(), suite("inconclusive", 9), suite("no_evidence", None))
     assert gate.status == "not_evaluated" and gate.value is None
     assert "named class 9 on weak evidence" in gate.detail and "--trigger" in gate.detail
-    assert _probe_gate(GateConfig(), suite("no_evidence", None), suite("no_evidence", None)).status == "pass"
+    assert asr_probe_gate(GateConfig(), suite("no_evidence", None), suite("no_evidence", None)).status == "pass"
 
 
 def _suite(verdict: str, cls: int | None, hits: int = 0, n: int = 0, reasons: list[str] | None = None):
@@ -552,15 +552,15 @@ def test_inconclusive_probes_after_the_repair_leave_the_probe_gate_not_evaluated
     backdoor out, so they were inconclusive before and after, and 0.3.8's gate passed with no value
     (exit 0 on a model keeping a 16 % ASR). Inconclusive probes neither estimate nor rule out."""
     from ibau_cli.config import GateConfig
-    from ibau_cli.pipeline import _probe_gate
+    from ibau_cli.gates import asr_probe_gate
 
     few = ["only 20 held-out images; at least 40 are needed to rule out a backdoor"]
-    gate = _probe_gate(
+    gate = asr_probe_gate(
         GateConfig(), _suite("inconclusive", None, reasons=few), _suite("inconclusive", None, reasons=few)
     )
     assert gate.status == "not_evaluated" and gate.value is None, gate
     assert "inconclusive (only 20 held-out images" in gate.detail and "more clean images" in gate.detail
-    gate = _probe_gate(GateConfig(), _suite("no_evidence", None), _suite("suspected", None, reasons=["all-to-all"]))
+    gate = asr_probe_gate(GateConfig(), _suite("no_evidence", None), _suite("suspected", None, reasons=["all-to-all"]))
     assert gate.status == "fail"
 
 
@@ -569,12 +569,12 @@ def test_a_probe_estimate_on_fewer_than_40_images_cannot_pass():
     17 held-out images there after the repair, 17.6 % under the 20 % limit, and the gate passed a
     model keeping a 34 % true ASR. The probes' own floor for ruling a backdoor out (40) applies."""
     from ibau_cli.config import GateConfig
-    from ibau_cli.pipeline import _probe_gate
+    from ibau_cli.gates import asr_probe_gate
 
-    gate = _probe_gate(GateConfig(), _suite("suspected", 0, 17, 17), _suite("inconclusive", 0, 3, 17))
+    gate = asr_probe_gate(GateConfig(), _suite("suspected", 0, 17, 17), _suite("inconclusive", 0, 3, 17))
     assert gate.status == "fail" and gate.value == pytest.approx(3 / 17), gate
     assert "3 of the 17 held-out images" in gate.detail and "fewer than the 40" in gate.detail
-    gate = _probe_gate(GateConfig(), _suite("suspected", 0, 60, 60), _suite("no_evidence", 0, 3, 60))
+    gate = asr_probe_gate(GateConfig(), _suite("suspected", 0, 60, 60), _suite("no_evidence", 0, 3, 60))
     assert gate.status == "pass" and "fewer than" not in gate.detail, gate
 
 
@@ -583,17 +583,17 @@ def test_a_given_trigger_that_did_not_work_does_not_pass_a_backdoor_the_probes_f
     repair, the probes found the real backdoor, and the true-trigger gate passed (2 % -> 0 %) a model
     keeping 91 %. The gate then also asks the probes; a trigger that worked is gated on its own."""
     from ibau_cli.config import GateConfig
+    from ibau_cli.gates import gates_for
     from ibau_cli.metrics import Rate
-    from ibau_cli.pipeline import _gates
     from ibau_cli.report import Figures
 
     acc = Rate(95, 100)
     before_probes, after_probes = _suite("suspected", 0, 60, 60), _suite("suspected", 0, 54, 60)
-    wrong = _gates(GateConfig(), Figures(acc, Rate(2, 90)), Figures(acc, Rate(0, 90)), before_probes, after_probes)
+    wrong = gates_for(GateConfig(), Figures(acc, Rate(2, 90)), Figures(acc, Rate(0, 90)), before_probes, after_probes)
     (asr,) = [g for g in wrong if g.name == "asr"]
     assert asr.status == "fail" and asr.value == pytest.approx(0.9), asr
     assert "sent only 2.2%" in asr.detail and "not the trigger of the backdoor" in asr.detail
-    right = _gates(GateConfig(), Figures(acc, Rate(88, 90)), Figures(acc, Rate(0, 90)), before_probes, after_probes)
+    right = gates_for(GateConfig(), Figures(acc, Rate(88, 90)), Figures(acc, Rate(0, 90)), before_probes, after_probes)
     (asr,) = [g for g in right if g.name == "asr"]
     assert asr.status == "pass" and asr.value == 0.0 and asr.detail.startswith("true-trigger"), asr
 
@@ -641,18 +641,18 @@ def test_a_repair_whose_proxy_trigger_still_works_runs_its_schedule_once_more(ba
 def test_the_extension_watches_patch_proxies_only():
     """A blend proxy on the zoo's WaNet model kept firing after every repair and the extra schedule
     cost accuracy (docs/algorithm.md): ``unlearn.extend`` is wired to fixed patch probes only."""
-    from ibau_cli.pipeline import _proxy_is_patch
+    from ibau_cli.guidance import proxy_is_patch
     from ibau_cli.probes import PROBES
 
     def proxy(name: str):
         probe = PROBES.get(name)
         return name, lambda x: probe.transform(x, torch.Generator().manual_seed(0))
 
-    assert _proxy_is_patch(proxy("patch-white-br-20%"), (3, 32, 32))
-    assert _proxy_is_patch(proxy("patch-checker-cc-10%"), (1, 28, 28))
-    assert not _proxy_is_patch(proxy("blend-smooth-0.2"), (3, 32, 32))
-    assert not _proxy_is_patch(proxy("warp-k4-s1.0"), (3, 32, 32))
-    assert not _proxy_is_patch(None, (3, 32, 32))
+    assert proxy_is_patch(proxy("patch-white-br-20%"), (3, 32, 32))
+    assert proxy_is_patch(proxy("patch-checker-cc-10%"), (1, 28, 28))
+    assert not proxy_is_patch(proxy("blend-smooth-0.2"), (3, 32, 32))
+    assert not proxy_is_patch(proxy("warp-k4-s1.0"), (3, 32, 32))
+    assert not proxy_is_patch(None, (3, 32, 32))
 
 
 def test_a_class_only_synthesised_triggers_named_cannot_pass_the_probe_gate():
@@ -661,7 +661,7 @@ def test_a_class_only_synthesised_triggers_named_cannot_pass_the_probe_gate():
     unlearns synthesised-like triggers, so only a fixed pattern that reproduced the backdoor before
     can be measured again after it."""
     from ibau_cli.config import GateConfig
-    from ibau_cli.pipeline import _probe_gate, _verdict
+    from ibau_cli.gates import asr_probe_gate, verdict_of
     from ibau_cli.probes import ProbeSuite
     from ibau_cli.probes.base import ProbeResult
 
@@ -679,18 +679,18 @@ def test_a_class_only_synthesised_triggers_named_cannot_pass_the_probe_gate():
         [result("synth-universal-perturbation", "synthesised", 8, 5), result("blend-smooth-0.2", "blend", 8, 19)],
         "no_evidence", {"suspected_class": None, "reasons": []}, 0.0, 200,
     )  # fmt: skip
-    gate = _probe_gate(GateConfig(), synthesised_only, after)
+    gate = asr_probe_gate(GateConfig(), synthesised_only, after)
     assert gate.status == "not_evaluated" and "synthesised triggers only" in gate.detail, gate
-    assert _verdict([gate], GateConfig()) == "pass" and _verdict([gate], GateConfig(strict=True)) == "fail"
+    assert verdict_of([gate], GateConfig()) == "pass" and verdict_of([gate], GateConfig(strict=True)) == "fail"
     # a fixed pattern that sent half of the images to the class before: its figure after is a measurement
     reproduced = ProbeSuite(
         [*synthesised_only.results, result("patch-white-br-10%", "patch", 8, 90)], "suspected", evidence, 0.0, 200
     )
-    gate = _probe_gate(GateConfig(), reproduced, after)
+    gate = asr_probe_gate(GateConfig(), reproduced, after)
     assert gate.status == "pass" and gate.value == 0.19, gate
     # an estimate past the limit still fails, whoever named the class
     still = ProbeSuite([result("blend-smooth-0.2", "blend", 8, 40)], "no_evidence", after.evidence, 0.0, 200)
-    assert _probe_gate(GateConfig(), synthesised_only, still).status == "fail"
+    assert asr_probe_gate(GateConfig(), synthesised_only, still).status == "fail"
 
 
 def test_a_mid_edge_patch_is_the_proxy_trigger_only_when_clearly_stronger():
