@@ -22,6 +22,7 @@ from .errors import (
     IbauError,
     UsageError,
 )
+from .repeated_options import OnceGroup
 
 if TYPE_CHECKING:
     from .report import Report
@@ -188,7 +189,7 @@ def _run(debug: bool, fn) -> Any:
         _fail(failure, debug)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=OnceGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ibau")
 @click.option(
     "--plugin",

@@ -146,6 +146,10 @@ def test_an_output_path_that_is_a_pipe_or_device_is_refused_not_replaced(backdoo
         (["sanitize", "m.safetensors", "--clean", "c", "--max-acc-drop", "5%"], "'5%' is not a valid float"),
         (["sanitise", "m.safetensors"], "No such command 'sanitise'. Did you mean 'sanitize'?"),
         (["sanitize", "m.safetensors"], "Missing option '--clean'"),
+        # click kept the last of a one-value option silently: the gate ran on class 7
+        (["scan", "m.pt", "--clean", "c", "--target", "3", "--target=7"], "--target is given twice (3 and 7)"),
+        (["sanitize", "m.pt", "--clean", "c", "--out", "a.pt", "--max-acc-drop", "0.02", "--out", "b.pt"], "--out is"),
+        (["config", "show", "--preset", "cifar10", "--preset", "gtsrb"], "--preset is given twice"),
     ],
 )
 def test_command_line_usage_errors_are_one_line_too(args, needle):
@@ -153,6 +157,19 @@ def test_command_line_usage_errors_are_one_line_too(args, needle):
     with what to do, and so are click's now: the message, then where the help is."""
     res = run_cli(*args)
     assert_one_line_error(res.returncode, res.stderr, 2, needle, "--help`")
+
+
+def test_repeatable_options_stay_repeatable():
+    """--set and --report take several values; a value that looks like an option is a value."""
+    from ibau_cli.repeated_options import refuse_repeated_options
+
+    res = run_cli("config", "show", "--set", "unlearn.rounds=3", "--set", "unlearn.lr=0.01", "--json")
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads(res.stdout)["config"]["unlearn"]
+    assert (cfg["rounds"], cfg["lr"]) == (3, 0.01)
+    ctx = main.make_context("ibau", ["scan", "m.pt", "--clean", "c"], resilient_parsing=True)
+    scan_cmd = main.get_command(ctx, "scan")
+    refuse_repeated_options(scan_cmd, ctx, ["m.pt", "--clean", "--target", "--target", "4"])  # a folder named --target
 
 
 def test_a_file_name_that_is_not_utf8_is_named_before_any_work(backdoored, tmp_path):
