@@ -178,6 +178,9 @@ class SplitConfig:
         return [] if 0 < self.holdout < 1 else ["split.holdout must be in (0, 1)"]
 
 
+GATE_BASES = ("estimate", "upper95")
+
+
 @dataclass(frozen=True)
 class GateConfig:
     max_asr: float = 0.2
@@ -185,11 +188,16 @@ class GateConfig:
     min_clean_acc: float | None = None  # None: chance + 25 % of the way to 1
     min_samples: int = 10  # a true-trigger ASR or accuracy gate measured on fewer held-out images fails
     strict: bool = False  # a gate that could not be evaluated (not_evaluated) fails the run too
+    # what the accuracy-drop and true-trigger ASR gates compare with their limit: the measured figure
+    # ("estimate") or its 95 % upper bound ("upper95": only what the held-out images show within the limit passes)
+    basis: str = "estimate"
 
     def check(self) -> list[str]:
         p = []
         if self.min_samples < 0:
             p.append("gate.min_samples must be >= 0")
+        if self.basis not in GATE_BASES:
+            p.append(f"gate.basis must be one of {', '.join(GATE_BASES)}")
         for name in ("max_asr", "max_acc_drop"):
             if not 0 <= getattr(self, name) <= 1:
                 p.append(f"gate.{name} must be a fraction in [0, 1]")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .guidance import TRIGGER_WORKS
-from .metrics import paired_difference_interval
+from .metrics import Rate, paired_difference_interval
 from .probes import FIXED_FLIP_SUSPECT
 from .report import Figures, Gate
 
@@ -129,11 +129,11 @@ def gates_for(gate_cfg, before: Figures, after: Figures | None, probes_before=No
     drop = None
     if before.accuracy.value is not None and after.accuracy.value is not None:
         drop = before.accuracy.value - after.accuracy.value
-    status = "not_evaluated" if drop is None else ("pass" if drop <= gate_cfg.max_acc_drop + EPS else "fail")
-    status, short = _enough(status, after.accuracy.n, gate_cfg)
     interval = None
     if drop is not None and before.correct is not None and after.correct is not None:
         interval = paired_difference_interval(before.correct, after.correct)
+    status, basis = _against_limit(drop, interval, gate_cfg.max_acc_drop, gate_cfg)
+    status, short = _enough(status, after.accuracy.n, gate_cfg)
     said = "" if interval is None else f"; paired 95% interval {interval[0]:.1%} to {interval[1]:.1%}"
     gates.append(
         Gate(
@@ -141,24 +141,14 @@ def gates_for(gate_cfg, before: Figures, after: Figures | None, probes_before=No
             status=status,
             limit=gate_cfg.max_acc_drop,
             value=drop,
-            detail=f"held-out clean accuracy drop (n={after.accuracy.n}{said}){short}",
+            detail=f"held-out clean accuracy drop (n={after.accuracy.n}{said}){basis}{short}",
             ci95=None if interval is None else list(interval),
         )
     )
     if after.asr is None:
         gates.append(asr_probe_gate(gate_cfg, probes_before, probes_after))
         return gates
-    v = after.asr.value
-    status, short = _enough("pass" if v is not None and v <= gate_cfg.max_asr + EPS else "fail", after.asr.n, gate_cfg)
-    interval = after.asr.wilson()
-    gate = Gate(
-        "asr",
-        status,
-        gate_cfg.max_asr,
-        v,
-        f"true-trigger attack success rate after repair (n={after.asr.n}){short}",
-        None if interval is None else list(interval),
-    )
+    gate = true_trigger_gate(gate_cfg, after.asr, "after repair")
     v0 = None if before.asr is None else before.asr.value
     if v0 is not None and v0 < TRIGGER_WORKS and probes_before is not None and probes_before.verdict == "suspected":
         # the given trigger did not work on the input model, yet the probes found a backdoor: it is not
@@ -171,11 +161,54 @@ def gates_for(gate_cfg, before: Figures, after: Figures | None, probes_before=No
                 gate_cfg.max_asr,
                 probe.value,
                 f"the given trigger sent only {v0:.1%} of the held-out images to its class before the repair (so it "
-                f"is not the trigger of the backdoor the probes found), {v:.1%} after; "
+                f"is not the trigger of the backdoor the probes found), {after.asr.value:.1%} after; "
                 + probe.detail.removeprefix("no --trigger; "),
             )
     gates.append(gate)
     return gates
+
+
+def true_trigger_gate(gate_cfg, asr: Rate, stage: str) -> Gate:
+    """The ASR gate on the user's trigger, measured on held-out images ``stage`` (after repair, or in the scan)."""
+    interval = asr.wilson()
+    status, basis = _against_limit(asr.value, interval, gate_cfg.max_asr, gate_cfg)
+    status, short = _enough(status, asr.n, gate_cfg)
+    return Gate(
+        "asr",
+        status,
+        gate_cfg.max_asr,
+        asr.value,
+        f"true-trigger attack success rate {stage} (n={asr.n}){basis}{short}",
+        None if interval is None else list(interval),
+    )
+
+
+def _against_limit(value, interval, limit: float, gate_cfg) -> tuple[str, str]:
+    """pass / fail / not_evaluated of a measured figure against its limit, on the figure itself or (gate.basis
+    = "upper95") on its 95 % upper bound; and what to add to the detail."""
+    if value is None:
+        return "not_evaluated", ""
+    if gate_cfg.basis == "upper95" and interval is not None:
+        return ("pass" if interval[1] <= limit + EPS else "fail"), f"; gate.basis = upper95: {interval[1]:.1%} gated"
+    return ("pass" if value <= limit + EPS else "fail"), ""
+
+
+def unshown_passes(gates: list[Gate]) -> list[str]:
+    """A warning for each gate that passed on its measured figure although its 95 % upper bound is past
+    the limit: the held-out images do not show the figure within the limit (0 of 19 images lost is a
+    0.0 % drop whose interval reaches 13.3 points)."""
+    said = {"accuracy_drop": "accuracy drop", "asr": "true-trigger ASR"}
+    return [
+        f"the {said.get(g.name, g.name)} gate passed on the measured {g.value:.1%}, but its 95% upper bound "
+        f"{g.ci95[1]:.1%} is past the limit {g.limit:.1%}: the held-out images are too few to show it within "
+        'the limit; give more clean images (or a larger --holdout), or set gate.basis = "upper95" to fail such runs'
+        for g in gates
+        if g.status == "pass"
+        and g.value is not None
+        and g.ci95 is not None
+        and g.limit is not None
+        and g.ci95[1] > g.limit + EPS
+    ]
 
 
 def _enough(status: str, n: int, gate_cfg) -> tuple[str, str]:

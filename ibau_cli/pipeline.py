@@ -29,7 +29,7 @@ from .errors import ModelMismatchError, RuntimeFailure, UsageError, first_line, 
 from .evaluate import attack_success, predictions
 from .formats import format_for_output, load_model, save_model, sha256_file
 from .formats.onnx_graph import NodeFailure
-from .gates import EPS, asr_probe_gate, gates_for, verdict_of
+from .gates import asr_probe_gate, gates_for, true_trigger_gate, unshown_passes, verdict_of
 from .guidance import (
     GIVEN_TRIGGER,
     TRIGGER_WORKS,
@@ -554,6 +554,7 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
 
     gates = gates_for(settings.gate, before, after, probes_before, probes_after)
     verdict = verdict_of(gates, settings.gate)
+    warnings += unshown_passes(gates)
     accuracy_gate = next(g for g in gates if g.name == "accuracy_drop")
     nothing_seen = probes_before is not None and (
         probes_before.verdict == "no_evidence"
@@ -717,18 +718,10 @@ def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
         )
     ]
     if p.before.asr is not None:
-        v = p.before.asr.value
-        gates.append(
-            Gate(
-                "asr",
-                "pass" if v is not None and v <= p.settings.gate.max_asr + EPS else "fail",
-                p.settings.gate.max_asr,
-                v,
-                f"true-trigger attack success rate (n={p.before.asr.n})",
-            )
-        )
+        gates.append(true_trigger_gate(p.settings.gate, p.before.asr, "in the scan"))
     else:
         gates.append(asr_probe_gate(p.settings.gate, None, suite, stage="in the scan"))
+    p.warnings.extend(unshown_passes(gates))
     return Report(
         **_report_common(p, request, "scan", suite, None),
         images=images,

@@ -598,6 +598,35 @@ def test_a_given_trigger_that_did_not_work_does_not_pass_a_backdoor_the_probes_f
     assert asr.status == "pass" and asr.value == 0.0 and asr.detail.startswith("true-trigger"), asr
 
 
+def test_a_drop_the_held_out_images_cannot_bound_is_said_and_can_be_gated_on_its_bound():
+    """QA25: 19 held-out images, the same 17 right before and after: a 0.0 % drop passed the 5 % gate
+    silently while the model really lost 5.5 points. The pass now comes with a warning naming the
+    upper bound; gate.basis = "upper95" fails it. 400 images with the same drop and no warning pass."""
+    import dataclasses
+
+    from ibau_cli.config import GateConfig
+    from ibau_cli.gates import gates_for, unshown_passes
+    from ibau_cli.metrics import Rate
+    from ibau_cli.report import Figures
+
+    def figures(n_right: int, n: int, asr_hits: int) -> Figures:
+        correct = [True] * n_right + [False] * (n - n_right)
+        return Figures(Rate(n_right, n), Rate(asr_hits, n), correct)
+
+    small = gates_for(GateConfig(), figures(17, 19, 19), figures(17, 19, 0))
+    acc = next(g for g in small if g.name == "accuracy_drop")
+    assert acc.status == "pass" and acc.value == 0.0 and acc.ci95[1] > 0.05
+    (warning,) = [w for w in unshown_passes(small) if "accuracy drop" in w]
+    assert f"upper bound {acc.ci95[1]:.1%} is past the limit 5.0%" in warning and "gate.basis" in warning
+    strict = gates_for(dataclasses.replace(GateConfig(), basis="upper95"), figures(17, 19, 19), figures(17, 19, 0))
+    assert next(g for g in strict if g.name == "accuracy_drop").status == "fail"
+    # the true-trigger ASR: 0 of 19 has a Wilson upper bound of 16.8 %, within 20 %, so it passes either way
+    assert next(g for g in strict if g.name == "asr").status == "pass"
+    large = gates_for(GateConfig(basis="upper95"), figures(380, 400, 400), figures(379, 400, 2))
+    assert [g.status for g in large] == ["pass", "pass"] and unshown_passes(large) == []
+    assert GateConfig(basis="upper").check() == ["gate.basis must be one of estimate, upper95"]
+
+
 def test_a_repair_whose_proxy_trigger_still_works_runs_its_schedule_once_more(backdoored):
     """``unlearn.extend``: one round at a tenth of the learning rate leaves the demo backdoor in place
     (the true patch, the proxy here, still sends most unlearning images to the target), so the
