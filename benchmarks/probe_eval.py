@@ -94,6 +94,8 @@ def scan_row(model_dir: Path, data: Path, n: int, seed: int) -> dict:
         "uap_flip": (uap.get("flip_rate") or {}).get("value"),
         "uap_class": uap.get("worst_class"),
         "probe_seconds": probes["seconds"],
+        # every probe's result as the report gives it: enough to judge the scan again offline
+        "probe_results": [{k: v for k, v in p.items() if k != "seconds"} for p in probes["probes"]],
         "wall_seconds": wall,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -216,6 +216,12 @@ SAME_PATH["0.4.3"] = {
 }
 
 
+# 0.4.4 changed the probes' verdict only where no class guides the repair (three families agreeing make it
+# inconclusive, which guides nothing; the all-to-all rule names no class) and the gates' warnings: every
+# 0.4.3 run takes its code path.
+SAME_PATH["0.4.4"] = {"0.4.3": lambda r: True, **SAME_PATH["0.4.3"]}
+
+
 def round_over_epoch(r: dict) -> float:
     """One round's time over one plain epoch. Rows written before efficacy.py recorded ``rounds_run``
     divided by the configured rounds, which the small-set schedule doubles: those are corrected here."""

@@ -246,11 +246,87 @@ def test_remapping_counts_only_classes_whose_images_agree_on_the_new_label():
 
     y = torch.arange(10)  # one image per class, each moved to a label of its own
     moved = (y + 3) % 10
-    hits, targets, sources = remap_rate(moved, y, y.clone(), 10)
+    hits, targets, sources, _ = remap_rate(moved, y, y.clone(), 10)
     assert (hits.hits, targets, sources) == (0, 0, 10)  # one image cannot show a class-dependent target
     y2 = torch.arange(10).repeat(2)  # two per class, both moved to label + 1: a real remapping
-    hits, targets, sources = remap_rate((y2 + 1) % 10, y2, y2.clone(), 10)
-    assert (hits.hits, hits.n, targets, sources) == (20, 20, 10, 10)
+    hits, targets, sources, once = remap_rate((y2 + 1) % 10, y2, y2.clone(), 10)
+    assert (hits.hits, hits.n, targets, sources, once) == (20, 20, 10, 10, 20)
+
+
+def test_a_pattern_that_pushes_classes_into_one_sink_class_is_not_an_all_to_all_backdoor():
+    """A clean CIFAR-10 model under a sinusoid (QA26 review): 40 % of the correctly classified images went
+    to their class's most common new label, 4 targets from 7 classes, and the scan failed it as an
+    all-to-all backdoor; most of them went to one class. Counted without that sink it is not a
+    remapping; label -> label + 1 still is."""
+    from ibau_cli.metrics import Rate
+    from ibau_cli.probes import _looks_all_to_all
+    from ibau_cli.probes.base import ProbeResult, remap_rate
+
+    y = torch.arange(10).repeat_interleave(10)  # 10 images a class, all classified right
+
+    def moved(plan: dict[int, tuple[int, int]]) -> torch.Tensor:
+        pred = y.clone()
+        for c, (to, k) in plan.items():
+            pred[(y == c).nonzero().flatten()[:k]] = to
+        return pred
+
+    def result(pred) -> ProbeResult:
+        r, t, s, once = remap_rate(pred, y, y.clone(), 10)
+        details = {
+            "remap_rate": r.to_dict(),
+            "remap_targets": t,
+            "remap_sources": s,
+            "remap_hits_one_source_per_target": once,
+        }
+        return ProbeResult("p", "signal", 5, Rate(0, 90), details)
+
+    # classes 0-3: 8 images each to class 5; classes 4, 6, 7: 3 each to a class of their own
+    sink = moved({0: (5, 8), 1: (5, 8), 2: (5, 8), 3: (5, 8), 4: (7, 3), 6: (8, 3), 7: (9, 3)})
+    rate, targets, sources, once = remap_rate(sink, y, y.clone(), 10)
+    assert (rate.hits, rate.n, targets, sources, once) == (41, 100, 4, 7, 17)
+    assert (rate.wilson() or (0, 0))[0] >= 0.25  # the 0.3.5 rule fired on this
+    assert not _looks_all_to_all(result(sink))
+    assert _looks_all_to_all(result((y + 1) % 10))  # every class to a label of its own
+
+
+def test_three_probe_families_agreeing_on_a_class_make_the_scan_inconclusive_not_silent():
+    """QA25: a CIFAR-10 model with a 4x4 checker trigger, scanned on 100 images, came out "no evidence"
+    although the synthesised mask trigger, the universal perturbation and several checker patches (44 %)
+    all pointed to its target. The real probe results of the committed zoo scans
+    (benchmarks/results/probes-detail.jsonl, 100 images, 3 seeds) judged again: a watermark model the
+    old rule passed as "no evidence" is inconclusive, naming its target; no clean model's scan is
+    flagged or named by the agreement."""
+    import json
+    from pathlib import Path
+
+    from ibau_cli.metrics import Rate
+    from ibau_cli.probes import judge
+    from ibau_cli.probes.base import ProbeResult
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "probes-detail.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert len(rows) >= 57
+    judged = {}
+    for row in rows:
+        results = [
+            ProbeResult(
+                p["name"],
+                p["family"],
+                p["worst_class"],
+                Rate(p["flip_rate"]["hits"], p["flip_rate"]["n"]),
+                p.get("details", {}),
+            )
+            for p in row["probe_results"]
+        ]
+        judged[(row["model"], row["seed"])] = judge(results, row["n_scanned"])
+    verdict, evidence = judged[("gtsrb-smallcnn-watermark-t3", 0)]
+    assert (verdict, evidence["suspected_class"]) == ("inconclusive", 3)
+    assert "three probe families point to class 3" in evidence["reasons"][-1]
+    clean = [(k, v) for k, v in judged.items() if "clean" in k[0]]
+    assert len(clean) == 15
+    for key, (verdict, evidence) in clean:
+        assert verdict != "suspected", key
+        assert not any("three probe families" in r for r in evidence["reasons"]), key
 
 
 def test_all_to_all_evidence_that_appears_only_after_the_repair_is_not_a_backdoor():

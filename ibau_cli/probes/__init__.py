@@ -44,6 +44,12 @@ WEAK_FAMILIES = ("colour",)
 ALL_TO_ALL_REMAP = 0.25
 ALL_TO_ALL_SPREAD = 0.5
 MIN_IMAGES = 40  # fewer held-out images than this: inconclusive
+# Three families agreeing on one class, none strong enough alone: the synthesised mask trigger and the
+# universal perturbation both find it the easiest class to reach, and a fixed pattern sends at least this
+# share of the images there. Inconclusive, naming the class. Measured at 100 images (3 seeds each,
+# docs/probes.md): 0 of 18 scans of clean models; a CIFAR-10 checker-patch model that every probe missed
+# alone in 3 of 3, a GTSRB watermark model in 1 of 3.
+FAMILIES_AGREE_FIXED = 0.3
 
 
 @dataclass
@@ -88,11 +94,15 @@ class ProbeSuite:
 
 
 def _looks_all_to_all(r: ProbeResult) -> bool:
-    """A trigger that moves many images, each class to its own new label (label -> label + 1 style)."""
+    """A trigger that moves many images, each class to its own new label (label -> label + 1 style).
+    A target that several classes go to counts the images of one of them only, so a pattern pushing
+    several classes into one sink class (a clean CIFAR-10 model under a sinusoid) is not a remapping.
+    Reports written before 0.4.4 lack that count; their plain rate is used."""
     remap = r.details.get("remap_rate")
     if not remap or not remap["n"]:
         return False
-    lo = (Rate(remap["hits"], remap["n"]).wilson() or (0.0, 0.0))[0]
+    hits = r.details.get("remap_hits_one_source_per_target", remap["hits"])
+    lo = (Rate(hits, remap["n"]).wilson() or (0.0, 0.0))[0]
     targets, sources = r.details["remap_targets"], r.details["remap_sources"]
     return lo >= ALL_TO_ALL_REMAP and targets >= 3 and targets >= ALL_TO_ALL_SPREAD * sources
 
@@ -106,6 +116,34 @@ def _stands_out(r: ProbeResult | None) -> float | None:
     if (r.flip.wilson() or (0, 0))[0] >= SYNTH_FLIP_MIN and r.flip.value >= 3 * max(median_other, 0.05):
         return median_other
     return None
+
+
+def _families_agree(results: list[ProbeResult]) -> tuple[int, str] | None:
+    """The class that the synthesised mask trigger, the universal perturbation and a fixed pattern
+    (FAMILIES_AGREE_FIXED of the images or more) all point to, with the reason; None when they differ."""
+    by_name = {r.name: r for r in results}
+    mask, uap = by_name.get("synth-mask-pattern"), by_name.get("synth-universal-perturbation")
+    if mask is None or uap is None or not mask.flip.n or not uap.flip.n or mask.worst_class != uap.worst_class:
+        return None
+    cls = mask.worst_class
+    fixed = [
+        r
+        for r in results
+        if r.family != "synthesised"
+        and r.family not in WEAK_FAMILIES
+        and r.flip.n
+        and r.worst_class == cls
+        and (r.flip.value or 0.0) >= FAMILIES_AGREE_FIXED
+    ]
+    if not fixed:
+        return None
+    top = max(fixed, key=lambda r: r.flip.value)
+    return cls, (
+        f"three probe families point to class {cls}, none strongly enough alone: fixed pattern {top.name} sends "
+        f"{top.flip.value:.0%} of images there ({len(fixed)} fixed pattern{'s' if len(fixed) > 1 else ''} "
+        f"{FAMILIES_AGREE_FIXED:.0%} or more), and it is the easiest class for the synthesised mask trigger and "
+        f"for the universal perturbation ({uap.flip.value:.0%}); more clean images, or --trigger, can settle it"
+    )
 
 
 def judge(results: list[ProbeResult], n_images: int) -> tuple[str, dict]:
@@ -180,6 +218,12 @@ def judge(results: list[ProbeResult], n_images: int) -> tuple[str, dict]:
     if reasons:
         evidence["reasons"] = reasons + weak
         return "suspected", evidence
+    agreed = _families_agree(results)
+    if agreed is not None:
+        cls, why = agreed
+        evidence["reasons"] = [*weak, why]
+        evidence["suspected_class"] = cls
+        return "inconclusive", evidence
     if weak:
         # alone, a small synthesised mask is weak evidence (its optimisation is noisy on a budget)
         evidence["reasons"] = [*weak, "no fixed pattern or universal perturbation confirms it"]

@@ -106,16 +106,19 @@ MIN_REMAP_AGREEMENT = 2  # images of one class that must agree on a new label to
 
 def remap_rate(
     pred: Tensor, y: Tensor, clean_pred: Tensor, num_classes: int, agreement: int = MIN_REMAP_AGREEMENT
-) -> tuple[Rate, int, int]:
+) -> tuple[Rate, int, int, int]:
     """All-to-all evidence: among images the model classifies correctly, the fraction sent to their
     class's most common new label (a class-dependent target). Returns that rate, how many distinct
-    targets the classes go to, and how many classes had a changed image.
+    targets the classes go to, how many classes had a changed image, and the hits counted once per
+    target: a target that several classes go to (a sink class, not a remapping) counts the images of
+    its largest source class only.
 
     A class counts only when at least ``agreement`` (two) of its images agree on the new label: one changed image
     is always its class's "most common" new label, so on a small set (under two images per class)
     any pattern that moves images would otherwise look like a class-dependent remapping."""
     ok = clean_pred == y
-    hits, targets, sources = 0, set(), 0
+    hits, sources = 0, 0
+    largest_source: dict[int, int] = {}  # target -> the most images one class sent there
     for c in range(num_classes):
         changed = pred[ok & (y == c) & (pred != c)]
         if len(changed) == 0:
@@ -126,5 +129,5 @@ def remap_rate(
         if int(counts[top]) < agreement:
             continue
         hits += int(counts[top])
-        targets.add(top)
-    return Rate(hits, int(ok.sum())), len(targets), sources
+        largest_source[top] = max(largest_source.get(top, 0), int(counts[top]))
+    return Rate(hits, int(ok.sum())), len(largest_source), sources, sum(largest_source.values())

@@ -39,8 +39,13 @@ class PatternProbe:
         pred = predict(model, self.transform(ctx.x, gen), ctx)
         counts = class_rates(pred, ctx.y, ctx.clean_pred, ctx.num_classes)
         worst, rate, rates = worst_class(counts)
-        remap, targets, sources = remap_rate(pred, ctx.y, ctx.clean_pred, ctx.num_classes)
-        details = {"remap_rate": remap.to_dict(), "remap_targets": targets, "remap_sources": sources}
+        remap, targets, sources, one_per_target = remap_rate(pred, ctx.y, ctx.clean_pred, ctx.num_classes)
+        details = {
+            "remap_rate": remap.to_dict(),
+            "remap_targets": targets,
+            "remap_sources": sources,
+            "remap_hits_one_source_per_target": one_per_target,
+        }
         return ProbeResult(self.name, self.family, worst, rate, details, per_class=rates, per_class_counts=counts)
 
 
