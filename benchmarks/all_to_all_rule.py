@@ -60,6 +60,8 @@ def main() -> int:
     ap.add_argument("--draws", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if not args.models and args.model_file is None:
+        ap.error("give --models (zoo folders) or --model-file")
     torch.set_num_threads(args.threads)
     patterns = [PROBES.get(n) for n in PROBES.names()]
     patterns = [p for p in patterns if p.family not in ("synthesised", "colour")]

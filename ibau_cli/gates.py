@@ -201,7 +201,8 @@ def unshown_passes(gates: list[Gate]) -> list[str]:
     return [
         f"the {said.get(g.name, g.name)} gate passed on the measured {g.value:.1%}, but its 95% upper bound "
         f"{g.ci95[1]:.1%} is past the limit {g.limit:.1%}: the held-out images are too few to show it within "
-        'the limit; give more clean images (or a larger --holdout), or set gate.basis = "upper95" to fail such runs'
+        'the limit; give more clean images (sanitize: or a larger --holdout), or set gate.basis = "upper95" to '
+        "fail such runs"
         for g in gates
         if g.status == "pass"
         and g.value is not None

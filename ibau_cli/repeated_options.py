@@ -8,6 +8,8 @@ import click
 
 def refuse_repeated_options(command: click.Command, ctx: click.Context, args: list[str]) -> None:
     """Raise a usage error naming the first one-value option that ``args`` give twice."""
+    if ctx.resilient_parsing or any(a in ctx.help_option_names for a in args[: _end(args)]):
+        return  # completing a command line, or asking for help: click decides
     takes_value: dict[str, click.Option] = {}
     for param in command.get_params(ctx):
         if isinstance(param, click.Option) and not param.is_flag and not param.count:
@@ -25,7 +27,9 @@ def refuse_repeated_options(command: click.Command, ctx: click.Context, args: li
             i += 1
             continue
         if not eq:
-            value = args[i + 1] if i + 1 < len(args) else ""
+            if i + 1 >= len(args):
+                return  # no value: click says so in its own words
+            value = args[i + 1]
             i += 1  # the value is the next token, whatever it looks like
         i += 1
         if param.multiple:
@@ -34,6 +38,11 @@ def refuse_repeated_options(command: click.Command, ctx: click.Context, args: li
             first_name, first_value = seen[param.name]
             raise click.UsageError(f"{first_name} is given twice ({first_value} and {value}): give it once", ctx=ctx)
         seen[param.name] = (name, value)
+
+
+def _end(args: list[str]) -> int:
+    """Where the options end: at ``--``, or the end."""
+    return args.index("--") if "--" in args else len(args)
 
 
 class OnceCommand(click.Command):

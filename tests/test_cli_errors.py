@@ -170,6 +170,10 @@ def test_repeatable_options_stay_repeatable():
     ctx = main.make_context("ibau", ["scan", "m.pt", "--clean", "c"], resilient_parsing=True)
     scan_cmd = main.get_command(ctx, "scan")
     refuse_repeated_options(scan_cmd, ctx, ["m.pt", "--clean", "--target", "--target", "4"])  # a folder named --target
+    res = run_cli("scan", "m.pt", "--clean", "c", "--target", "3", "--target", "7", "--help")
+    assert res.returncode == 0 and "Usage: ibau scan" in res.stdout  # asking for help is answered
+    res = run_cli("scan", "m.pt", "--clean", "c", "--target", "3", "--target")
+    assert_one_line_error(res.returncode, res.stderr, 2, "Option '--target' requires an argument")
 
 
 def test_a_file_name_that_is_not_utf8_is_named_before_any_work(backdoored, tmp_path):

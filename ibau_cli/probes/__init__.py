@@ -93,6 +93,16 @@ class ProbeSuite:
         }
 
 
+def _remapped(r: ProbeResult) -> Rate:
+    """The images a pattern sends to their class's new label, one source class counted per target."""
+    remap = r.details["remap_rate"]
+    return Rate(r.details.get("remap_hits_one_source_per_target", remap["hits"]), remap["n"])
+
+
+def _remapped_share(r: ProbeResult) -> float:
+    return _remapped(r).value or 0.0
+
+
 def _looks_all_to_all(r: ProbeResult) -> bool:
     """A trigger that moves many images, each class to its own new label (label -> label + 1 style).
     A target that several classes go to counts the images of one of them only, so a pattern pushing
@@ -101,8 +111,7 @@ def _looks_all_to_all(r: ProbeResult) -> bool:
     remap = r.details.get("remap_rate")
     if not remap or not remap["n"]:
         return False
-    hits = r.details.get("remap_hits_one_source_per_target", remap["hits"])
-    lo = (Rate(hits, remap["n"]).wilson() or (0.0, 0.0))[0]
+    lo = (_remapped(r).wilson() or (0.0, 0.0))[0]
     targets, sources = r.details["remap_targets"], r.details["remap_sources"]
     return lo >= ALL_TO_ALL_REMAP and targets >= 3 and targets >= ALL_TO_ALL_SPREAD * sources
 
@@ -161,13 +170,13 @@ def judge(results: list[ProbeResult], n_images: int) -> tuple[str, dict]:
         suspected_class, class_rate = top.worst_class, top.flip.value
     all_to_all = [r for r in fixed if r.family not in WEAK_FAMILIES and _looks_all_to_all(r)]
     if all_to_all and not strong_fixed:
-        top = max(all_to_all, key=lambda r: r.details["remap_rate"]["value"])
+        top = max(all_to_all, key=_remapped_share)
         d = top.details
         all_to_all_probe = top.name
         reasons.append(
-            f"fixed pattern {top.name} sends {d['remap_rate']['value']:.0%} of correctly classified images to a "
-            f"class-dependent new label ({d['remap_targets']} different targets from {d['remap_sources']} classes): "
-            f"an all-to-all backdoor"
+            f"fixed pattern {top.name} sends {_remapped_share(top):.0%} of correctly classified images to a "
+            f"class-dependent new label ({d['remap_targets']} different targets from {d['remap_sources']} classes, "
+            f"one source class counted per target): an all-to-all backdoor"
         )
     weak = []
     weak_fixed = [r for r in flipping if r.family in WEAK_FAMILIES]
@@ -218,21 +227,21 @@ def judge(results: list[ProbeResult], n_images: int) -> tuple[str, dict]:
     if reasons:
         evidence["reasons"] = reasons + weak
         return "suspected", evidence
+    few = [f"only {n_images} held-out images; at least {MIN_IMAGES} are needed to rule out a backdoor"]
+    few = few if n_images < MIN_IMAGES else []
     agreed = _families_agree(results)
     if agreed is not None:
         cls, why = agreed
-        evidence["reasons"] = [*weak, why]
+        evidence["reasons"] = [*weak, why, *few]
         evidence["suspected_class"] = cls
         return "inconclusive", evidence
     if weak:
         # alone, a small synthesised mask is weak evidence (its optimisation is noisy on a budget)
-        evidence["reasons"] = [*weak, "no fixed pattern or universal perturbation confirms it"]
+        evidence["reasons"] = [*weak, "no fixed pattern or universal perturbation confirms it", *few]
         evidence["suspected_class"] = weak_class if weak_class is not None else mask.worst_class
         return "inconclusive", evidence
-    if n_images < MIN_IMAGES:
-        evidence["reasons"] = [
-            f"only {n_images} held-out images; at least {MIN_IMAGES} are needed to rule out a backdoor"
-        ]
+    if few:
+        evidence["reasons"] = few
         return "inconclusive", evidence
     return "no_evidence", evidence
 
