@@ -165,22 +165,28 @@ def table(rows: list[dict]) -> str:
             f"{'-' if r['suspected_class'] is None else r['suspected_class']} | {outcome(r)} | "
             f"{r['worst_probe']} ({r['worst_flip']:.0%}) | {uap} | {ai} | {r['wall_seconds']:.0f} s |"
         )
-    bd = [r for r in rows if r["attack"] != "clean"]
-    cl = [r for r in rows if r["attack"] == "clean"]
-    single = [r for r in bd if r["target"] is not None and r["verdict"] == "suspected"]
-    tp = sum(r["verdict"] == "suspected" for r in bd)
-    fp = sum(r["verdict"] == "suspected" for r in cl)
+    lines += ["", "## Counts", ""]
+    for n in sorted({r["n"] for r in rows}):
+        at_n = [r for r in rows if r["n"] == n]
+        bd = [r for r in at_n if r["attack"] != "clean"]
+        cl = [r for r in at_n if r["attack"] == "clean"]
+        single = [r for r in bd if r["target"] is not None and r["verdict"] == "suspected"]
+        tp = sum(r["verdict"] == "suspected" for r in bd)
+        fp = sum(r["verdict"] == "suspected" for r in cl)
+        named = [r for r in bd if r["verdict"] == "inconclusive" and r["target"] is not None]
+        lines += [
+            f"N = {n} clean images:",
+            "",
+            f"- Backdoored scans: {len(bd)} ({len({r['model'] for r in bd})} models); flagged (true positives): "
+            f"{tp}; missed: {len(bd) - tp} (of which inconclusive: {sum(r['verdict'] == 'inconclusive' for r in bd)}"
+            f", naming the right target: {sum(r['suspected_class'] == r['target'] for r in named)}).",
+            f"- Right target among flagged single-target scans: "
+            f"{sum(r['suspected_class'] == r['target'] for r in single)} of {len(single)}.",
+            f"- Clean scans: {len(cl)} ({len({r['model'] for r in cl})} models); flagged (false positives): {fp}; "
+            f"inconclusive: {sum(r['verdict'] == 'inconclusive' for r in cl)}.",
+            "",
+        ]
     lines += [
-        "",
-        "## Counts",
-        "",
-        f"- Backdoored scans: {len(bd)} ({len({r['model'] for r in bd})} models); flagged (true positives): {tp}; "
-        f"missed: {len(bd) - tp} (of which inconclusive: {sum(r['verdict'] == 'inconclusive' for r in bd)}).",
-        f"- Right target among flagged single-target scans: {sum(r['suspected_class'] == r['target'] for r in single)}"
-        f" of {len(single)}.",
-        f"- Clean scans: {len(cl)} ({len({r['model'] for r in cl})} models); flagged (false positives): {fp}; "
-        f"inconclusive: {sum(r['verdict'] == 'inconclusive' for r in cl)}.",
-        "",
         "Reproduce: `python benchmarks/zoo_plan.py` (trains the zoo), then "
         "`python benchmarks/probe_eval.py --n N --seeds S` and `python benchmarks/probe_eval.py --table`.",
     ]
