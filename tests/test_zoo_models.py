@@ -137,8 +137,8 @@ def test_warp_probe_adds_the_warp_family_and_removes_the_gtsrb_wanet_backdoor(tm
     """The WaNet GTSRB model (a fixed sub-pixel warp), sanitized with no --trigger: a warp probe flips
     most images to class 25 before the repair, so the inner problem also searches universal warps
     (unlearn.perturbations = "auto"). With the additive perturbation alone the true ASR stayed at
-    28-44 % on 2,500 images (benchmarks/RESULTS.md, 0.2.0); figures here on 1,000 other test images."""
-    report, model, out, target = _sanitize_without_trigger(tmp_path, "gtsrb-smallcnn-wanet", 1000)
+    28-44 % on 2,500 images (benchmarks/RESULTS.md, 0.2.0); figures here on 1,000 other test images, after a repair on 500 clean images (400 unlearned)."""
+    report, model, out, target = _sanitize_without_trigger(tmp_path, "gtsrb-smallcnn-wanet", 500)
     assert report["probes"]["before"]["evidence"]["suspected_class"] == target
     assert [p["family"] for p in report["unlearning"]["perturbations"]] == ["additive", "warp"]
     (acc0, asr0), (acc1, asr1) = _true_figures("gtsrb", "wanet", target, model, out)
