@@ -172,6 +172,8 @@ def true_trigger_gate(gate_cfg, asr: Rate, stage: str) -> Gate:
     """The ASR gate on the user's trigger, measured on held-out images ``stage`` (after repair, or in the scan)."""
     interval = asr.wilson()
     status, basis = _against_limit(asr.value, interval, gate_cfg.max_asr, gate_cfg)
+    if asr.value is None:  # no triggered image measured: as before 0.4.4, the gate fails rather than skips
+        status = "fail"
     status, short = _enough(status, asr.n, gate_cfg)
     return Gate(
         "asr",
