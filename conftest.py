@@ -43,8 +43,19 @@ def _share_the_cores() -> None:
 _share_the_cores()
 
 
+TRAINED_FIXTURES = ("backdoored", "demo_zoo")  # tests/conftest.py: trained once per run, shared by the workers
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """The tests marked slow (about 30 s to 2 min each, on real zoo models or whole CLI runs) run
     first: the parallel workers then end on short tests and finish together, instead of one worker
-    starting a two-minute test while the other has nothing left to do."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+    starting a two-minute test while the other has nothing left to do. Among them, those that need
+    no model trained by the session fixtures come first, so one worker trains those models while the
+    other runs a zoo test instead of waiting for them. Pair with `--dist load --maxschedchunk 1`
+    (pyproject.toml), which hands the tests out in this order, one at a time."""
+
+    def key(item) -> tuple[bool, bool]:
+        trained = any(name in TRAINED_FIXTURES for name in getattr(item, "fixturenames", ()))
+        return item.get_closest_marker("slow") is None, trained
+
+    items.sort(key=key)  # stable: file order otherwise

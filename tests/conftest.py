@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from ibau_cli.demo import (
     NUM_CLASSES,
     TARGET,
+    TrainedDemo,
     add_badnets_trigger,
     synthetic_images,
     train_backdoored,
@@ -26,27 +32,49 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("IBAU_DATA", REPO.parent / "shared" / "data"))
 
 
+@contextmanager
+def built_once(tmp_path_factory, name: str) -> Iterator[tuple[Path, bool]]:
+    """A folder shared by this run's xdist workers, and whether it still has to be built: the first
+    worker to get here builds it while holding a lock, the others wait and then read it. A session
+    fixture that trains models would otherwise train them once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root = shared / f"built-{name}"
+    done = root / ".built"
+    with FileLock(str(root) + ".lock"):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed part-way is redone
+            root.mkdir()
+        yield root, not done.exists()
+        done.touch()
+
+
+def _load_module(path: Path) -> torch.nn.Module:
+    from ibau_cli.formats import load_model
+
+    return load_model(path).module
+
+
 @pytest.fixture(scope="session")
 def backdoored(tmp_path_factory) -> dict:
     """A backdoored small-cnn saved as safetensors (with ibau metadata), a clean folder of 500
     images, one of 100, the trigger patch, and an independent evaluation set."""
-    root = tmp_path_factory.mktemp("backdoored")
-    trained = train_backdoored(seed=0)
-    assert trained.clean_acc > 0.9 and trained.asr > 0.9, (trained.clean_acc, trained.asr)
-    model_path = root / "model.safetensors"
-    save_model(
-        trained.model, model_path, fmt="safetensors", arch="small-cnn", num_classes=NUM_CLASSES, preprocess=Preprocess()
-    )
-    x, y = synthetic_images(500, seed=4242)
-    write_image_folder(x, y, root / "clean500")
-    x100, y100 = synthetic_images(100, seed=4343)
-    write_image_folder(x100, y100, root / "clean100")
-    write_trigger(root / "trigger.png")
+    with built_once(tmp_path_factory, "backdoored") as (root, build):
+        if build:
+            trained = train_backdoored(seed=0)
+            assert trained.clean_acc > 0.9 and trained.asr > 0.9, (trained.clean_acc, trained.asr)
+            save_model(trained.model, root / "model.safetensors", fmt="safetensors", arch="small-cnn",
+                       num_classes=NUM_CLASSES, preprocess=Preprocess())  # fmt: skip
+            x, y = synthetic_images(500, seed=4242)
+            write_image_folder(x, y, root / "clean500")
+            x100, y100 = synthetic_images(100, seed=4343)
+            write_image_folder(x100, y100, root / "clean100")
+            write_trigger(root / "trigger.png")
     x_eval, y_eval = synthetic_images(1000, seed=9999)  # never seen by ibau
     return {
         "root": root,
-        "model": model_path,
-        "module": trained.model,
+        "model": root / "model.safetensors",
+        "module": _load_module(root / "model.safetensors"),
         "clean500": root / "clean500",
         "clean100": root / "clean100",
         "trigger": root / "trigger.png",
@@ -73,23 +101,29 @@ def mid_right_patch(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def demo_zoo(tmp_path_factory) -> dict:
-    """Four more real small CNNs on the synthetic data, trained once per session (2,000 images each,
+    """Four more real small CNNs on the synthetic data, trained once per run (2,000 images each,
     half the demo's, to keep CI short): two clean ones, one with a trigger no fixed probe draws and
     one with a patch halfway down an edge, each as (safetensors path, TrainedDemo)."""
-    root = tmp_path_factory.mktemp("zoo")
-    models = {}
-    for name, kwargs in {
+    recipes = {
         "clean0": {"seed": 0, "poison": False},
         "clean1": {"seed": 1, "poison": False},
         "plus": {"seed": 2, "trigger_fn": _plus_sign},
         "edge": {"seed": 2, "trigger_fn": mid_right_patch},
-    }.items():
-        trained = train_backdoored(n_train=2000, **kwargs)
-        path = root / f"{name}.safetensors"
-        save_model(
-            trained.model, path, fmt="safetensors", arch="small-cnn", num_classes=NUM_CLASSES, preprocess=Preprocess()
-        )
-        models[name] = (path, trained)
+    }
+    with built_once(tmp_path_factory, "demo-zoo") as (root, build):
+        if build:
+            figures = {}
+            for name, kwargs in recipes.items():
+                trained = train_backdoored(n_train=2000, **kwargs)
+                save_model(trained.model, root / f"{name}.safetensors", fmt="safetensors", arch="small-cnn",
+                           num_classes=NUM_CLASSES, preprocess=Preprocess())  # fmt: skip
+                figures[name] = {"clean_acc": trained.clean_acc, "asr": trained.asr}
+            (root / "figures.json").write_text(json.dumps(figures))
+    figures = json.loads((root / "figures.json").read_text())
+    models = {
+        name: (root / f"{name}.safetensors", TrainedDemo(_load_module(root / f"{name}.safetensors"), **figures[name]))
+        for name in recipes
+    }
     assert models["plus"][1].asr > 0.9 and models["edge"][1].asr > 0.9 and models["clean0"][1].clean_acc > 0.9
     return models
 

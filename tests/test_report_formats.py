@@ -12,7 +12,7 @@ from importlib import resources
 
 import pytest
 
-from conftest import run_cli, sanitize_with_trigger
+from conftest import built_once, run_cli, sanitize_with_trigger
 
 jsonschema = pytest.importorskip("jsonschema")
 FAST_PROBES = ["--set", "probes.budget_steps=60"]
@@ -47,13 +47,17 @@ class _Images(HTMLParser):
 
 @pytest.fixture(scope="module")
 def sanitized(backdoored, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reports")
-    names = ["report.json", "report.sarif", "report.xml", "report.html"]
-    args = sanitize_with_trigger(backdoored, backdoored["model"], "clean500", out / "fixed.safetensors", *FAST_PROBES)
-    for n in names:
-        args += ["--report", out / n]
-    res = run_cli(*args, probes=True)
-    assert res.returncode == 0, res.stderr
+    """One sanitize writing every report format (run once, whichever worker gets here first)."""
+    with built_once(tmp_path_factory, "reports") as (out, build):
+        if build:
+            names = ["report.json", "report.sarif", "report.xml", "report.html"]
+            args = sanitize_with_trigger(
+                backdoored, backdoored["model"], "clean500", out / "fixed.safetensors", *FAST_PROBES
+            )
+            for n in names:
+                args += ["--report", out / n]
+            res = run_cli(*args, probes=True)
+            assert res.returncode == 0, res.stderr
     return out
 
 

@@ -71,25 +71,24 @@ def _true_figures(dataset: str, attack: str, target: int, *paths: Path) -> list[
     [
         "gtsrb-smallcnn-trojan-square",  # magenta/green squares: no fixed probe flips it, the synthesised one does
         "gtsrb-smallcnn-all2all",  # all-to-all (label -> label + 1)
-        "gtsrb-smallcnn-clean-s0",  # clean, trained the same way (weak colour evidence only: inconclusive)
+        # the clean GTSRB model (PROBES.md: inconclusive at 500 images, never suspected) was scanned here
+        # too until 0.4.5, 62 s of the suite; test_units re-judges every committed 100-image zoo scan,
+        # 15 of them clean, with the current rules, and the 100-image test below sanitizes it
         # the clean small VGG (no evidence) is left to benchmarks/probe_eval.py (PROBES.md): its scan took
         # 154 s of the suite's 823, the synthesised probes spending their whole budget on every class.
         # Blend and WaNet scans (a minute each) are left to PROBES.md too: the sanitize tests below
-        # assert that the probes name their targets (blend with 100 images, WaNet with 1,000).
+        # assert that the probes name their targets (blend with 100 images, WaNet and SIG with 500).
     ],
 )
-def test_scan_flags_the_backdoored_zoo_models_and_not_the_clean_one(name, tmp_path):
+def test_scan_flags_the_backdoored_zoo_models(name, tmp_path):
     manifest = json.loads((ZOO / name / "manifest.json").read_text())
     clean = _clean_folder(tmp_path, manifest["dataset"], 500)  # PROBES.md's N = 500 rows, seed 0
     res = run_cli("scan", ZOO / name / "model.safetensors", "--clean", clean, "--json", "-q")
     assert res.returncode in (0, 1), res.stderr
     probes = json.loads(res.stdout)["probes"]["before"]
-    if manifest["attack"] == "clean":
-        assert probes["verdict"] != "suspected" and res.returncode == 0, probes["evidence"]
-    else:
-        assert probes["verdict"] == "suspected" and res.returncode == 1, probes["evidence"]
-        if manifest["attack"] != "all2all":
-            assert probes["evidence"]["suspected_class"] == manifest["target"]
+    assert probes["verdict"] == "suspected" and res.returncode == 1, probes["evidence"]
+    if manifest["attack"] != "all2all":
+        assert probes["evidence"]["suspected_class"] == manifest["target"]
 
 
 def test_sanitize_removes_the_cifar10_badnets_backdoor_on_real_images(tmp_path):
@@ -121,9 +120,10 @@ def _sanitize_without_trigger(tmp_path: Path, name: str, n_clean: int) -> tuple[
 def test_probe_guided_sanitize_removes_the_gtsrb_sig_backdoor(tmp_path):
     """The SIG (sinusoidal-signal) GTSRB model, sanitized the way a user would, with no --trigger:
     the probes suspect class 17 and guide the unlearning toward it; figures recomputed here on 1,000
-    other test images with the true trigger. (Plain I-BAU left 96 % ASR on this model in one seed of
+    other test images with the true trigger, after a repair on 500 clean images (400 unlearned; 0.4.4
+    used 1,000: the test took 100 s on one worker). (Plain I-BAU left 96 % ASR on this model in one seed of
     three at 2,500 images: docs/algorithm.md.)"""
-    report, model, out, target = _sanitize_without_trigger(tmp_path, "gtsrb-smallcnn-sig", 1000)
+    report, model, out, target = _sanitize_without_trigger(tmp_path, "gtsrb-smallcnn-sig", 500)
     assert report["probes"]["before"]["verdict"] == "suspected"
     assert report["unlearning"]["guided_class"] == target
     # the probes fire on a signal, not a warp: the inner problem stays I-BAU's additive one
