@@ -113,14 +113,10 @@ def verdict_of(gates: list[Gate], gate_cfg) -> str:
 def _fixed_probe_reproduces(suite, cls: int) -> bool:
     """Whether a fixed (not synthesised, not weak) probe in ``suite`` sent at least FIXED_FLIP_SUSPECT
     of the images to ``cls``: a trigger-like pattern the repair never saw, measurable again after it."""
-    from .probes import WEAK_FAMILIES
+    from .probes import counts_as_fixed
 
     return any(
-        r.family != "synthesised"
-        and r.family not in WEAK_FAMILIES
-        and len(r.per_class) > cls
-        and r.per_class[cls] >= FIXED_FLIP_SUSPECT
-        for r in suite.results
+        counts_as_fixed(r) and len(r.per_class) > cls and r.per_class[cls] >= FIXED_FLIP_SUSPECT for r in suite.results
     )
 
 

@@ -346,6 +346,37 @@ def test_all_to_all_evidence_that_appears_only_after_the_repair_is_not_a_backdoo
     assert reconcile_after_repair(None, after).verdict == "suspected"
 
 
+def test_a_class_a_fixed_pattern_names_only_after_the_repair_is_not_a_backdoor():
+    """A QA-style MNIST case (tests/test_plugin_archs.py runs it for real): a 2-pixel white frame sent
+    7 % of the held-out digits to 1 in the backdoored input (its trigger pulled them to 0) and 69 %
+    after the repair removed that backdoor; clean MNIST models send about half there. The repair saw
+    clean images only, so it cannot have planted a class-1 backdoor: inconclusive, with the reason.
+    What the input model already showed stays suspected."""
+    from ibau_cli.metrics import Rate
+    from ibau_cli.probes import ProbeResult, ProbeSuite, reconcile_after_repair
+
+    def frame(worst: int, hits: int, toward_1: float, family: str = "frame") -> ProbeResult:
+        per_class = [0.0] * 10
+        per_class[worst], per_class[1] = hits / 55, toward_1 if worst != 1 else hits / 55
+        return ProbeResult("frame-white-2px", family, worst, Rate(hits, 55), per_class=per_class)
+
+    def suite(verdict: str, cls: int | None, result: ProbeResult) -> ProbeSuite:
+        return ProbeSuite([result], verdict, {"suspected_class": cls, "reasons": ["r"]}, 0.0, 110)
+
+    after = suite("suspected", 1, frame(1, 38, 38 / 55))
+    fixed = reconcile_after_repair(suite("suspected", 0, frame(0, 38, 0.07)), after)
+    assert fixed.verdict == "inconclusive" and fixed.evidence["appeared_after_repair"], fixed.evidence
+    assert "class 1 is named only after the repair: frame-white-2px sends 69%" in fixed.evidence["reasons"][-1]
+    assert "sent 7% in the input model" in fixed.evidence["reasons"][-1]
+    # the input model already leaned there (40 % of the images): kept
+    assert reconcile_after_repair(suite("no_evidence", None, frame(0, 5, 0.40)), after).verdict == "suspected"
+    # the input's probes named that very class: kept
+    assert reconcile_after_repair(suite("inconclusive", 1, frame(0, 5, 0.07)), after).verdict == "suspected"
+    # synthesised evidence only, after the repair: not compared, kept
+    synth_after = suite("suspected", 1, frame(1, 38, 38 / 55, family="synthesised"))
+    assert reconcile_after_repair(suite("suspected", 0, frame(0, 38, 0.07)), synth_after).verdict == "suspected"
+
+
 def test_teacher_views_are_seeded_shifted_flipped_and_mixed_copies_of_the_batch():
     from ibau_cli.unlearn.augment import clean_views
 

@@ -93,6 +93,13 @@ class ProbeSuite:
         }
 
 
+def counts_as_fixed(r: ProbeResult) -> bool:
+    """A fixed pattern whose flips count as evidence of a trigger: not a synthesised probe (fitted to
+    the model, so it reaches some class on any model) and not a weak family (a global colour change
+    moves colour-coded classes of clean models)."""
+    return r.family != "synthesised" and r.family not in WEAK_FAMILIES
+
+
 def _remapped(r: ProbeResult) -> Rate:
     """The images a pattern sends to their class's new label, one source class counted per target."""
     remap = r.details["remap_rate"]
@@ -138,11 +145,7 @@ def _families_agree(results: list[ProbeResult]) -> tuple[int, str] | None:
     fixed = [
         r
         for r in results
-        if r.family != "synthesised"
-        and r.family not in WEAK_FAMILIES
-        and r.flip.n
-        and r.worst_class == cls
-        and (r.flip.value or 0.0) >= FAMILIES_AGREE_FIXED
+        if counts_as_fixed(r) and r.flip.n and r.worst_class == cls and (r.flip.value or 0.0) >= FAMILIES_AGREE_FIXED
     ]
     if not fixed:
         return None
@@ -163,12 +166,12 @@ def judge(results: list[ProbeResult], n_images: int) -> tuple[str, dict]:
     suspected_class, class_rate = None, 0.0
     all_to_all_probe = None
     flipping = [r for r in fixed if r.flip.n and (r.flip.wilson() or (0, 0))[0] >= FIXED_FLIP_SUSPECT]
-    strong_fixed = [r for r in flipping if r.family not in WEAK_FAMILIES]
+    strong_fixed = [r for r in flipping if counts_as_fixed(r)]
     if strong_fixed:
         top = max(strong_fixed, key=lambda r: r.flip.value)
         reasons.append(f"fixed pattern {top.name} flips {top.flip.value:.0%} of images to class {top.worst_class}")
         suspected_class, class_rate = top.worst_class, top.flip.value
-    all_to_all = [r for r in fixed if r.family not in WEAK_FAMILIES and _looks_all_to_all(r)]
+    all_to_all = [r for r in fixed if counts_as_fixed(r) and _looks_all_to_all(r)]
     if all_to_all and not strong_fixed:
         top = max(all_to_all, key=_remapped_share)
         d = top.details
@@ -246,27 +249,54 @@ def judge(results: list[ProbeResult], n_images: int) -> tuple[str, dict]:
     return "no_evidence", evidence
 
 
-def reconcile_after_repair(before: ProbeSuite | None, after: ProbeSuite) -> ProbeSuite:
-    """Judge the repaired model against what the input model showed.
+APPEARED_BEFORE_MAX = FIXED_FLIP_SUSPECT / 2  # the input's share below which a pattern's pull "appeared" after
 
-    All-to-all evidence that appears only after the repair (the input model gave none) is a side
-    effect of unlearning on the clean images (typically a large occluding patch now scattering
-    predictions), not a backdoor: the repair used no poisoned data. It stays in the report as a
-    reason, and the verdict becomes inconclusive instead of suspected. Anything else is unchanged.
+
+def reconcile_after_repair(before: ProbeSuite | None, after: ProbeSuite) -> ProbeSuite:
+    """Judge the repaired model against what the input model showed. The repair sees clean images
+    only, so it cannot give the model a backdoor the input did not carry; evidence that appears only
+    after it is a side effect of unlearning. It stays in the report as a reason, and the verdict
+    becomes inconclusive instead of suspected, in two cases:
+
+    - all-to-all evidence when the input model gave none (typically a large occluding patch now
+      scattering predictions);
+    - a fixed pattern naming a class the input model's probes did not name, when that very pattern
+      sent under APPEARED_BEFORE_MAX of the images there in the input model. A QA MNIST model: a
+      2-pixel white frame sends about half the digits to 1 in clean models, 18 % in the backdoored
+      input (its trigger pulled them to 0) and 69 % after the repair removed that backdoor.
+
+    Evidence the input model already showed, or that synthesised triggers alone give, is unchanged.
     """
     ev = after.evidence
-    if (
-        before is None
-        or after.verdict != "suspected"
-        or ev.get("suspected_class") is not None
-        or not ev.get("all_to_all_probe")
-        or before.evidence.get("all_to_all_probe")
-    ):
+    if before is None or after.verdict != "suspected":
         return after
-    note = (
-        f"the all-to-all evidence ({ev['all_to_all_probe']}) appeared only after the repair and the input model "
-        "showed none: a side effect of unlearning, not counted as a backdoor"
-    )
+    cls = ev.get("suspected_class")
+    if cls is None:
+        if not ev.get("all_to_all_probe") or before.evidence.get("all_to_all_probe"):
+            return after
+        note = (
+            f"the all-to-all evidence ({ev['all_to_all_probe']}) appeared only after the repair and the input model "
+            "showed none: a side effect of unlearning, not counted as a backdoor"
+        )
+    else:
+        if before.verdict != "no_evidence" and before.evidence.get("suspected_class") == cls:
+            return after
+        named = [
+            r
+            for r in after.results
+            if counts_as_fixed(r) and r.worst_class == cls and (r.flip.wilson() or (0, 0))[0] >= FIXED_FLIP_SUSPECT
+        ]
+        if not named:
+            return after  # synthesised evidence: fitted to the repaired model, not compared here
+        top = max(named, key=lambda r: r.flip.value or 0.0)
+        earlier = next((r for r in before.results if r.name == top.name), None)
+        if earlier is None or len(earlier.per_class) <= cls or earlier.per_class[cls] >= APPEARED_BEFORE_MAX:
+            return after
+        note = (
+            f"class {cls} is named only after the repair: {top.name} sends {top.flip.value:.0%} of images there now "
+            f"and sent {earlier.per_class[cls]:.0%} in the input model, whose probes did not name class {cls}; the "
+            "repair saw clean images only, so this is a side effect of unlearning, not counted as a backdoor"
+        )
     evidence = {**ev, "reasons": [*ev.get("reasons", []), note], "appeared_after_repair": True}
     return ProbeSuite(after.results, "inconclusive", evidence, after.seconds, after.n_images, after.artifacts)
 
@@ -354,7 +384,7 @@ def proxy_trigger(suite: ProbeSuite, target: int, seed: int) -> tuple[str, Calla
     best: dict[bool, tuple[float, str, PatternProbe]] = {}  # the preferred probes' best and the others'
     for r in suite.results:
         probe = PROBES.get(r.name)
-        if not isinstance(probe, PatternProbe) or r.family in WEAK_FAMILIES or len(r.per_class) <= target:
+        if not isinstance(probe, PatternProbe) or not counts_as_fixed(r) or len(r.per_class) <= target:
             continue
         share = r.per_class[target]
         kind = probe.preferred
