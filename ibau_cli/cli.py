@@ -569,8 +569,10 @@ def archs() -> None:
     console = Console()
     for name in ARCHS.names():
         spec = ARCHS.get(name)
-        h, w = spec.input_size
-        console.print(f"[bold]{name}[/]  {h}x{w}  {spec.description}  [dim]({ARCHS.origin(name)})[/]")
+        shape = "input not declared" if spec.input_size is None else "{}x{}".format(*spec.input_size)
+        if spec.channels is not None:
+            shape = f"{spec.channels}x{shape}" if spec.input_size is not None else f"{spec.channels} channels"
+        console.print(f"[bold]{name}[/]  {shape}  {spec.description}  [dim]({ARCHS.origin(name)})[/]")
 
 
 @main.command(epilog=EXIT_CODES_HELP)

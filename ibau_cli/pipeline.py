@@ -41,6 +41,7 @@ from .guidance import (
     proxy_is_patch,
     proxy_monitor,
 )
+from .input_shape import infer_input
 from .metrics import Rate
 from .normalisation_check import BetterPreprocess, better_preprocess
 from .output_check import (
@@ -55,7 +56,7 @@ from .output_check import (
 from .preprocess import Normalized
 from .progress import NoProgress, Progress
 from .report import Figures, Gate, Report
-from .settings_resolve import SettingsSources, resolve_settings
+from .settings_resolve import INFERRED_LAYER, SettingsSources, resolve_settings
 from .triggers import load_trigger
 from .unlearn import unlearn
 
@@ -190,17 +191,32 @@ def _figures(model, x, y, trigger, eval_kw) -> Figures:
     return Figures(Rate(sum(correct), len(correct)), asr, correct)
 
 
-def settings_for(loaded, request: SanitizeRequest) -> tuple[Settings, SettingsSources]:
-    """The effective settings for a loaded model and a request, with where each key came from."""
-    return resolve_settings(
+def settings_for(loaded, request: SanitizeRequest, clean: Path | None = None) -> tuple[Settings, SettingsSources]:
+    """The effective settings for a loaded model and a request, with where each key came from. The
+    input shape nothing declares is read from the model's first convolution and, given ``clean``,
+    from the size all its images share (input_shape.py)."""
+    inferred = infer_input(loaded.module, clean)
+    settings, sources = resolve_settings(
         arch=loaded.arch if request.arch is None or ":" not in (request.arch or "") else None,
         model_preprocess=loaded.preprocess,
         model_input=loaded.input_hint,
+        inferred=None if inferred is None else inferred.layer(),
         preset=request.preset,
         config_file=request.config_file,
         overrides=request.overrides,
         environment=request.environment,
     )
+    taken = [k for k in ("preprocess.channels", "preprocess.input_size") if sources.origins.get(k) == INFERRED_LAYER]
+    if inferred is not None and taken:
+        pre = settings.preprocess
+        note = (
+            f"input shape {pre.channels}x{pre.input_size[0]}x{pre.input_size[1]} read from the model and the clean "
+            f"images, as nothing declares it ({'; '.join(inferred.reasons)}); --input-size HxW or --set "
+            "preprocess.channels=N sets it"
+        )
+        if note not in loaded.notes:
+            loaded.notes.append(note)
+    return settings, sources
 
 
 def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) -> _Prepared:
@@ -222,7 +238,7 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
                 "-> TorchScript or .pt2; ONNX only from ONNX",
             )
         out_fmt.check_can_save(loaded.module, out_path)
-    settings, sources = settings_for(loaded, request)
+    settings, sources = settings_for(loaded, request, Path(request.clean))
     pre = settings.preprocess
     _check_finite_weights(loaded.module, Path(request.model))
     model = Normalized(loaded.module, pre).to(device).eval()

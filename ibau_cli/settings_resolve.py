@@ -14,6 +14,7 @@ from .errors import ConfigError
 from .preprocess import Preprocess
 
 ENV_PREFIX = "IBAU_"
+INFERRED_LAYER = "the model and the clean images"  # input_shape.infer_input, when nothing declares the shape
 
 
 @dataclass
@@ -63,12 +64,14 @@ def resolve_settings(
     model_preprocess: Preprocess | None,
     preset: str | None,
     model_input: tuple[int, int, int] | None = None,
+    inferred: dict[str, Any] | None = None,
     config_file: Path | None,
     overrides: dict[str, Any],
     environment: Mapping[str, str] | None = None,
 ) -> tuple[Settings, SettingsSources]:
-    """defaults < architecture defaults < the graph's input shape < model file metadata < preset
-    < config file < environment (IBAU_SECTION__KEY) < flags."""
+    """defaults < what the model's first convolution and the clean images say of the input shape
+    (``inferred``, a preprocess layer) < architecture defaults < the graph's input shape < model file
+    metadata < preset < config file < environment (IBAU_SECTION__KEY) < flags."""
     settings = Settings()
     sources = SettingsSources(["defaults"], {k: "defaults" for k in _keys(settings.to_dict())})
 
@@ -78,11 +81,15 @@ def resolve_settings(
         sources.layers.append(name)
         sources.origins.update({k: name for k in _keys(layer)})
 
+    if inferred:
+        overlay(inferred, INFERRED_LAYER)
     spec = ARCHS.get(arch) if arch else None
     if spec is not None:
-        pre = {"input_size": list(spec.input_size), "channels": spec.channels}
+        pre = {} if spec.input_size is None else {"input_size": list(spec.input_size)}
+        pre.update({} if spec.channels is None else {"channels": spec.channels})
         pre.update({k: v for k, v in spec.defaults.items() if k in ("mean", "std")})
-        overlay({"preprocess": pre}, f"architecture {spec.name}")
+        if pre:
+            overlay({"preprocess": pre}, f"architecture {spec.name}")
     if model_input is not None:
         c, h, w = model_input
         if h and w:

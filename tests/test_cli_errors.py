@@ -1026,7 +1026,9 @@ def test_ctrl_c_after_the_run_has_finished_keeps_its_exit_code():
 def test_images_all_shrunk_to_an_input_size_nothing_set_are_warned(backdoored, tmp_path):
     """A QA model taking 64x64 images, shipped as TorchScript with no metadata: without --input-size
     ibau assumed 32x32 and shrank every clean image to it, with no word (0.3.7); the accuracy gate
-    still passed on the shrunk images. Counted and warned now; with --input-size, neither."""
+    still passed on the shrunk images. Since 0.4.5 the size every clean image shares is the input
+    size when nothing sets it (said in the report's model notes). Images of several sizes leave it at
+    32x32: they are then counted and warned; with --input-size, neither."""
     import warnings
 
     from PIL import Image
@@ -1035,27 +1037,37 @@ def test_images_all_shrunk_to_an_input_size_nothing_set_are_warned(backdoored, t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notices: the format is still what users ship
         torch.jit.save(torch.jit.script(backdoored["module"].eval()), str(model))
-    clean = tmp_path / "clean64"
-    for f in sorted(backdoored["clean100"].glob("*/*.png"))[:40]:
-        (clean / f.parent.name).mkdir(parents=True, exist_ok=True)
-        Image.open(f).resize((64, 64), Image.BICUBIC).save(clean / f.parent.name / f.name)
-    args = ["sanitize", model, "--clean", clean, "--rounds", "0", "--no-probes", "--json", "-q", "--force"]
-    code, stdout, err = invoke(*args, "--out", tmp_path / "a.ts")
+
+    def resized(side: int, name: str, odd_one: int):
+        """The first 40 clean images at side x side, the last one at odd_one x odd_one."""
+        folder = tmp_path / name
+        files = sorted(backdoored["clean100"].glob("*/*.png"))[:40]
+        for f in files:
+            (folder / f.parent.name).mkdir(parents=True, exist_ok=True)
+            size = odd_one if f == files[-1] else side
+            Image.open(f).resize((size, size), Image.BICUBIC).save(folder / f.parent.name / f.name)
+        return folder
+
+    args = ["sanitize", model, "--rounds", "0", "--no-probes", "--json", "-q", "--force"]
+    code, stdout, err = invoke(*args, "--clean", resized(64, "all64", 64), "--out", tmp_path / "s.ts")
+    report = json.loads(stdout)
+    assert report["config"]["preprocess"]["input_size"] == [64, 64], (report["gates"], report["warnings"])
+    assert report["config_layers"][:2] == ["defaults", "the model and the clean images"], report["config_layers"]
+    assert any("input shape 3x64x64 read from the model and the clean images" in n for n in report["model"]["notes"])
+    assert not report["data"]["conversions"] and not any("at least twice" in w for w in report["warnings"])
+    clean = resized(64, "clean64", 66)
+    code, stdout, err = invoke(*args, "--clean", clean, "--out", tmp_path / "a.ts")
     report = json.loads(stdout)
     assert report["data"]["conversions"]["shrunk_2x_or_more"] == 40, report["data"]
     assert any(w.startswith("all 40 clean images are at least twice 32x32") for w in report["warnings"]), report
-    code, stdout, err = invoke(*args, "--out", tmp_path / "b.ts", "--input-size", "64x64")
+    code, stdout, err = invoke(*args, "--clean", clean, "--out", tmp_path / "b.ts", "--input-size", "64x64")
     assert not any("at least twice" in w for w in json.loads(stdout)["warnings"])
     # less than twice (a QA model trained at 40x40, 0.4.0: counted as "resized" and nothing more)
-    clean40 = tmp_path / "clean40"
-    for f in sorted(clean.glob("*/*.png")):
-        (clean40 / f.parent.name).mkdir(parents=True, exist_ok=True)
-        Image.open(f).resize((40, 40), Image.BICUBIC).save(clean40 / f.parent.name / f.name)
-    args[args.index(clean)] = clean40
-    code, stdout, err = invoke(*args, "--out", tmp_path / "c.ts")
+    clean40 = resized(40, "clean40", 41)
+    code, stdout, err = invoke(*args, "--clean", clean40, "--out", tmp_path / "c.ts")
     warned = [w for w in json.loads(stdout)["warnings"] if w.startswith("all 40 clean images were resized to 32x32")]
     assert len(warned) == 1 and "is 40x40" in warned[0] and "--input-size" in warned[0], stdout
-    code, stdout, err = invoke(*args, "--out", tmp_path / "d.ts", "--input-size", "40x40")
+    code, stdout, err = invoke(*args, "--clean", clean40, "--out", tmp_path / "d.ts", "--input-size", "40x40")
     assert not any("were resized" in w for w in json.loads(stdout)["warnings"])
 
 

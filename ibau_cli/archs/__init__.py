@@ -19,8 +19,10 @@ class ArchSpec:
     name: str
     factory: Callable[[int], nn.Module]
     classifier_key: str
-    input_size: tuple[int, int] = (32, 32)
-    channels: int = 3
+    # None: not declared; ibau then reads the channels from the model's first convolution and the
+    # size from the clean images when they all share one (input_shape.py), else 3 x 32 x 32
+    input_size: tuple[int, int] | None = None
+    channels: int | None = None
     description: str = ""
     defaults: dict = field(default_factory=dict)
 

@@ -63,6 +63,7 @@ register_arch(
         factory=lambda n: PreActResNet18(n),
         classifier_key="linear.weight",
         input_size=(32, 32),
+        channels=3,
         description="PreAct-ResNet-18 for 32x32 inputs (BackdoorBench parameter names)",
     )
 )

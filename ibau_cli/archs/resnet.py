@@ -107,6 +107,7 @@ register_arch(
         factory=lambda n: ResNet(BasicBlock, [2, 2, 2, 2], n),
         classifier_key="fc.weight",
         input_size=(224, 224),
+        channels=3,
         description="torchvision-compatible ResNet-18 (ImageNet stem)",
         defaults=_IMAGENET,
     )
@@ -117,6 +118,7 @@ register_arch(
         factory=lambda n: ResNet(Bottleneck, [3, 4, 6, 3], n),
         classifier_key="fc.weight",
         input_size=(224, 224),
+        channels=3,
         description="torchvision-compatible ResNet-50 (ImageNet stem)",
         defaults=_IMAGENET,
     )
@@ -127,6 +129,7 @@ register_arch(
         factory=lambda n: ResNet(BasicBlock, [2, 2, 2, 2], n, small_input=True),
         classifier_key="fc.weight",
         input_size=(32, 32),
+        channels=3,
         description="ResNet-18 for 32x32 inputs (3x3 stem, no max-pool; torchvision names)",
     )
 )

@@ -38,6 +38,7 @@ register_arch(
         factory=lambda n: SmallCNN(n),
         classifier_key="classifier.weight",
         input_size=(32, 32),
+        channels=3,
         description="3-conv CNN with BatchNorm (ibau demo and tests)",
     )
 )

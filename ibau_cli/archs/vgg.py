@@ -45,6 +45,7 @@ register_arch(
         factory=lambda n: SmallVGG(n),
         classifier_key="classifier.weight",
         input_size=(32, 32),
+        channels=3,
         description="I-BAU paper's CIFAR-10 VGG: 3x(2x conv-BN-ELU, max-pool, dropout), linear",
     )
 )
