@@ -52,7 +52,8 @@ def pytest_collection_modifyitems(config, items) -> None:
     starting a two-minute test while the other has nothing left to do. Among them, those that need
     no model trained by the session fixtures come first, so one worker trains those models while the
     other runs a zoo test instead of waiting for them. Pair with `--dist load --maxschedchunk 1`
-    (pyproject.toml), which hands the tests out in this order, one at a time."""
+    (pyproject.toml), which hands the tests out in this order, a couple at a time (not half the
+    collection to each worker up front, as worksteal does)."""
 
     def key(item) -> tuple[bool, bool]:
         trained = any(name in TRAINED_FIXTURES for name in getattr(item, "fixturenames", ()))

@@ -28,7 +28,7 @@ def main() -> int:
     spec = ARCHS.get(args.arch)
     model = spec.build(args.classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.rand(args.batch, spec.channels, *spec.input_size)
+    x = torch.rand(args.batch, spec.channels or 3, *(spec.input_size or (32, 32)))  # undeclared: ibau's default
     y = torch.randint(0, args.classes, (args.batch,))
     for layout in ("contiguous", "channels-last"):
         if layout == "channels-last":

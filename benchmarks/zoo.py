@@ -214,6 +214,8 @@ def cmd_train(args) -> int:
     if args.attack not in ("clean", "all2all") and not 0 <= args.target < num_classes:
         sys.exit(f"error: --target {args.target} outside 0..{num_classes - 1}")
     h, w = x_tr.shape[1:3]
+    if spec.input_size is None:
+        sys.exit(f"error: {args.arch} declares no input size; the zoo trains built-in architectures")
     if (h, w) != tuple(spec.input_size):
         sys.exit(f"error: images are {h}x{w} but {args.arch} expects {spec.input_size}")
     config = build_config(args, len(y_tr), num_classes)

@@ -459,6 +459,11 @@ def config() -> None:
 @click.option("--mean", help="Normalisation mean, comma-separated per channel (as for sanitize).")
 @click.option("--std", help="Normalisation std, comma-separated per channel (as for sanitize).")
 @click.option("--seed", type=int, help="Seed (as for sanitize).")
+@click.option(
+    "--clean",
+    type=click.Path(path_type=Path),
+    help="The clean folder a run would read: with MODEL, its images' size when nothing declares the input size.",
+)
 @click.option("--json", "json_stdout", is_flag=True, help="Print JSON (config, layers, origins) instead of TOML.")
 @click.option("--debug", is_flag=True)
 def config_show(
@@ -471,20 +476,22 @@ def config_show(
     mean: str | None,
     std: str | None,
     seed: int | None,
+    clean: Path | None,
     json_stdout: bool,
     debug: bool,
 ) -> None:
     """Print the resolved configuration, each key with the layer that set it.
 
-    Layers, lowest first: defaults < architecture < model graph < model metadata < preset < config
-    file (--config, else $IBAU_CONFIG) < environment (IBAU_SECTION__KEY) < command line. With MODEL,
-    the model's own metadata and input shape take part, as in a run.
+    Layers, lowest first: defaults < the model and the clean images (an input shape nothing else
+    declares) < architecture < model graph < model metadata < preset < config file (--config, else
+    $IBAU_CONFIG) < environment (IBAU_SECTION__KEY) < command line. With MODEL, the model's own
+    metadata and input shape take part, as in a run; with --clean too, its images' size.
     """
     shortcuts = {"input_size": input_size, "mean": mean, "std": std, "seed": seed}
-    _run(debug, lambda: _config_show(model, arch, preset, config_file, assignments, shortcuts, json_stdout))
+    _run(debug, lambda: _config_show(model, arch, preset, config_file, assignments, shortcuts, json_stdout, clean))
 
 
-def _config_show(model, arch, preset, config_file, assignments, shortcuts, json_stdout) -> None:
+def _config_show(model, arch, preset, config_file, assignments, shortcuts, json_stdout, clean=None) -> None:
     from .api import overrides_layer, parse_floats, parse_size
     from .config_show import render_json, render_toml
     from .pipeline import SanitizeRequest, settings_for
@@ -502,6 +509,11 @@ def _config_show(model, arch, preset, config_file, assignments, shortcuts, json_
 
         if arch not in ARCHS:
             raise UsageError(f"--arch {arch}: unknown architecture", hint=f"known: {', '.join(ARCHS.names())}")
+    if clean is not None and model is None:
+        raise UsageError("--clean is read with MODEL only (the size its images share, for that model)",
+                         hint="give the model: ibau config show MODEL --clean DIR")  # fmt: skip
+    if clean is not None and not clean.is_dir():
+        raise UsageError(f"--clean {clean} is not a folder", hint="pass the clean folder a run would read")
     if model is not None:
         from .formats import load_model
 
@@ -515,7 +527,7 @@ def _config_show(model, arch, preset, config_file, assignments, shortcuts, json_
             environment=dict(os.environ),
         )
         loaded = load_model(model, arch=arch)
-        settings, sources = settings_for(loaded, request)
+        settings, sources = settings_for(loaded, request, clean)
         num_classes = loaded.num_classes
     else:
         num_classes = None

@@ -12,6 +12,7 @@ from torch import nn
 
 from .data import IMAGE_SUFFIXES
 
+MAX_INFERRED_SIDE = 512  # images larger than this are photos to shrink, not a size a classifier takes as it is
 _EXIF_ORIENTATION = 0x0112
 _TURNED = (5, 6, 7, 8)  # EXIF orientations shown turned a quarter: width and height swap
 
@@ -20,7 +21,8 @@ _TURNED = (5, 6, 7, 8)  # EXIF orientations shown turned a quarter: width and he
 class InferredInput:
     channels: int | None
     size: tuple[int, int] | None  # (height, width)
-    reasons: tuple[str, ...]  # what each inferred value came from, for the report
+    channels_from: str | None = None  # where each came from, for the report
+    size_from: str | None = None
 
     def layer(self) -> dict[str, Any]:
         """The preprocess keys inferred, as a settings layer."""
@@ -89,15 +91,23 @@ def common_image_size(root: Path) -> tuple[tuple[int, int], int] | None:
 
 
 def infer_input(module: nn.Module, clean: Path | None) -> InferredInput | None:
-    """What the model and the clean images say of the input shape; None when they say nothing."""
-    reasons = []
+    """What the model and the clean images say of the input shape; None when they say nothing. A size
+    past MAX_INFERRED_SIDE on a side is not taken (the 32x32 default and its resize warnings stay)."""
     conv = first_conv_channels(module)
-    if conv is not None:
-        reasons.append(f"{conv[0]} channel{'s' if conv[0] > 1 else ''}: what the first convolution ({conv[1]}) takes")
     common = common_image_size(clean) if clean is not None else None
-    if common is not None:
-        (h, w), n = common
-        reasons.append(f"input size {h}x{w} (height x width): the size of all {n} clean images")
+    if common is not None and max(common[0]) > MAX_INFERRED_SIDE:
+        common = None
     if conv is None and common is None:
         return None
-    return InferredInput(None if conv is None else conv[0], None if common is None else common[0], tuple(reasons))
+    channels_from = (
+        None
+        if conv is None
+        else f"{conv[0]} channel{'s' if conv[0] > 1 else ''}: what the first convolution ({conv[1]}) takes"
+    )
+    size_from = None
+    if common is not None:
+        (h, w), n = common
+        size_from = f"input size {h}x{w} (height x width): the size of all {n} clean images"
+    return InferredInput(
+        None if conv is None else conv[0], None if common is None else common[0], channels_from, size_from
+    )

@@ -206,15 +206,19 @@ def settings_for(loaded, request: SanitizeRequest, clean: Path | None = None) ->
         overrides=request.overrides,
         environment=request.environment,
     )
-    taken = [k for k in ("preprocess.channels", "preprocess.input_size") if sources.origins.get(k) == INFERRED_LAYER]
-    if inferred is not None and taken:
+    if inferred is not None:
+        said = {
+            "preprocess.channels": inferred.channels_from,
+            "preprocess.input_size": inferred.size_from,
+        }
+        taken = [why for key, why in said.items() if why and sources.origins.get(key) == INFERRED_LAYER]
         pre = settings.preprocess
         note = (
             f"input shape {pre.channels}x{pre.input_size[0]}x{pre.input_size[1]} read from the model and the clean "
-            f"images, as nothing declares it ({'; '.join(inferred.reasons)}); --input-size HxW or --set "
-            "preprocess.channels=N sets it"
+            f"images, as nothing declares it ({'; '.join(taken)}); --input-size HxW or --set preprocess.channels=N "
+            "sets it"
         )
-        if note not in loaded.notes:
+        if taken and note not in loaded.notes:
             loaded.notes.append(note)
     return settings, sources
 
@@ -300,6 +304,12 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
     shrunk = clean.conversions.get("shrunk_2x_or_more", 0)
     resized = clean.conversions.get("resized", 0)
     assumed = sources.origins.get("preprocess.input_size") == "defaults"
+    if sources.origins.get("preprocess.input_size") == INFERRED_LAYER:
+        warnings.append(
+            f"the model's input size, {pre.input_size[0]}x{pre.input_size[1]}, is the size of every clean image: "
+            "nothing declares it (no --input-size, preset, config, architecture or model metadata); if the model "
+            "was trained at another size, set --input-size HxW"
+        )
     if shrunk == len(clean.labels) and shrunk and assumed:
         # every image at least twice the size ibau assumed when nothing said the model's input size
         warnings.append(

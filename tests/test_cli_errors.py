@@ -1027,7 +1027,7 @@ def test_images_all_shrunk_to_an_input_size_nothing_set_are_warned(backdoored, t
     """A QA model taking 64x64 images, shipped as TorchScript with no metadata: without --input-size
     ibau assumed 32x32 and shrank every clean image to it, with no word (0.3.7); the accuracy gate
     still passed on the shrunk images. Since 0.4.5 the size every clean image shares is the input
-    size when nothing sets it (said in the report's model notes). Images of several sizes leave it at
+    size when nothing sets it (said in the model notes and as a warning). Images of several sizes leave it at
     32x32: they are then counted and warned; with --input-size, neither."""
     import warnings
 
@@ -1055,6 +1055,10 @@ def test_images_all_shrunk_to_an_input_size_nothing_set_are_warned(backdoored, t
     assert report["config_layers"][:2] == ["defaults", "the model and the clean images"], report["config_layers"]
     assert any("input shape 3x64x64 read from the model and the clean images" in n for n in report["model"]["notes"])
     assert not report["data"]["conversions"] and not any("at least twice" in w for w in report["warnings"])
+    # said as a warning too: a model trained at 32x32 given 64x64 images would run at 64x64
+    assert any(
+        w.startswith("the model's input size, 64x64, is the size of every clean image") for w in report["warnings"]
+    )
     clean = resized(64, "clean64", 66)
     code, stdout, err = invoke(*args, "--clean", clean, "--out", tmp_path / "a.ts")
     report = json.loads(stdout)

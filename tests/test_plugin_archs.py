@@ -82,6 +82,39 @@ def test_the_clean_images_give_the_size_only_when_they_all_share_it(tmp_path):
     assert common_image_size(root) is None
     assert infer_input(nn.Linear(3, 3), root) is None
     assert common_image_size(tmp_path / "missing") is None  # the loader reports it, in its own words
+    # photos from one camera are not an input size: past 512 a side nothing is inferred from them
+    big = tmp_path / "photos"
+    for cls in ("0", "1"):
+        (big / cls).mkdir(parents=True)
+        Image.new("RGB", (640, 480)).save(big / cls / "a.jpg")
+    assert common_image_size(big) == ((480, 640), 2) and infer_input(nn.Linear(3, 3), big) is None
+
+
+def test_a_partly_declared_shape_is_noted_for_the_part_read(tmp_path):
+    """An architecture declaring its size and not its channels (as the example plugin's LeNet-5 does):
+    the note names the channels read from the model, not the images' size, which lost to the
+    architecture's."""
+    from PIL import Image
+
+    from ibau_cli.archs import ARCHS, ArchSpec, register_arch
+    from ibau_cli.formats import load_model
+    from ibau_cli.pipeline import SanitizeRequest, settings_for
+
+    _, plugin = _plugin(tmp_path)
+    register_arch(ArchSpec("mnist-net-32", plugin.MnistNet, "head.weight", input_size=(32, 32)), origin="test")
+    try:
+        torch.save(plugin.MnistNet().state_dict(), tmp_path / "m.pt")
+        for cls in ("0", "1"):
+            (tmp_path / "clean" / cls).mkdir(parents=True)
+            Image.new("L", (28, 28)).save(tmp_path / "clean" / cls / "a.png")
+        loaded = load_model(tmp_path / "m.pt", arch="mnist-net-32")
+        request = SanitizeRequest(model=tmp_path / "m.pt", clean=tmp_path / "clean", arch="mnist-net-32")
+        settings, _ = settings_for(loaded, request, tmp_path / "clean")
+        assert (settings.preprocess.channels, settings.preprocess.input_size) == (1, (32, 32))
+        (note,) = [n for n in loaded.notes if n.startswith("input shape")]
+        assert note.startswith("input shape 1x32x32") and "first convolution (conv1)" in note and "28x28" not in note
+    finally:
+        ARCHS.forget_origin("test")
 
 
 def test_a_declared_shape_wins_over_what_the_model_and_images_say():
@@ -109,7 +142,7 @@ def _white_square(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 @pytest.mark.shared_data
 @pytest.mark.skipif(not (SHARED_DATA / "mnist" / "test.npz").is_file(), reason="needs ../shared/data (IBAU_DATA)")
-def test_a_plugin_mnist_model_with_no_declared_shape_is_scanned_and_repaired(tmp_path):
+def test_a_plugin_mnist_model_with_no_declared_shape_is_scanned_and_repaired(tmp_path, monkeypatch):
     """A user's plugin registers an MNIST net and declares no input shape. 0.4.4 ran it on 3x32x32
     and stopped (exit 2, "set the input size and channels"). Now: 1x28x28 from its first convolution
     and the clean digits, the 4x4 white-square backdoor found and removed; figures recomputed here on
@@ -137,9 +170,7 @@ def test_a_plugin_mnist_model_with_no_declared_shape_is_scanned_and_repaired(tmp
             loss.backward()
             opt.step()
     torch.save(model.eval().state_dict(), tmp_path / "model.pt")
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import zoo
 
     zoo.write_folder(images[7000:7300], labels[7000:7300], tmp_path / "clean")
@@ -152,6 +183,8 @@ def test_a_plugin_mnist_model_with_no_declared_shape_is_scanned_and_repaired(tmp
     assert any(
         n.startswith("input shape 1x28x28 read from the model and the clean images") for n in report["model"]["notes"]
     )
+    said = "the model's input size, 28x28, is the size of every clean image"
+    assert any(w.startswith(said) for w in report["warnings"]), report["warnings"]
     probes = report["probes"]
     assert probes["before"]["verdict"] == "suspected" and probes["before"]["evidence"]["suspected_class"] == 0
     assert probes["after"]["verdict"] != "suspected", probes["after"]["evidence"]
@@ -170,3 +203,24 @@ def test_a_plugin_mnist_model_with_no_declared_shape_is_scanned_and_repaired(tmp
     (acc0, asr0), (acc1, asr1) = figures
     assert asr0 > 0.9 and asr1 < 0.05, figures
     assert acc1 > acc0 - 0.03, figures
+
+
+def test_config_show_says_what_a_run_reads_from_the_clean_images(tmp_path):
+    from PIL import Image
+
+    path, plugin = _plugin(tmp_path)
+    torch.save(plugin.MnistNet().state_dict(), tmp_path / "m.pt")
+    for cls in ("0", "1"):
+        (tmp_path / "clean" / cls).mkdir(parents=True)
+        Image.new("L", (28, 28)).save(tmp_path / "clean" / cls / "a.png")
+    show = ["--plugin", path, "config", "show", tmp_path / "m.pt", "--arch", "mnist-net", "--json"]
+    res = run_cli(*show, "--clean", tmp_path / "clean")
+    assert res.returncode == 0, res.stderr
+    shown = json.loads(res.stdout)
+    assert shown["config"]["preprocess"]["input_size"] == [28, 28] and shown["config"]["preprocess"]["channels"] == 1
+    res = run_cli(*show)  # without the images: the channels only
+    assert json.loads(res.stdout)["config"]["preprocess"]["input_size"] == [32, 32]
+    res = run_cli(*show, "--clean", tmp_path / "nope")
+    assert res.returncode == 2 and res.stderr.strip().startswith("error: --clean") and "not a folder" in res.stderr
+    res = run_cli("config", "show", "--clean", tmp_path / "clean")
+    assert res.returncode == 2 and "with MODEL only" in res.stderr, res.stderr

@@ -372,6 +372,15 @@ def test_a_class_a_fixed_pattern_names_only_after_the_repair_is_not_a_backdoor()
     assert reconcile_after_repair(suite("no_evidence", None, frame(0, 5, 0.40)), after).verdict == "suspected"
     # the input's probes named that very class: kept
     assert reconcile_after_repair(suite("inconclusive", 1, frame(0, 5, 0.07)), after).verdict == "suspected"
+    # a second pattern the input already leaned on (40 % toward 0, under the suspect bound then) now
+    # passes it: judged without the new frame evidence the repaired model is still suspected, so kept
+    patch_before = ProbeResult("patch-white-br-20%", "patch", 0, Rate(22, 55), per_class=[0.4] + [0.0] * 9)
+    patch_after = ProbeResult("patch-white-br-20%", "patch", 0, Rate(36, 55), per_class=[36 / 55] + [0.0] * 9)
+    before = ProbeSuite([frame(0, 3, 0.07), patch_before], "no_evidence", {"suspected_class": None}, 0.0, 110)
+    both = ProbeSuite(
+        [frame(1, 41, 41 / 55), patch_after], "suspected", {"suspected_class": 1, "reasons": []}, 0.0, 110
+    )
+    assert reconcile_after_repair(before, both).verdict == "suspected"
     # synthesised evidence only, after the repair: not compared, kept
     synth_after = suite("suspected", 1, frame(1, 38, 38 / 55, family="synthesised"))
     assert reconcile_after_repair(suite("suspected", 0, frame(0, 38, 0.07)), synth_after).verdict == "suspected"

@@ -261,11 +261,12 @@ def reconcile_after_repair(before: ProbeSuite | None, after: ProbeSuite) -> Prob
     - all-to-all evidence when the input model gave none (typically a large occluding patch now
       scattering predictions);
     - a fixed pattern naming a class the input model's probes did not name, when that very pattern
-      sent under APPEARED_BEFORE_MAX of the images there in the input model. A QA MNIST model: a
-      2-pixel white frame sends about half the digits to 1 in clean models, 18 % in the backdoored
-      input (its trigger pulled them to 0) and 69 % after the repair removed that backdoor.
+      sent under APPEARED_BEFORE_MAX of the images there in the input model, and the probes judged
+      again without such patterns suspect nothing. A user's MNIST net: a 2-pixel white frame sends
+      about half the digits to 1 in clean nets, 7 % of the held-out digits in the backdoored input
+      (its trigger pulled them to 0) and 69 % after the repair removed that backdoor.
 
-    Evidence the input model already showed, or that synthesised triggers alone give, is unchanged.
+    Evidence the input model already showed, or that synthesised triggers give, is unchanged.
     """
     ev = after.evidence
     if before is None or after.verdict != "suspected":
@@ -279,23 +280,36 @@ def reconcile_after_repair(before: ProbeSuite | None, after: ProbeSuite) -> Prob
             "showed none: a side effect of unlearning, not counted as a backdoor"
         )
     else:
-        if before.verdict != "no_evidence" and before.evidence.get("suspected_class") == cls:
+        named_before = {before.evidence.get("suspected_class")} - {None} if before.verdict != "no_evidence" else set()
+        earlier = {r.name: r for r in before.results}
+
+        def appeared(r: ProbeResult) -> bool:
+            """A fixed pattern at the suspect bound toward a class now, under APPEARED_BEFORE_MAX there in the
+            input model, a class the input's probes did not name."""
+            c, then = r.worst_class, earlier.get(r.name)
+            return (
+                counts_as_fixed(r)
+                and (r.flip.wilson() or (0, 0))[0] >= FIXED_FLIP_SUSPECT
+                and c not in named_before
+                and then is not None
+                and len(then.per_class) > c
+                and then.per_class[c] < APPEARED_BEFORE_MAX
+            )
+
+        new = [r for r in after.results if appeared(r)]
+        if not any(r.worst_class == cls for r in new):
             return after
-        named = [
-            r
-            for r in after.results
-            if counts_as_fixed(r) and r.worst_class == cls and (r.flip.wilson() or (0, 0))[0] >= FIXED_FLIP_SUSPECT
-        ]
-        if not named:
-            return after  # synthesised evidence: fitted to the repaired model, not compared here
-        top = max(named, key=lambda r: r.flip.value or 0.0)
-        earlier = next((r for r in before.results if r.name == top.name), None)
-        if earlier is None or len(earlier.per_class) <= cls or earlier.per_class[cls] >= APPEARED_BEFORE_MAX:
+        # judged again without them: any other evidence (a pattern the input already leaned on, a
+        # synthesised trigger standing out) keeps the verdict suspected
+        rest, _ = judge([r for r in after.results if r not in new], after.n_images)
+        if rest == "suspected":
             return after
+        top = max((r for r in new if r.worst_class == cls), key=lambda r: r.flip.value or 0.0)
         note = (
             f"class {cls} is named only after the repair: {top.name} sends {top.flip.value:.0%} of images there now "
-            f"and sent {earlier.per_class[cls]:.0%} in the input model, whose probes did not name class {cls}; the "
-            "repair saw clean images only, so this is a side effect of unlearning, not counted as a backdoor"
+            f"and sent {earlier[top.name].per_class[cls]:.0%} in the input model, whose probes did not name class "
+            f"{cls}; the repair saw clean images only, so this is a side effect of unlearning, not counted as a "
+            "backdoor, and nothing else after the repair suggests one"
         )
     evidence = {**ev, "reasons": [*ev.get("reasons", []), note], "appeared_after_repair": True}
     return ProbeSuite(after.results, "inconclusive", evidence, after.seconds, after.n_images, after.artifacts)
