@@ -68,25 +68,27 @@ def test_scan_does_not_flag_clean_models(demo_zoo, backdoored, name):
 @pytest.mark.slow
 def test_unlisted_trigger_is_caught_by_synthesised_probes(demo_zoo, backdoored, tmp_path):
     path, trained = demo_zoo["plus"]
-    x, y = synthetic_images(200, seed=31)
-    suite = run_probes(trained.model, x, y, NUM_CLASSES, device=torch.device("cpu"), budget_steps=300, radius=3.0)
-    assert suite.verdict == "suspected" and suite.evidence["suspected_class"] == 0
-    synth = [r for r in suite.results if r.family == "synthesised" and r.worst_class == 0]
-    assert synth and max(r.flip.value for r in synth) >= 0.5
-    fixed_best = max((r for r in suite.results if r.family != "synthesised"), key=lambda r: r.flip.value)
-    assert fixed_best.flip.value < 0.5  # the fixed patterns alone would have missed it
+    art = tmp_path / "art"
+    code, stdout, err = invoke(
+        "scan", path, "--clean", backdoored["clean100"], "--quiet", "--json", "--artifacts", art, *FAST
+    )
+    assert code == 1, err
+    suite = json.loads(stdout)["probes"]["before"]
+    assert suite["verdict"] == "suspected" and suite["evidence"]["suspected_class"] == 0, suite["evidence"]
+    synth = [r for r in suite["probes"] if r["family"] == "synthesised" and r["worst_class"] == 0]
+    assert synth and max(r["flip_rate"]["value"] for r in synth) >= 0.5
+    fixed_best = max(r["flip_rate"]["value"] for r in suite["probes"] if r["family"] != "synthesised")
+    assert fixed_best < 0.5  # the fixed patterns alone would have missed it
+    assert (art / "before-mask-pattern-applied.png").stat().st_size > 0
+    assert (art / "before-after.png").exists()
     # under bf16 autocast (unlearn.amp = "bf16", also on a CPU) the synthesised universal perturbation
     # finds it too (CPU bf16 is slow: 64 images and 100 steps keep this to seconds)
+    x, y = synthetic_images(200, seed=31)
     half = run_probes(
         trained.model, x[:64], y[:64], NUM_CLASSES, device=torch.device("cpu"), amp=torch.bfloat16,
         budget_steps=100, radius=3.0, names=["synth-universal-perturbation"],
     )  # fmt: skip
     assert max(r.flip.value for r in half.results if r.worst_class == 0) >= 0.5
-    art = tmp_path / "art"
-    code, _, err = invoke("scan", path, "--clean", backdoored["clean100"], "--quiet", "--artifacts", art, *FAST)
-    assert code == 1, err
-    assert (art / "before-mask-pattern-applied.png").stat().st_size > 0
-    assert (art / "before-after.png").exists()
 
 
 def test_synthesised_triggers_do_not_depend_on_how_the_classes_are_batched(demo_zoo):
