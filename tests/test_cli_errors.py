@@ -39,9 +39,41 @@ def bare_weights(backdoored, tmp_path):
     return path
 
 
-def test_missing_architecture(bare_weights, backdoored):
-    code, _, err = invoke("sanitize", bare_weights, "--clean", backdoored["clean100"])
+def test_missing_architecture(bare_weights, backdoored, tmp_path):
+    """Tensors only: the one registered architecture whose every weight the file holds under the
+    same name and shape is taken (said in the notes); tensors that fit none are an error asking for
+    --arch, and so are tensors that fit several."""
+    from safetensors.torch import load_file
+
+    quick = [
+        "--clean",
+        backdoored["clean100"],
+        "--rounds",
+        "0",
+        "--no-probes",
+        "-q",
+        "--out",
+        tmp_path / "o.safetensors",
+    ]
+    code, stdout, err = invoke("sanitize", bare_weights, *quick, "--json")
+    notes = json.loads(stdout)["model"]["notes"]
+    assert code in (0, 1) and notes[0].startswith("architecture 'small-cnn' from the registry: the only"), (err, notes)
+    tensors = load_file(str(bare_weights))
+    extra = tmp_path / "extra.safetensors"
+    save_file({**tensors, "adapter.weight": torch.zeros(4, 4)}, str(extra))  # a layer no architecture has
+    code, _, err = invoke("sanitize", extra, *quick)
     assert_one_line_error(code, err, 2, "architecture is unknown", "--arch")
+    assert "fit no registered architecture" in err
+
+    from ibau_cli.archs import ARCHS, ArchSpec, register_arch
+    from ibau_cli.archs.small_cnn import SmallCNN
+
+    register_arch(ArchSpec("small-cnn-twin", SmallCNN, "classifier.weight"), origin="test")
+    try:
+        code, _, err = invoke("sanitize", bare_weights, *quick)
+        assert_one_line_error(code, err, 2, "fit 2 registered ones (small-cnn, small-cnn-twin)", "--arch small-cnn")
+    finally:
+        ARCHS.forget_origin("test")
 
 
 def test_unknown_architecture(bare_weights, backdoored):

@@ -59,7 +59,8 @@ def _tied(expected: dict, present: set[str]) -> set[str]:
     return {k for names in by_storage.values() if len(names) > 1 and present & set(names) for k in names}
 
 
-def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _misfit(module: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """The keys the file lacks, the keys the architecture lacks, and the mis-shaped ones."""
     expected = module.state_dict(keep_vars=True)
     tensors = _unwrapped(tensors, _fits_module(module))
     tied = _tied(expected, set(tensors))
@@ -70,6 +71,33 @@ def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path)
         for k, v in expected.items()
         if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
     ]
+    return missing, unexpected, misshaped
+
+
+def registered_matches(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The registered architectures (built in or from a loaded plugin) whose every weight the file
+    holds under the same name and shape, and nothing else, built for the class count of their own
+    classifier tensor in the file."""
+    matches = []
+    for name in ARCHS.names():
+        spec = ARCHS.get(name)
+        fitted = _unwrapped(tensors, lambda keys, key=spec.classifier_key: key in keys)
+        weight = fitted.get(spec.classifier_key)
+        if weight is None or weight.ndim < 1:
+            continue
+        try:
+            module = spec.build(int(weight.shape[0]))
+        except Exception:  # noqa: BLE001 - an architecture that cannot be built for it does not match
+            continue
+        if not any(_misfit(module, tensors)):
+            matches.append(name)
+    return matches
+
+
+def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = module.state_dict(keep_vars=True)
+    tensors = _unwrapped(tensors, _fits_module(module))
+    missing, unexpected, misshaped = _misfit(module, tensors)
     if missing or unexpected or misshaped:
         parts = []
         if missing:
@@ -104,17 +132,31 @@ def loaded_from_state_dict(
 ) -> LoadedModel:
     """Build the architecture (from ``--arch`` or the file's metadata), load the tensors and
     return the model with what the file says of it. The number of classes is 0 when only a
-    forward pass can tell. Never guesses an architecture from tensor names.
+    forward pass can tell. With neither, the one registered architecture whose every weight the file
+    holds under the same name and shape, and nothing else (several: an error naming them); never a
+    guess from names alone, never user code.
     """
     source = "--arch"
     if arch is None:
         arch = meta.get(META_ARCH)
         source = "file metadata"
         if arch is None:
-            raise InputError(
-                f"{path}: the architecture is unknown (the file holds only tensors)",
-                hint="pass --arch NAME (see `ibau archs`) or --arch path/to/file.py:ClassOrFactory",
-            )
+            matches = registered_matches(tensors)
+            if len(matches) > 1:
+                raise InputError(
+                    f"{path}: the file names no architecture and its weights fit {len(matches)} registered ones "
+                    f"({', '.join(matches)})",
+                    hint=f"pass --arch with the one it is (e.g. --arch {matches[0]})",
+                )
+            if not matches:
+                raise InputError(
+                    f"{path}: the architecture is unknown (the file holds only tensors, and they fit no registered "
+                    "architecture)",
+                    hint="pass --arch NAME (see `ibau archs`), load the plugin that registers it, or --arch "
+                    "path/to/file.py:ClassOrFactory",
+                )
+            arch = matches[0]
+            source = "the registry: the only registered architecture whose every tensor name and shape the file matches"
         if is_user_code(arch):
             raise InputError(
                 f"{path}: its metadata names user code {arch!r}, which ibau never runs on a file's say-so",
