@@ -116,6 +116,19 @@ def inspect_file(path: Path) -> dict[str, Any]:
     info.update(_tensor_summary(shapes))
     arch = meta.get(META_ARCH)
     info["architecture"] = arch
+    info["architecture_source"] = "metadata" if arch else None
+    if arch is None and fmt.name in ("safetensors", "checkpoint"):
+        import torch
+
+        from .formats.state_dict import registered_matches
+
+        # shapes only (tensors on the meta device): what sanitize matches without --arch
+        matches = registered_matches({k: torch.empty(s, device="meta") for k, (s, _) in shapes.items()})
+        if len(matches) == 1:
+            arch = info["architecture"] = matches[0]
+            info["architecture_source"] = "registry: the only registered architecture with every tensor name and shape"
+        elif matches:
+            info["architecture_candidates"] = matches
     num_classes, source = num_classes_from_metadata(meta, path), "metadata"
     from_model, model_source = None, None
     if arch and ARCHS.get(arch) and ARCHS.get(arch).classifier_key in shapes:

@@ -58,6 +58,9 @@ def test_missing_architecture(bare_weights, backdoored, tmp_path):
     code, stdout, err = invoke("sanitize", bare_weights, *quick, "--json")
     notes = json.loads(stdout)["model"]["notes"]
     assert code in (0, 1) and notes[0].startswith("architecture 'small-cnn' from the registry: the only"), (err, notes)
+    code, stdout, err = invoke("inspect", bare_weights, "--json")  # the header only, as sanitize matches it
+    shown = json.loads(stdout)
+    assert (shown["architecture"], shown["architecture_source"][:8]) == ("small-cnn", "registry"), shown
     tensors = load_file(str(bare_weights))
     extra = tmp_path / "extra.safetensors"
     save_file({**tensors, "adapter.weight": torch.zeros(4, 4)}, str(extra))  # a layer no architecture has
