@@ -224,3 +224,25 @@ def test_config_show_says_what_a_run_reads_from_the_clean_images(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().startswith("error: --clean") and "not a folder" in res.stderr
     res = run_cli("config", "show", "--clean", tmp_path / "clean")
     assert res.returncode == 2 and "with MODEL only" in res.stderr, res.stderr
+
+
+def test_matching_a_file_to_the_registry_builds_each_candidate_for_one_class():
+    """A file with no --arch and no metadata is matched against every registered architecture built
+    for 1 class (its classifier's rows left free), so a malformed class count never sizes a model,
+    and a plugin factory that fails, even with sys.exit, only fails to match."""
+    from ibau_cli.archs import ARCHS, ArchSpec, register_arch
+    from ibau_cli.archs.small_cnn import SmallCNN
+    from ibau_cli.formats.state_dict import registered_matches
+
+    calls = []
+
+    def exits(num_classes: int) -> nn.Module:
+        calls.append(num_classes)
+        raise SystemExit(3)
+
+    register_arch(ArchSpec("exits-on-build", exits, "classifier.weight"), origin="test")
+    try:
+        tensors = SmallCNN(1000).state_dict()
+        assert registered_matches(tensors) == ["small-cnn"] and calls == [1]
+    finally:
+        ARCHS.forget_origin("test")

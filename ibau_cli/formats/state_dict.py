@@ -59,17 +59,25 @@ def _tied(expected: dict, present: set[str]) -> set[str]:
     return {k for names in by_storage.values() if len(names) > 1 and present & set(names) for k in names}
 
 
-def _misfit(module: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
-    """The keys the file lacks, the keys the architecture lacks, and the mis-shaped ones."""
+def _misfit(
+    module: nn.Module, tensors: dict[str, torch.Tensor], any_rows: frozenset[str] = frozenset()
+) -> tuple[list[str], list[str], list[str]]:
+    """The keys the file lacks, the keys the architecture lacks, and the mis-shaped ones (``any_rows``:
+    keys whose first dimension may differ, the classifier's, when ``module`` was built for 1 class)."""
     expected = module.state_dict(keep_vars=True)
     tensors = _unwrapped(tensors, _fits_module(module))
     tied = _tied(expected, set(tensors))
     missing = [k for k in expected if k not in tensors and not k.endswith(_OPTIONAL_SUFFIXES) and k not in tied]
     unexpected = [k for k in tensors if k not in expected]
+
+    def same(k: str, want: tuple[int, ...]) -> bool:
+        have = tuple(tensors[k].shape)
+        return have == want or (k in any_rows and len(have) == len(want) >= 1 and have[1:] == want[1:])
+
     misshaped = [
         f"{k} file {list(tensors[k].shape)} vs model {list(v.shape)}"
         for k, v in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
+        if k in tensors and not same(k, tuple(v.shape))
     ]
     return missing, unexpected, misshaped
 
@@ -85,11 +93,15 @@ def registered_matches(tensors: dict[str, torch.Tensor]) -> list[str]:
         weight = fitted.get(spec.classifier_key)
         if weight is None or weight.ndim < 1:
             continue
+        # built for 1 class, the classifier's rows left free: a file's class count (even a huge,
+        # malformed one) never sizes a model that may not match
         try:
-            module = spec.build(int(weight.shape[0]))
-        except Exception:  # noqa: BLE001 - an architecture that cannot be built for it does not match
+            module = spec.build(1)
+        except (Exception, SystemExit):  # noqa: BLE001 - a plugin's factory that fails does not match
             continue
-        if not any(_misfit(module, tensors)):
+        head = spec.classifier_key
+        free = frozenset({head, head.removesuffix("weight") + "bias"} if head.endswith("weight") else {head})
+        if not any(_misfit(module, tensors, free)):
             matches.append(name)
     return matches
 
