@@ -687,6 +687,9 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+_GLOBAL_OPTIONS = ("--plugin", "--no-plugins", "--version")  # options of `ibau` itself, not of its commands
+
+
 def run(argv: list[str] | None = None) -> None:
     """The ``ibau`` entry point: ``main`` with Ctrl-C mapped to exit 130 and SIGTERM to 143 at any
     moment (click's own handling prints "Aborted!" and exits 1, the gate-failed code, when Ctrl-C
@@ -708,6 +711,12 @@ def run(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:  # click's own usage errors, on one line as ibau's are
         ctx = getattr(exc, "ctx", None)
         where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        if isinstance(exc, click.NoSuchOption) and exc.option_name in _GLOBAL_OPTIONS and ctx is not None:
+            # `ibau sanitize M --plugin p.py`: a global option after the command
+            where = (
+                f"; {exc.option_name} is an option of ibau itself: put it before the command "
+                f"(`ibau {exc.option_name} ... {ctx.info_name} ...`; see `ibau --help`)"
+            )
         Console(stderr=True, highlight=False, soft_wrap=True).print(
             f"error: {exc.format_message().rstrip('.')}{where}", markup=False
         )

@@ -185,6 +185,8 @@ def test_an_output_path_that_is_a_pipe_or_device_is_refused_not_replaced(backdoo
         (["scan", "m.pt", "--clean", "c", "--target", "3", "--target=7"], "--target is given twice (3 and 7)"),
         (["sanitize", "m.pt", "--clean", "c", "--out", "a.pt", "--max-acc-drop", "0.02", "--out", "b.pt"], "--out is"),
         (["config", "show", "--preset", "cifar10", "--preset", "gtsrb"], "--preset is given twice"),
+        # a global option after the command (0.4.5): said where it goes
+        (["sanitize", "m.pt", "--plugin", "p.py"], "--plugin is an option of ibau itself: put it before the command"),
     ],
 )
 def test_command_line_usage_errors_are_one_line_too(args, needle):
