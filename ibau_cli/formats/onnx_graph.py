@@ -422,6 +422,8 @@ class OnnxGraphModule(nn.Module):
             attrs = _attrs(n)
             if n.op_type in ("Softmax", "LogSoftmax"):
                 attrs[OPSET_KEY] = opset
+            if n.op_type == "Split":
+                attrs[OUTPUTS_KEY] = len(n.output)
             if n.op_type == "Constant":
                 value = _constant(attrs)
                 key = f"c{k}"
@@ -505,3 +507,10 @@ def _final_softmax_input(graph) -> str | None:
 
 def unsupported_ops(model) -> list[str]:
     return sorted({n.op_type for n in model.graph.node if n.op_type not in OPS and n.op_type != "Constant"})
+
+
+# the operators of onnx_ops_more register themselves in OPS when imported
+from . import onnx_ops_more  # noqa: E402
+
+OUTPUTS_KEY = onnx_ops_more.OUTPUTS_KEY
+_FIXED_INPUTS.update(onnx_ops_more.FIXED_INPUTS)

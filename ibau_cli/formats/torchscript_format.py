@@ -157,14 +157,17 @@ def _check_differentiable(module: torch.nn.Module, path: Path) -> None:
     probes differentiate with respect to the input): say so before any work, not as an autograd
     error after the probes."""
     try:
-        graph = str(module.inlined_graph)
+        nodes = list(module.inlined_graph.nodes())
     except (AttributeError, RuntimeError):
         return
-    found = [op for op in NO_BACKWARD_OPS if op in graph]
+    # only ops on the graph's own block run whatever happens: a scripted nn.MultiheadAttention keeps its
+    # fused kernel inside a prim::If that it takes only when nothing needs a gradient (a traced one
+    # records the kernel unconditionally), and that branch is not taken while repairing or probing
+    found = sorted({n.kind() for n in nodes if n.kind() in NO_BACKWARD_OPS})
     if found:
         raise InputError(
             f"{path}: the graph holds {', '.join(found)}, a fused inference kernel with no gradient "
             "(recorded when attention is traced under torch.no_grad()), so it can be neither repaired nor probed",
             hint="trace the model again with gradients enabled (torch.jit.trace outside torch.no_grad()), "
-            "script it, or give its weights as safetensors or a state dict",
+            "script it (torch.jit.script), or give its weights as safetensors or a state dict",
         )
