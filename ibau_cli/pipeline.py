@@ -591,19 +591,26 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
     verdict = verdict_of(gates, settings.gate)
     warnings += unshown_passes(gates)
     accuracy_gate = next(g for g in gates if g.name == "accuracy_drop")
-    nothing_seen = probes_before is not None and (
-        probes_before.verdict == "no_evidence"
-        or (probes_before.verdict == "inconclusive" and probes_before.evidence.get("suspected_class") is None)
-    )
+    # a repair nothing guided: no class suspected, or one named on weak evidence only (inconclusive)
+    unguided = probes_before is not None and probes_before.verdict != "suspected" and guide_class is None
     trigger_works = before.asr is not None and (before.asr.value or 0.0) >= TRIGGER_WORKS
-    if accuracy_gate.status == "fail" and nothing_seen and not trigger_works:
-        # a model with no sign of a backdoor repaired anyway: I-BAU's untargeted steps cost accuracy
-        few = " (on too few held-out images to rule one out)" if probes_before.verdict == "inconclusive" else ""
+    if accuracy_gate.status == "fail" and unguided and not trigger_works:
+        # a model with no confirmed sign of a backdoor repaired anyway: I-BAU's untargeted steps cost accuracy
+        weak_class = probes_before.evidence.get("suspected_class")
+        if weak_class is not None:
+            seen = (
+                f"only weak evidence of a backdoor before it (inconclusive, toward class {weak_class}; "
+                "not enough to guide the repair)"
+            )
+        else:
+            few = " (on too few held-out images to rule one out)" if probes_before.verdict == "inconclusive" else ""
+            seen = f"no backdoor before it{few}"
         warnings.append(
             f"the repair cost {accuracy_gate.value:.1%} of held-out accuracy on a model in which the probes found "
-            f"no backdoor before it{few}. The probes reproduce common triggers, not every one: a trigger they miss "
+            f"{seen}. The probes reproduce common triggers, not every one: a trigger they miss "
             "stays in the input model, and the repair may have removed one. Keep the input only if it is trusted "
-            "otherwise (`ibau scan` gates a model without changing it); more clean images make the repair cheaper"
+            "otherwise (`ibau scan` gates a model without changing it); more clean images make the repair cheaper, "
+            "and --trigger with --target, when the trigger is known, guides it"
         )
     if trigger is None and probes_after is None:
         warnings.append(

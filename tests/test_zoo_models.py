@@ -197,6 +197,7 @@ def test_a_clean_model_sanitized_with_100_images_is_not_called_backdoored(tmp_pa
     assert res.returncode == (1 if any(g["status"] == "fail" for g in report["gates"]) else 0)
     # an accuracy gate that fails on a model with no sign of a backdoor says so, and what to do
     (accuracy_gate,) = [g for g in report["gates"] if g["name"] == "accuracy_drop"]
-    said = [w for w in report["warnings"] if "in which the probes found no backdoor" in w]
-    no_class = probes["before"]["evidence"].get("suspected_class") is None
-    assert bool(said) == (accuracy_gate["status"] == "fail" and no_class), (accuracy_gate, said)
+    said = [w for w in report["warnings"] if "held-out accuracy on a model in which the probes found" in w]
+    assert bool(said) == (accuracy_gate["status"] == "fail" and report["unlearning"]["guided_by"] is None), said
+    weak_class = probes["before"]["evidence"].get("suspected_class")
+    assert all(("weak evidence" in w) == (weak_class is not None) for w in said), (weak_class, said)
