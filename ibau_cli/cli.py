@@ -528,7 +528,7 @@ def _config_show(model, arch, preset, config_file, assignments, shortcuts, json_
         )
         loaded = load_model(model, arch=arch)
         settings, sources = settings_for(loaded, request, clean)
-        num_classes = loaded.num_classes
+        num_classes = loaded.num_classes or _output_width(loaded.module, settings.preprocess)
     else:
         num_classes = None
         settings, sources = resolve_settings(
@@ -540,6 +540,23 @@ def _config_show(model, arch, preset, config_file, assignments, shortcuts, json_
             environment=dict(os.environ),
         )
     sys.stdout.write((render_json if json_stdout else render_toml)(settings, sources, num_classes))
+
+
+def _output_width(module, preprocess) -> int | None:
+    """The class count of a model whose file does not say it (TorchScript, a .pt2 program, a plain
+    state dict): its output width on one blank input of the resolved shape, as sanitize finds it;
+    None when it does not run on that shape (config show then names the rule without a number)."""
+    import torch
+
+    from .output_check import class_count
+    from .preprocess import Normalized
+
+    try:
+        with torch.no_grad():
+            out = Normalized(module, preprocess).eval()(torch.zeros(1, preprocess.channels, *preprocess.input_size))
+        return class_count(out, "the model")
+    except Exception:  # noqa: BLE001 - a display: the run itself reports what is wrong
+        return None
 
 
 @main.command()

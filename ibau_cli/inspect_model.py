@@ -37,6 +37,13 @@ def _last_dense_width(model, shapes: dict) -> tuple[int, str] | None:
     return None
 
 
+def _stored_as(key: str, shapes: dict) -> str | None:
+    """``key`` as the file stores it: itself, or under a wrapper's prefix (``module.``, ``model.``)."""
+    if key in shapes:
+        return key
+    return next((k for k in shapes if k.endswith("." + key)), None)
+
+
 def inspect_file(path: Path) -> dict[str, Any]:
     path = Path(path)
     fmt = detect_format(path)
@@ -107,12 +114,18 @@ def inspect_file(path: Path) -> dict[str, Any]:
     else:
         loaded = fmt.load(path, arch=None, device="cpu")
         meta = loaded.metadata
+        # the file's own module, not ibau's wrapper around a .pt2 program (its names have no "inner.")
+        module = getattr(loaded.module, "inner", loaded.module) if fmt.name == "torch-export" else loaded.module
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            shapes = {
-                k: (list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in loaded.module.state_dict().items()
-            }
-        info["graph"] = getattr(loaded.module, "original_name", type(loaded.module).__name__)
+            shapes = {k: (list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in module.state_dict().items()}
+        info["graph"] = (
+            "torch.export program"
+            if fmt.name == "torch-export"
+            else getattr(module, "original_name", type(module).__name__)
+        )
+        if loaded.input_hint is not None:
+            info["input_shape_from_graph"] = list(loaded.input_hint)
     info.update(_tensor_summary(shapes))
     arch = meta.get(META_ARCH)
     info["architecture"] = arch
@@ -131,8 +144,10 @@ def inspect_file(path: Path) -> dict[str, Any]:
             info["architecture_candidates"] = matches
     num_classes, source = num_classes_from_metadata(meta, path), "metadata"
     from_model, model_source = None, None
-    if arch and ARCHS.get(arch) and ARCHS.get(arch).classifier_key in shapes:
-        key = ARCHS.get(arch).classifier_key
+    spec = ARCHS.get(arch) if arch else None
+    # the classifier under the file's own name for it (a DataParallel checkpoint's "module." prefix)
+    key = None if spec is None else _stored_as(spec.classifier_key, shapes)
+    if key is not None:
         from_model, model_source = shapes[key][0][0], f"architecture {arch}: {key}"
     elif "num_classes_from_graph" in info:
         from_model, model_source = info["num_classes_from_graph"], "graph output"
@@ -160,6 +175,8 @@ def inspect_file(path: Path) -> dict[str, Any]:
     pre = preprocess_from_metadata(meta, path)
     if pre is not None:
         info["input_shape"] = [pre.channels, *pre.input_size]
+    elif spec is not None and spec.input_size is not None and spec.channels is not None:
+        info["input_shape"] = [spec.channels, *spec.input_size]
     else:
         info["input_shape"] = info.pop("input_shape_from_graph", None)
     info.pop("input_shape_from_graph", None)

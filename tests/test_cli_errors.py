@@ -61,6 +61,14 @@ def test_missing_architecture(bare_weights, backdoored, tmp_path):
     code, stdout, err = invoke("inspect", bare_weights, "--json")  # the header only, as sanitize matches it
     shown = json.loads(stdout)
     assert (shown["architecture"], shown["architecture_source"][:8]) == ("small-cnn", "registry"), shown
+    # the class count from the architecture's last layer, the input shape from its declaration (0.4.5:
+    # a guess and None); so too under a DataParallel prefix
+    assert shown["num_classes_source"] == "architecture small-cnn: classifier.weight", shown
+    assert shown["input_shape"] == [3, 32, 32], shown
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"module." + k: v for k, v in load_file(str(bare_weights)).items()}, wrapped)
+    shown = json.loads(invoke("inspect", wrapped, "--json")[1])
+    assert shown["num_classes_source"] == "architecture small-cnn: module.classifier.weight", shown
     tensors = load_file(str(bare_weights))
     extra = tmp_path / "extra.safetensors"
     save_file({**tensors, "adapter.weight": torch.zeros(4, 4)}, str(extra))  # a layer no architecture has

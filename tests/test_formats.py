@@ -404,6 +404,9 @@ def test_a_program_exported_with_a_fixed_or_bounded_batch_is_repaired_and_keeps_
     assert any(f"accepts {accepted}" in n for n in notes), notes
     code, stdout, _ = invoke("inspect", out, "--json")  # 0.3.5's inspect refused a fixed batch too
     assert code == 0
+    shown = json.loads(stdout)  # the program's own names and input, not ibau's wrapper's (0.4.5: "inner.")
+    assert shown["graph"] == "torch.export program" and shown["input_shape"] == [3, 32, 32], shown
+    assert not any(name.startswith("inner.") for name in shown["first_tensors"]), shown["first_tensors"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plain = torch.export.load(str(out)).module()  # plain torch, no ibau
