@@ -102,6 +102,18 @@ def test_config_show_prints_loadable_toml_with_origins(tmp_path, backdoored):
     # automatic keys say what they resolve to for this model (10 classes, 3x32x32 images)
     assert "# radius = (unset: automatic: 10 for 3x32x32 images" in res.stdout
     assert "0.325 for 10 classes" in res.stdout and "3 for 3x32x32 images: 0.3 x unlearn.radius" in res.stdout
+    # a file that does not state its class count (TorchScript without metadata): counted by running it
+    # (0.4.5 named the rule without a number)
+    import warnings
+
+    import torch
+
+    scripted = tmp_path / "bare.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(backdoored["module"].eval()), str(scripted))
+    bare = _cli("config", "show", scripted)
+    assert bare.returncode == 0 and "0.325 for 10 classes" in bare.stdout, bare.stdout + bare.stderr
     saved = tmp_path / "resolved.toml"
     saved.write_text(res.stdout)
     again = _cli("config", "show", "--config", saved, "--json")
