@@ -224,6 +224,9 @@ SAME_PATH["0.4.4"] = {"0.4.3": lambda r: True, **SAME_PATH["0.4.3"]}
 # declares it in its metadata) and changes the probes' verdict after the repair only (a class named
 # only then is inconclusive): the repair itself is 0.4.4's.
 SAME_PATH["0.4.5"] = {"0.4.4": lambda r: True, **SAME_PATH["0.4.4"]}
+# 0.4.6 reads more ONNX operators, no longer refuses a scripted nn.MultiheadAttention, and changes a
+# warning and ibau inspect: no repair or probe of a zoo model changes.
+SAME_PATH["0.4.6"] = {"0.4.5": lambda r: True, **SAME_PATH["0.4.5"]}
 
 
 def round_over_epoch(r: dict) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.4.5"
+__version__ = "0.4.6"
 __all__ = ["__version__", "sanitize", "scan"]
 
 if TYPE_CHECKING:
