@@ -72,6 +72,13 @@ def check_deterministic(model: Normalized, images: torch.Tensor, eval_kw: dict, 
     with full_precision():
         whole = logits(model, x, **kw)
         half = logits(model, x[: len(x) // 2], **kw)
+    if not bool(torch.isfinite(whole).all()):
+        bad = int((~torch.isfinite(whole)).any(1).sum())
+        raise ModelMismatchError(
+            f"{model_path}: the model's outputs are NaN or infinite for {bad} of {len(whole)} clean images "
+            "although its weights are finite (a negative BatchNorm running variance, or weights that overflow)",
+            hint="check the checkpoint: it computes nothing ibau could measure or repair",
+        )
     diff = float((whole[: len(half)] - half).abs().max())
     if not diff <= 1e-3 * max(1.0, float(whole.abs().max())):
         raise ModelMismatchError(

@@ -588,6 +588,24 @@ def test_non_finite_weights_are_refused_not_repaired(backdoored, tmp_path, bad):
     assert not out.exists()
 
 
+def test_finite_weights_whose_outputs_are_not_finite_are_named_as_such(backdoored, tmp_path):
+    """A negative BatchNorm running variance: every weight finite, every output NaN. 0.4.5 blamed
+    batch norm in training mode (the batch check compared NaN with NaN); a QA pass found it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(backdoored["model"]))
+    with safe_open(str(backdoored["model"]), "pt") as sf:
+        metadata = sf.metadata()
+    name = next(k for k in sorted(tensors) if k.endswith("running_var"))
+    tensors[name] = -tensors[name]
+    path = tmp_path / "negvar.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    code, _, err = invoke("sanitize", path, "--clean", backdoored["clean100"], "--out", tmp_path / "o.safetensors")
+    assert_one_line_error(code, err, 2, str(path), "outputs are NaN or infinite", "weights are finite")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_a_clean_set_missing_classes_is_reported(backdoored, tmp_path):
     """Figures measured on some of the classes only: said in the report's warnings, with the classes."""
     for c in ("0", "1", "2"):
@@ -724,10 +742,13 @@ def test_ctrl_c_during_start_up_exits_130_not_the_gate_code(monkeypatch, capsys)
 
 
 @pytest.mark.parametrize(("signame", "code", "word"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
-def test_a_signal_while_the_command_line_is_imported_exits_with_its_code(signame, code, word):
+@pytest.mark.parametrize("slow", ["rich", "numpy"])
+def test_a_signal_while_the_command_line_is_imported_exits_with_its_code(signame, code, word, slow):
     """Importing click and rich takes a tenth of a second or more; a QA run's Ctrl-C 0.05-0.15 s after
     the start printed a KeyboardInterrupt traceback. The console script (``ibau_cli.entry``) answers
-    signals before that import: here the import is slowed down and the signal lands inside it."""
+    signals before that import: here the import is slowed down and the signal lands inside it.
+    numpy: torch's C start-up imports it and swallows any error, a KeyboardInterrupt included; 0.4.5
+    imported torch inside the command, and a Ctrl-C there ran on to fail with exit 3 (a QA pass)."""
     import subprocess
     import sys
 
@@ -735,14 +756,14 @@ def test_a_signal_while_the_command_line_is_imported_exits_with_its_code(signame
 import importlib.abc, os, signal, sys, threading, time
 class Slow(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name == "rich":
+        if name == "{slow}":
             time.sleep(3)
         return None
 sys.meta_path.insert(0, Slow())
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (xdist's workers ignore both)
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.{signame})).start()
-sys.argv = ["ibau", "--help"]
+sys.argv = ["ibau", "--help"] if "{slow}" == "rich" else ["ibau", "inspect", "missing.safetensors"]
 from ibau_cli.entry import main
 main()
 """
