@@ -264,21 +264,46 @@ def load_clean_folder(root: Path, pre: Preprocess, num_classes: int, *, classes_
     )
 
 
-def stratified_split(labels: Tensor, holdout: float, seed: int) -> Split:
+def duplicate_groups(images: Tensor) -> Tensor:
+    """A group id per image: images with the same pixels (after decoding and resizing, at 8 bits)
+    share one, the id of the first of them; an image with no copy is its own group."""
+    import hashlib
+
+    first: dict[bytes, int] = {}
+    ids = []
+    for start in range(0, len(images), 256):  # quantised a chunk at a time: per-image tensor ops cost 0.6 ms
+        chunk = (images[start : start + 256] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        for k, img in enumerate(chunk):
+            ids.append(first.setdefault(hashlib.blake2b(img.tobytes()).digest(), start + k))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def stratified_split(labels: Tensor, holdout: float, seed: int, groups: Tensor | None = None) -> Split:
     """Per class, a seeded shuffle; ``round(holdout * n_c)`` images (at least one when the class
-    has two or more) go to the held-out part, the rest to unlearning."""
+    has two or more) go to the held-out part, the rest to unlearning. With ``groups``
+    (``duplicate_groups``), copies of an image stay on one side: the groups are shuffled and whole
+    groups are held out until the class's share is reached (with no copies, the same split)."""
     gen = torch.Generator().manual_seed(seed)
     keep, hold = [], []
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        k = int(round(holdout * len(idx)))
-        if len(idx) >= 2:
-            k = min(max(k, 1), len(idx) - 1)
+        members = _groups_of(idx, groups)
+        order = torch.randperm(len(members), generator=gen).tolist()
+        n = len(idx)
+        k = int(round(holdout * n))
+        if len(members) >= 2:
+            k = min(max(k, 1), n - 1)
         else:
             k = 0
-        hold.append(idx[:k])
-        keep.append(idx[k:])
+        held: list[int] = []
+        rest: list[int] = []
+        for pos, g in enumerate(order):
+            # a whole group goes to the held-out part while it is short of k, the last one never if
+            # nothing is left for unlearning
+            last = pos == len(order) - 1
+            (held if len(held) < k and not (last and not rest) else rest).extend(members[g])
+        hold.append(torch.tensor(held, dtype=torch.long))
+        keep.append(torch.tensor(rest, dtype=torch.long))
     unlearn_idx = torch.cat(keep).sort().values
     holdout_idx = torch.cat(hold).sort().values
     if len(unlearn_idx) == 0 or len(holdout_idx) == 0:
@@ -287,3 +312,13 @@ def stratified_split(labels: Tensor, holdout: float, seed: int) -> Split:
             hint="provide more images per class",
         )
     return Split(unlearn_idx=unlearn_idx, holdout_idx=holdout_idx)
+
+
+def _groups_of(idx: Tensor, groups: Tensor | None) -> list[list[int]]:
+    """The images ``idx`` (one class) as lists of copies, in the order of their first image."""
+    if groups is None:
+        return [[i] for i in idx.tolist()]
+    by_id: dict[int, list[int]] = {}
+    for i in idx.tolist():
+        by_id.setdefault(int(groups[i]), []).append(i)
+    return list(by_id.values())

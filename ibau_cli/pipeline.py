@@ -16,7 +16,7 @@ import torch
 
 from .artifacts import render_images, write_artifacts
 from .config import Settings
-from .data import load_clean_folder, stratified_split
+from .data import duplicate_groups, load_clean_folder, stratified_split
 from .destinations import (
     check_artifacts_folder,
     check_outside,
@@ -232,6 +232,26 @@ def settings_for(loaded, request: SanitizeRequest, clean: Path | None = None) ->
     return settings, sources
 
 
+def _duplicate_warnings(groups: torch.Tensor, labels: torch.Tensor, files: list[str], split: bool) -> list[str]:
+    """What copies of images in the clean set mean for the figures (``duplicate_groups``)."""
+    copied = (groups != torch.arange(len(groups))).nonzero().flatten().tolist()
+    if not copied:
+        return []
+    said = [
+        f"{len(copied)} of {len(groups)} clean images are exact copies of others (the same pixels, e.g. "
+        f"{files[copied[0]]} of {files[int(groups[copied[0]])]}): every n counts each copy, so the figures rest "
+        "on fewer distinct images than n says"
+        + ("; an image and its copies of the same class were kept on one side of the split" if split else "")
+    ]
+    mixed = [i for i in copied if int(labels[i]) != int(labels[int(groups[i])])]
+    if mixed:
+        said.append(
+            f"{len(mixed)} images are stored under two classes (e.g. {files[mixed[0]]} and "
+            f"{files[int(groups[mixed[0]])]}): their labels contradict each other; remove the wrong copies"
+        )
+    return said
+
+
 def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) -> _Prepared:
     """Load, resolve settings, read and split the clean data, check parity and sanity."""
     timer = _Timer()
@@ -285,8 +305,9 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
 
     with timer.phase("data"):
         clean = load_clean_folder(Path(request.clean), pre, num_classes, classes_file=request.classes_file)
+        groups = duplicate_groups(clean.images)
         if split:
-            parts = stratified_split(clean.labels, settings.split.holdout, settings.seed)
+            parts = stratified_split(clean.labels, settings.split.holdout, settings.seed, groups)
             x_u, y_u = clean.images[parts.unlearn_idx], clean.labels[parts.unlearn_idx]
             x_h, y_h = clean.images[parts.holdout_idx], clean.labels[parts.holdout_idx]
             holdout_files = [clean.files[i] for i in parts.holdout_idx.tolist()]
@@ -335,6 +356,7 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
             f"{_image_size(Path(request.clean) / example)}: if the model takes the images' own size, set --input-size HxW (a --trigger-pos "
             "is in the model's input pixels)"
         )
+    warnings += _duplicate_warnings(groups, clean.labels, clean.files, split)
     if split and len(clean.labels) and len(y_h) / len(clean.labels) > settings.split.holdout + 0.05:
         warnings.append(
             f"{len(y_h)} of {len(clean.labels)} images held out ({len(y_h) / len(clean.labels):.0%}, not "

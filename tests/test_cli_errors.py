@@ -1151,3 +1151,23 @@ def test_strict_fails_a_run_whose_gate_could_not_be_evaluated(backdoored, tmp_pa
     code, stdout, err = invoke(*args, "--out", tmp_path / "b.safetensors", "--strict")
     report = json.loads(stdout)
     assert code == 1 and report["verdict"] == "fail" and report["config"]["gate"]["strict"] is True, err
+
+
+def test_copies_in_the_clean_folder_are_said_and_kept_off_the_held_out_side(backdoored, tmp_path):
+    clean = tmp_path / "clean"
+    shutil.copytree(backdoored["clean100"], clean)
+    for f in sorted(clean.glob("*/*.png")):
+        shutil.copy(f, f.with_name("copy_" + f.name))
+    shutil.copy(next(iter(sorted((clean / "1").glob("*.png")))), clean / "2" / "mislabelled.png")
+    code, stdout, err = invoke("sanitize", backdoored["model"], "--clean", clean, "--rounds", "0", "--no-probes",
+                               "--out", tmp_path / "o.safetensors", "--json", "-q")  # fmt: skip
+    report = json.loads(stdout)
+    said = [w for w in report["warnings"] if "exact copies" in w]
+    assert len(said) == 1 and said[0].startswith("101 of 201 clean images"), report["warnings"]
+    assert any("stored under two classes" in w and "mislabelled.png" in w for w in report["warnings"])
+    held = set(report["data"]["holdout_files"])
+    assert len(held) == report["data"]["n_holdout"] > 0
+    for f in held - {"2/mislabelled.png"}:  # each held-out image's copy is held out too
+        folder, name = f.split("/")
+        partner = f"{folder}/{name.removeprefix('copy_')}" if name.startswith("copy_") else f"{folder}/copy_{name}"
+        assert partner in held, (f, partner)

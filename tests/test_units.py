@@ -980,3 +980,24 @@ def test_a_model_built_on_attention_is_repaired_with_the_implicit_hypergradient(
     _, log = unlearn(model, x, y, cfg)
     assert log.rounds[0].neumann_terms_mean > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_copies_of_an_image_stay_on_one_side_of_the_split():
+    """A QA clean folder held every image three times: 0.4.5 put all 90 held-out images' copies in the
+    unlearning part. Copies now split together; with none, the split is 0.4.5's, image for image."""
+    from ibau_cli.data import duplicate_groups, stratified_split
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 3, 4, 4, generator=gen)
+    labels = torch.arange(40) % 4
+    plain = stratified_split(labels, 0.2, 3)
+    grouped = stratified_split(labels, 0.2, 3, duplicate_groups(images))
+    assert torch.equal(plain.holdout_idx, grouped.holdout_idx)
+    assert torch.equal(plain.unlearn_idx, grouped.unlearn_idx)
+    tripled, labels3 = torch.cat([images] * 3), torch.cat([labels] * 3)
+    groups = duplicate_groups(tripled)
+    assert groups.tolist() == list(range(40)) * 3
+    parts = stratified_split(labels3, 0.2, 3, groups)
+    held, kept = set(groups[parts.holdout_idx].tolist()), set(groups[parts.unlearn_idx].tolist())
+    assert held and kept and not held & kept
+    assert len(parts.holdout_idx) == 24  # 20 % of 30 images a class, in whole groups of 3
