@@ -151,10 +151,17 @@ def _progress(err: Console, quiet: bool) -> _RichProgress | _LineProgress:
 
 
 def _fail(exc: IbauError, debug: bool) -> None:
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
     from rich.text import Text
 
+    from .interrupts import remove_created_files
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    # a run that fails leaves none of the outputs it had created (a full disk under its second report
+    # left the model and a first report saying "pass" in 0.4.5); the error stays the first line
+    removed = remove_created_files()
     err.print(Text.assemble(("error:", "bold red"), " ", exc.one_line()))  # no markup: messages hold [brackets]
+    if removed:
+        err.print(f"removed the {len(removed)} file(s) this run had written: {', '.join(map(str, removed))}")
     if debug:
         import traceback
 

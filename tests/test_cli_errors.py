@@ -1171,3 +1171,33 @@ def test_copies_in_the_clean_folder_are_said_and_kept_off_the_held_out_side(back
         folder, name = f.split("/")
         partner = f"{folder}/{name.removeprefix('copy_')}" if name.startswith("copy_") else f"{folder}/copy_{name}"
         assert partner in held, (f, partner)
+
+
+def test_a_run_that_fails_after_writing_some_outputs_removes_them(backdoored, tmp_path):
+    """A full disk under the second of three reports (a QA pass, on a 64 KiB tmpfs): 0.4.5 exited 3
+    and left the model and the first report, which said "pass". A failing run now removes the
+    outputs it created, as an interrupted one does; here the SARIF writer fails as a full disk would."""
+    import subprocess
+    import sys
+
+    out, first, second = tmp_path / "o.safetensors", tmp_path / "r.json", tmp_path / "r.sarif"
+    args = ["sanitize", str(backdoored["model"]), "--clean", str(backdoored["clean100"]), "--rounds", "0",
+            "--no-probes", "-q", "--out", str(out), "--report", str(first), "--report", str(second)]  # fmt: skip
+    child = f"""
+import errno, sys
+import ibau_cli.reporters as reporters
+real = reporters.render
+def render(fmt, data, images):
+    if fmt == "sarif":
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(fmt, data, images)
+reporters.render = render
+from ibau_cli.cli import run
+run({args!r})
+"""
+    res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and "No space left on device" in lines[0], res.stderr
+    assert lines[1].startswith("removed the 2 file(s) this run had written"), res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
