@@ -34,6 +34,7 @@ class CleanSet:
     files: list[str]
     conversions: dict[str, int] = field(default_factory=dict)  # what reading changed: kind -> image count
     examples: dict[str, str] = field(default_factory=dict)  # kind -> one such file
+    hidden_with_images: list[str] = field(default_factory=list)  # hidden top-level folders holding images, not read
 
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -108,6 +109,14 @@ def _class_folders(root: Path) -> list[Path]:
     for entry in entries:
         if not entry.name.startswith("."):
             _check_utf8_name(entry)
+    broken = [p.name for p in entries if not p.name.startswith(".") and not p.is_dir() and not p.is_file()]
+    if broken:  # a link to nothing (or a device, a pipe): a class folder that is not there
+        raise InputError(
+            f"{len(broken)} entr{'y' if len(broken) == 1 else 'ies'} at the top of {root} "
+            f"{'is' if len(broken) == 1 else 'are'} neither a folder nor a file ({_listed(broken, 3)}; a link "
+            "whose target is gone?)",
+            hint="fix or remove them: the clean folder holds only DIR/<class>/<image> sub-folders",
+        )
     folders = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     loose = [p.name for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     other = [p.name for p in entries if p.is_file() and not p.name.startswith(".") and p.name not in loose]
@@ -254,7 +263,13 @@ def load_clean_folder(root: Path, pre: Preprocess, num_classes: int, *, classes_
             hint="unlearning and accuracy checks need images of at least two classes",
         )
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+    hidden = [
+        p.name
+        for p in _entries(root)
+        if p.name.startswith(".") and p.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in _entries(p))
+    ]
     return CleanSet(
+        hidden_with_images=hidden,
         images=x,
         labels=torch.tensor(labels, dtype=torch.long),
         mapping=mapping,

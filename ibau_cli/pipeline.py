@@ -357,6 +357,12 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
             "is in the model's input pixels)"
         )
     warnings += _duplicate_warnings(groups, clean.labels, clean.files, split)
+    if clean.hidden_with_images:
+        warnings.append(
+            f"hidden folder(s) at the top of the clean folder hold images and were not read "
+            f"({', '.join(clean.hidden_with_images[:3])}): a class folder whose name starts with '.' is not a class; "
+            "rename it if it is one"
+        )
     if split and len(clean.labels) and len(y_h) / len(clean.labels) > settings.split.holdout + 0.05:
         warnings.append(
             f"{len(y_h)} of {len(clean.labels)} images held out ({len(y_h) / len(clean.labels):.0%}, not "

@@ -1201,3 +1201,19 @@ run({args!r})
     assert lines[0].startswith("error: ") and "No space left on device" in lines[0], res.stderr
     assert lines[1].startswith("removed the 2 file(s) this run had written"), res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_nothing_at_the_top_of_the_clean_folder_is_skipped_unsaid(backdoored, tmp_path):
+    """A QA pass: a dangling link named like a class folder, and a class folder renamed '.9', were
+    skipped without a word in 0.4.5."""
+    clean = tmp_path / "clean"
+    shutil.copytree(backdoored["clean100"], clean)
+    (clean / "10").symlink_to(tmp_path / "gone")
+    code, _, err = invoke("sanitize", backdoored["model"], "--clean", clean, "--out", tmp_path / "o.safetensors")
+    assert_one_line_error(code, err, 2, "neither a folder nor a file", "10")
+    (clean / "10").unlink()
+    shutil.copytree(clean / "9", clean / ".9")
+    code, stdout, err = invoke("sanitize", backdoored["model"], "--clean", clean, "--rounds", "0", "--no-probes",
+                               "--out", tmp_path / "o.safetensors", "--json", "-q")  # fmt: skip
+    said = [w for w in json.loads(stdout)["warnings"] if w.startswith("hidden folder(s)")]
+    assert len(said) == 1 and "(.9)" in said[0], err
