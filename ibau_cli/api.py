@@ -39,37 +39,45 @@ def overrides_layer(
     from .settings_resolve import parse_assignment
 
     layer: dict[str, Any] = {}
+    given_by: dict[str, str] = {}  # key -> the assignment or flag that set it
 
-    def put(section: str, key: str, value: Any) -> None:
-        if value is not None:
-            layer.setdefault(section, {})[key] = value
+    def put(section: str, key: str | None, value: Any, source: str) -> None:
+        """Set one key; the same key set to another value twice in one command is a usage error
+        (``--rounds 1 --set unlearn.rounds=3``: which one was meant?), the same value is not."""
+        if value is None:
+            return
+        name = section if key is None else f"{section}.{key}"
+        held = layer if key is None else layer.setdefault(section, {})
+        slot = section if key is None else key
+        if name in given_by and held[slot] != value:
+            raise UsageError(
+                f"{name} is given twice with different values ({given_by[name]} and {source})",
+                hint="give it once",
+            )
+        held[slot] = value
+        given_by[name] = source
 
     if isinstance(settings, Mapping):
         for section, values in settings.items():
             if isinstance(values, Mapping):
                 for key, value in values.items():
-                    put(section, key, value)
+                    put(section, key, value, f"settings {section}.{key}")
             else:
-                layer[section] = values
+                put(section, None, values, f"settings {section}")
     else:
         for text in settings or ():
             section, key, value = parse_assignment(text)
-            if key is None:  # a top-level key (seed)
-                layer[section] = value
-            else:
-                put(section, key, value)
-    put("preprocess", "input_size", None if input_size is None else list(input_size))
-    put("preprocess", "mean", None if mean is None else list(mean))
-    put("preprocess", "std", None if std is None else list(std))
-    put("split", "holdout", holdout)
-    put("unlearn", "rounds", rounds)
-    put("unlearn", "batch_size", batch_size)
-    put("gate", "max_asr", max_asr)
-    put("gate", "max_acc_drop", max_acc_drop)
-    if not probes:
-        put("probes", "enabled", False)
-    if seed is not None:
-        layer["seed"] = seed
+            put(section, key, value, f"--set {text}")
+    put("preprocess", "input_size", None if input_size is None else list(input_size), "--input-size")
+    put("preprocess", "mean", None if mean is None else list(mean), "--mean")
+    put("preprocess", "std", None if std is None else list(std), "--std")
+    put("split", "holdout", holdout, "--holdout")
+    put("unlearn", "rounds", rounds, "--rounds")
+    put("unlearn", "batch_size", batch_size, "--batch-size")
+    put("gate", "max_asr", max_asr, "--max-asr")
+    put("gate", "max_acc_drop", max_acc_drop, "--max-acc-drop")
+    put("probes", "enabled", None if probes else False, "--no-probes")
+    put("seed", None, seed, "--seed")
     return layer
 
 

@@ -225,3 +225,21 @@ def test_an_optional_key_goes_back_to_automatic_with_auto_or_none(tmp_path):
     assert "# max_grad_norm = (unset: no clipping)" in res.stdout, res.stdout
     res = _cli("config", "show", "--set", "unlearn.lr=auto")  # not optional: still an error naming it
     assert res.returncode == 2 and "unlearn.lr must be a number" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["config", "show", "--seed", "1", "--set", "seed=2"],
+        ["config", "show", "--set", "unlearn.rounds=1", "--set", "unlearn.rounds=2"],
+        ["sanitize", "m.safetensors", "--clean", "c", "--rounds", "1", "--set", "unlearn.rounds=3"],
+    ],
+)
+def test_a_key_given_twice_with_different_values_is_a_usage_error(args):
+    """0.4.5 kept one of them without a word (a QA pass): --seed 1 beat --set seed=2, --rounds 1 beat
+    --set unlearn.rounds=3, and the last of two --set won. The same value twice is fine."""
+    res = _cli(*args)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "given twice with different values" in lines[0], res.stderr
+    same = _cli("config", "show", "--seed", "1", "--set", "seed=1")
+    assert same.returncode == 0, same.stderr
