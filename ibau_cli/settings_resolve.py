@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,9 @@ def _keys(layer: dict[str, Any]) -> list[str]:
     return keys
 
 
+_SECTIONS = {f.name for f in fields(Settings) if f.name != "seed"}  # preprocess, split, unlearn, ...
+
+
 def environment_layer(environ: Mapping[str, str]) -> list[tuple[str, dict[str, Any]]]:
     """``IBAU_SECTION__KEY=value`` (TOML value, bare strings allowed) and ``IBAU_SEED``, one layer per
     variable so an error names it. Other ``IBAU_*`` variables (``IBAU_CONFIG``, ``IBAU_DATA`` ...) are not
@@ -49,6 +52,13 @@ def environment_layer(environ: Mapping[str, str]) -> list[tuple[str, dict[str, A
             section, key = "seed", None
         elif "__" in rest:
             section, key = (part.lower() for part in rest.split("__", 1))
+        elif rest.split("_", 1)[0].lower() in _SECTIONS and "_" in rest:
+            # IBAU_GATE_MAX_ASR: a setting with one underscore where two go, not another tool's variable
+            section, key = rest.split("_", 1)
+            raise ConfigError(
+                f"environment {name}: a setting's variable takes two underscores between section and key",
+                hint=f"name it {ENV_PREFIX}{section}__{key}",
+            )
         else:
             continue
         if not environ[name].strip():

@@ -243,3 +243,15 @@ def test_a_key_given_twice_with_different_values_is_a_usage_error(args):
     assert res.returncode == 2 and len(lines) == 1 and "given twice with different values" in lines[0], res.stderr
     same = _cli("config", "show", "--seed", "1", "--set", "seed=1")
     assert same.returncode == 0, same.stderr
+
+
+def test_a_setting_variable_with_one_underscore_is_named_not_ignored():
+    """IBAU_GATE_MAX_ASR (one underscore where two go) was ignored in 0.4.5 and the run gated on the
+    default (a QA pass); other IBAU_ variables (IBAU_DATA, IBAU_ZOO_DIR) stay other tools' business."""
+    with pytest.raises(ConfigError, match="IBAU_GATE_MAX_ASR: a setting's variable takes two underscores") as info:
+        resolve_settings(arch=None, model_preprocess=None, preset=None, config_file=None, overrides={},
+                         environment={"IBAU_GATE_MAX_ASR": "0.1"})  # fmt: skip
+    assert "IBAU_GATE__MAX_ASR" in info.value.hint
+    settings, _ = resolve_settings(arch=None, model_preprocess=None, preset=None, config_file=None, overrides={},
+                                   environment={"IBAU_DATA": "x", "IBAU_ZOO_DIR": "y"})  # fmt: skip
+    assert settings.gate.max_asr == 0.2
