@@ -233,6 +233,8 @@ def report_targets(
         if path.is_dir():
             raise UsageError(f"--report {path} is a folder; give a file name")
         check_regular_destination(path, "--report")
+        if request is not None:  # before the write test, which would touch the clean folder
+            check_outside(path, Path(request.clean), "--report", "--clean", is_file=True)
         check_writable_folder(path.parent, f"--report {path}")
         targets.append((path, fmt))
     if model is not None:
@@ -246,9 +248,6 @@ def report_targets(
             artifacts = None if request.artifacts is None else Path(request.artifacts)
         out_path = None if out is None else Path(out)
         check_distinct(Path(model), out_path, [p for p, _ in targets], inputs=inputs, artifacts=artifacts)
-        if request is not None:
-            for path, _ in targets:
-                check_outside(path, Path(request.clean), "--report", "--clean", is_file=True)
     return targets
 
 

@@ -118,7 +118,9 @@ class _Timer:
 
 
 def default_output_path(model: Path) -> Path:
-    return model.with_name(f"{model.stem}.sanitized{model.suffix}")
+    # a pickled checkpoint (.pkl, read with weights_only) is written as a torch checkpoint: .pt
+    suffix = ".pt" if model.suffix.lower() == ".pkl" else model.suffix
+    return model.with_name(f"{model.stem}.sanitized{suffix}")
 
 
 def _check_output_path(model: Path, out: Path) -> None:
@@ -503,12 +505,12 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
     """Run the whole sanitize pipeline and return its report (the caller applies the gate)."""
     progress = progress or NoProgress()
     out_path = output_path(request)
-    if out_path is not None:
-        _check_output_path(Path(request.model), out_path)
+    if out_path is not None:  # inside --clean first: the writability test would touch the clean folder
         check_outside(out_path, Path(request.clean), "--out", "--clean", is_file=True)
+        _check_output_path(Path(request.model), out_path)
     if request.artifacts is not None:
-        check_artifacts_folder(Path(request.artifacts))
         check_outside(Path(request.artifacts), Path(request.clean), "--artifacts", "--clean")
+        check_artifacts_folder(Path(request.artifacts))
     p = _prepare(request, split=True, out_path=out_path)
     loaded, settings, model, num_classes = p.loaded, p.settings, p.model, p.num_classes
     x_u, y_u, x_h, y_h, trigger = p.x_u, p.y_u, p.x_h, p.y_h, p.trigger
@@ -762,8 +764,8 @@ def scan(request: SanitizeRequest, progress: Progress | None = None) -> Report:
     """Probes only, no repair: a verdict (suspected / no evidence / inconclusive) and gates."""
     progress = progress or NoProgress()
     if request.artifacts is not None:
-        check_artifacts_folder(Path(request.artifacts))
         check_outside(Path(request.artifacts), Path(request.clean), "--artifacts", "--clean")
+        check_artifacts_folder(Path(request.artifacts))
     p = _prepare(request, split=False, out_path=None)
     if not p.settings.probes.enabled:
         raise UsageError(

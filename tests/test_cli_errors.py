@@ -294,9 +294,10 @@ def test_artifacts_inside_the_clean_folder_are_refused(backdoored, tmp_path, whe
     clean = tmp_path / "clean"
     shutil.copytree(backdoored["clean100"], clean)
     before = sorted(p.name for p in clean.iterdir())
+    mtime = clean.stat().st_mtime_ns
     code, _, err = invoke("scan", backdoored["model"], "--clean", clean, "--artifacts", clean / where)
     assert_one_line_error(code, err, 2, "--artifacts", f"is inside --clean {clean}")
-    assert sorted(p.name for p in clean.iterdir()) == before
+    assert sorted(p.name for p in clean.iterdir()) == before and clean.stat().st_mtime_ns == mtime
 
 
 @pytest.mark.parametrize(
@@ -309,10 +310,13 @@ def test_outputs_inside_the_clean_folder_are_refused(backdoored, tmp_path, comma
     clean = tmp_path / "clean"
     shutil.copytree(backdoored["clean100"], clean)
     before = sorted(str(p.relative_to(clean)) for p in clean.rglob("*"))
+    # not even touched: 0.4.5 tested the folder's writability (a file made and removed) first (a QA pass)
+    times = {p: p.stat().st_mtime_ns for p in (clean, clean / "1")}
     args = ["--out", tmp_path / "o.safetensors"] if command == "sanitize" and flag != "--out" else []
     code, _, err = invoke(command, backdoored["model"], "--clean", clean, flag, clean / name, *args)
     assert_one_line_error(code, err, 2, flag, f"is inside --clean {clean}")
     assert sorted(str(p.relative_to(clean)) for p in clean.rglob("*")) == before
+    assert {p: p.stat().st_mtime_ns for p in times} == times
     assert not (tmp_path / "o.safetensors").exists()
 
 

@@ -1001,3 +1001,16 @@ def test_copies_of_an_image_stay_on_one_side_of_the_split():
     held, kept = set(groups[parts.holdout_idx].tolist()), set(groups[parts.unlearn_idx].tolist())
     assert held and kept and not held & kept
     assert len(parts.holdout_idx) == 24  # 20 % of 30 images a class, in whole groups of 3
+
+
+def test_the_default_output_of_a_pickled_checkpoint_is_a_pt_file():
+    """`.pkl` is read (weights_only) but no format writes it: 0.4.5's default --out, ck.sanitized.pkl,
+    was refused (a QA pass)."""
+    from pathlib import Path
+
+    from ibau_cli.formats import format_for_output
+    from ibau_cli.pipeline import default_output_path
+
+    out = default_output_path(Path("models/ck.pkl"))
+    assert out == Path("models/ck.sanitized.pt") and format_for_output(out, "checkpoint").name == "checkpoint"
+    assert default_output_path(Path("m.safetensors")) == Path("m.sanitized.safetensors")
