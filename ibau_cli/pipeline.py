@@ -28,6 +28,7 @@ from .device import amp_dtype, resolve_device
 from .errors import ModelMismatchError, RuntimeFailure, UsageError, first_line, out_of_memory
 from .evaluate import attack_success, predictions
 from .formats import format_for_output, load_model, save_model, sha256_file
+from .formats.metadata import num_classes_from_metadata
 from .formats.onnx_graph import NodeFailure
 from .gates import asr_probe_gate, gates_for, true_trigger_gate, unshown_passes, verdict_of
 from .guidance import (
@@ -299,6 +300,14 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
             ) from None
     outputs = class_count(raw, request.model)
     num_classes = loaded.num_classes or outputs
+    said = num_classes_from_metadata(loaded.metadata, request.model)
+    if said is not None and said != num_classes == outputs:
+        # a state dict's class count is its classifier's rows: ibau inspect warned of such metadata and
+        # sanitize said nothing (a QA pass); the file ibau writes carries the right count
+        warnings.append(
+            f"the model's metadata says {said} classes but its classifier has {outputs} outputs: the outputs "
+            "count (the file ibau writes says so)"
+        )
     if num_classes != outputs:
         raise ModelMismatchError(
             f"{request.model}: the file says {num_classes} classes but the model has {outputs} outputs",

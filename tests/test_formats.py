@@ -428,6 +428,12 @@ def test_inspect_warns_when_the_metadata_class_count_disagrees_with_the_weights(
     assert code == 0, err
     (warning,) = json.loads(stdout)["warnings"]
     assert "says 7 classes" in warning and "classifier.weight has 10" in warning
+    # sanitize says so too (0.4.5 did not), and writes the right count
+    out = tmp_path / "fixed.safetensors"
+    code, stdout, err = invoke("sanitize", path, "--clean", backdoored["clean100"], "--rounds", "0", "--no-probes",
+                               "--out", out, "--json", "-q")  # fmt: skip
+    assert any("metadata says 7 classes" in w for w in json.loads(stdout)["warnings"]), err
+    assert json.loads(invoke("inspect", out, "--json")[1])["num_classes"] == 10
 
 
 def test_the_same_model_is_written_to_the_same_bytes(backdoored, tmp_path):
