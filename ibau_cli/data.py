@@ -165,7 +165,12 @@ def map_classes(folders: list[Path], num_classes: int, classes_file: Path | None
             )
         order = lines
         if len(set(order)) != len(order):
-            raise InputError(f"--classes file {classes_file} lists a class name twice")
+            twice = next(name for k, name in enumerate(order) if name in order[:k])
+            first, again = order.index(twice) + 1, order.index(twice, order.index(twice) + 1) + 1
+            raise InputError(
+                f"--classes file {classes_file} lists the class name {twice!r} twice (lines {first} and {again})",
+                hint="one line per class, in the model's output order",
+            )
         if len(order) > num_classes:
             raise InputError(
                 f"--classes file {classes_file} lists {len(order)} class names but the model has {num_classes} outputs",

@@ -45,6 +45,8 @@ def read_image(path: Path, mode: str, what: str = "image"):
             hint="resize it to the model's input size, or remove it",
         ) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        if path.is_file() and path.stat().st_size == 0:
+            raise InputError(f"{what} {path} is empty (0 bytes)", hint="remove or replace the file") from exc
         raise InputError(
             f"cannot read {what} {path} ({type(exc).__name__}: {exc})",
             hint="remove or replace the file",

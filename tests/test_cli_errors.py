@@ -285,6 +285,17 @@ def test_a_blank_line_among_the_class_names_is_refused(tmp_path):
         map_classes(folders, 4, names)
     names.write_text("cat\ndog\neel\n\n\n")  # blank lines at the end are fine
     assert map_classes(folders, 4, names).folder_to_index == {"cat": 0, "dog": 1, "eel": 2}
+    names.write_text("cat\ndog\ncat\n")  # the name and its lines (0.4.5 named neither)
+    with pytest.raises(InputError, match=r"class name 'cat' twice \(lines 1 and 3\)"):
+        map_classes(folders, 4, names)
+
+
+def test_an_empty_image_says_it_is_empty(tmp_path):
+    from ibau_cli.images import open_image
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(InputError, match=r"empty.png is empty \(0 bytes\)"):
+        open_image(tmp_path / "empty.png", "RGB")
 
 
 @pytest.mark.parametrize("where", [".", "charts"])

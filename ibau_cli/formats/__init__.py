@@ -62,7 +62,9 @@ def detect_format(path: Path) -> ModelFormat:
     """Identify the format by content; a disagreeing extension is an error."""
     head = _read_head(path)
     if not head:
-        raise InputError(f"model file is empty: {path}")
+        raise InputError(
+            f"model file is empty: {path}", hint="the download or copy did not finish; fetch the file again"
+        )
     matches = [FORMATS.get(n) for n in FORMATS.names() if FORMATS.get(n).sniff(head, path)]
     by_suffix = [FORMATS.get(n) for n in FORMATS.names() if path.suffix.lower() in FORMATS.get(n).suffixes]
     if not matches:
