@@ -49,7 +49,7 @@ def overrides_layer(
         name = section if key is None else f"{section}.{key}"
         held = layer if key is None else layer.setdefault(section, {})
         slot = section if key is None else key
-        if name in given_by and held[slot] != value:
+        if name in given_by and _plain(held[slot]) != _plain(value):
             raise UsageError(
                 f"{name} is given twice with different values ({given_by[name]} and {source})",
                 hint="give it once",
@@ -79,6 +79,11 @@ def overrides_layer(
     put("probes", "enabled", None if probes else False, "--no-probes")
     put("seed", None, seed, "--seed")
     return layer
+
+
+def _plain(value: Any) -> Any:
+    """A value to compare: tuples as lists ((32, 32) from Python is [32, 32] from a flag)."""
+    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
 
 
 def parse_size(text: str | None, flag: str = "--input-size") -> list[int] | None:

@@ -398,8 +398,13 @@ def _emit(report: Report, targets: tuple[list[tuple[Path, str]], str | None], qu
     files, stdout_format = targets
     write_reports(report, files)
     if stdout_format is not None:
-        sys.stdout.write(render(stdout_format, data, report.images))
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(render(stdout_format, data, report.images))
+            sys.stdout.flush()
+        except BrokenPipeError:  # `... --json | head -1`: the outputs are written and stay; the reader left
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         if not quiet:
             render_console(data, err)
     elif not quiet:
@@ -653,6 +658,9 @@ def _demo(workdir: Path | None, device: str, json_stdout: bool, report_paths: tu
     if not (root / "model.safetensors").exists() or not (root / "clean").exists():
         with err.status("building the demo: training a small CNN with a BadNets backdoor (about 20 s on a CPU)"):
             paths = build_demo(root)
+        from .interrupts import track_created_files
+
+        track_created_files()  # the demo's model and images are a cache, not outputs a failed run removes
     else:
         paths = {"model": root / "model.safetensors", "clean": root / "clean", "trigger": root / "trigger.png"}
     err.print(
@@ -747,6 +755,9 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     finally:  # the outcome is decided, whichever way the run ended
         _ignore_interrupts()
+        from .interrupts import stop_tracking_created_files
+
+        stop_tracking_created_files()
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 

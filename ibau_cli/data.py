@@ -268,11 +268,7 @@ def load_clean_folder(root: Path, pre: Preprocess, num_classes: int, *, classes_
             hint="unlearning and accuracy checks need images of at least two classes",
         )
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-    hidden = [
-        p.name
-        for p in _entries(root)
-        if p.name.startswith(".") and p.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in _entries(p))
-    ]
+    hidden = [p.name for p in _entries(root) if p.name.startswith(".") and p.is_dir() and _holds_images(p)]
     return CleanSet(
         hidden_with_images=hidden,
         images=x,
@@ -320,8 +316,11 @@ def stratified_split(labels: Tensor, holdout: float, seed: int, groups: Tensor |
         for pos, g in enumerate(order):
             # a whole group goes to the held-out part while it is short of k, the last one never if
             # nothing is left for unlearning
+            # and only when that brings it nearer k (one image always does while short of k: with no
+            # copies the split is 0.4.5's; a group of ten copies does not overshoot k = 10 to 18)
             last = pos == len(order) - 1
-            (held if len(held) < k and not (last and not rest) else rest).extend(members[g])
+            nearer = len(held) + len(members[g]) - k <= k - len(held)
+            (held if len(held) < k and nearer and not (last and not rest) else rest).extend(members[g])
         hold.append(torch.tensor(held, dtype=torch.long))
         keep.append(torch.tensor(rest, dtype=torch.long))
     unlearn_idx = torch.cat(keep).sort().values
@@ -332,6 +331,15 @@ def stratified_split(labels: Tensor, holdout: float, seed: int, groups: Tensor |
             hint="provide more images per class",
         )
     return Split(unlearn_idx=unlearn_idx, holdout_idx=holdout_idx)
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` lists an image file; a folder that cannot be listed (.Trashes, another user's
+    .Trash-1000) holds none that ibau could read."""
+    try:
+        return any(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir())
+    except OSError:
+        return False
 
 
 def _groups_of(idx: Tensor, groups: Tensor | None) -> list[list[int]]:

@@ -41,6 +41,12 @@ def track_created_files() -> None:
     _created = []
 
 
+def stop_tracking_created_files() -> None:
+    """The run is over: later writes in this process (a library caller's, a test's) are not its outputs."""
+    global _created
+    _created = None
+
+
 def note_created(path: Path) -> None:
     if _created is not None:
         _created.append(path)

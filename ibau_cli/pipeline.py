@@ -368,6 +368,13 @@ def _prepare(request: SanitizeRequest, *, split: bool, out_path: Path | None) ->
             "is in the model's input pixels)"
         )
     warnings += _duplicate_warnings(groups, clean.labels, clean.files, split)
+    unheld = sorted(set(clean.labels.tolist()) - set(y_h.tolist()))
+    if split and unheld:  # one image, or copies of one: nothing of the class is left to measure it on
+        shown = ", ".join(map(str, unheld[:10])) + (f" and {len(unheld) - 10} more" if len(unheld) > 10 else "")
+        warnings.append(
+            f"{len(unheld)} class(es) have no held-out image ({shown}): one image, or copies of one, which the "
+            "repair uses; no figure measures them. Give each class at least two distinct images"
+        )
     if clean.hidden_with_images:
         warnings.append(
             f"hidden folder(s) at the top of the clean folder hold images and were not read "
@@ -648,8 +655,8 @@ def sanitize(request: SanitizeRequest, progress: Progress | None = None) -> Repo
             f"the repair cost {accuracy_gate.value:.1%} of held-out accuracy on a model in which the probes found "
             f"{seen}. The probes reproduce common triggers, not every one: a trigger they miss "
             "stays in the input model, and the repair may have removed one. Keep the input only if it is trusted "
-            "otherwise (`ibau scan` gates a model without changing it); more clean images make the repair cheaper, "
-            "and --trigger with --target, when the trigger is known, guides it"
+            "otherwise (`ibau scan` gates a model without changing it); more clean images make the repair cheaper"
+            + (", and --trigger with --target, when the trigger is known, guides it" if trigger is None else "")
         )
     if trigger is None and probes_after is None:
         warnings.append(

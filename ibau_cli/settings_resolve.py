@@ -52,7 +52,7 @@ def environment_layer(environ: Mapping[str, str]) -> list[tuple[str, dict[str, A
             section, key = "seed", None
         elif "__" in rest:
             section, key = (part.lower() for part in rest.split("__", 1))
-        elif rest.split("_", 1)[0].lower() in _SECTIONS and "_" in rest:
+        elif rest.split("_", 1)[0].lower() in _SECTIONS and "_" in rest and environ[name].strip():
             # IBAU_GATE_MAX_ASR: a setting with one underscore where two go, not another tool's variable
             section, key = rest.split("_", 1)
             raise ConfigError(

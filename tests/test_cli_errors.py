@@ -787,11 +787,14 @@ main()
 
 
 def test_the_entry_point_keeps_click_usage_errors_at_exit_2():
+    from ibau_cli import interrupts
     from ibau_cli.cli import run
 
     with pytest.raises(SystemExit) as exc:
         run(["scan"])
     assert exc.value.code == 2
+    # the run is over: later writes in this process are not its outputs, for a failed run to remove
+    assert interrupts._created is None
 
 
 @pytest.mark.parametrize("case", ["root-image", "sub-folder", "symlinked-folder"])
@@ -1174,11 +1177,15 @@ def test_copies_in_the_clean_folder_are_said_and_kept_off_the_held_out_side(back
     for f in sorted(clean.glob("*/*.png")):
         shutil.copy(f, f.with_name("copy_" + f.name))
     shutil.copy(next(iter(sorted((clean / "1").glob("*.png")))), clean / "2" / "mislabelled.png")
+    nines = sorted((clean / "9").glob("*.png"))
+    for f in nines[1:]:  # class 9: twenty copies of one image, none left to hold out
+        shutil.copy(nines[0], f)
     code, stdout, err = invoke("sanitize", backdoored["model"], "--clean", clean, "--rounds", "0", "--no-probes",
                                "--out", tmp_path / "o.safetensors", "--json", "-q")  # fmt: skip
     report = json.loads(stdout)
     said = [w for w in report["warnings"] if "exact copies" in w]
-    assert len(said) == 1 and said[0].startswith("101 of 201 clean images"), report["warnings"]
+    assert len(said) == 1 and said[0].startswith("110 of 201 clean images"), report["warnings"]
+    assert any(w.startswith("1 class(es) have no held-out image (9)") for w in report["warnings"])
     assert any("stored under two classes" in w and "mislabelled.png" in w for w in report["warnings"])
     held = set(report["data"]["holdout_files"])
     assert len(held) == report["data"]["n_holdout"] > 0

@@ -255,3 +255,7 @@ def test_a_setting_variable_with_one_underscore_is_named_not_ignored():
     settings, _ = resolve_settings(arch=None, model_preprocess=None, preset=None, config_file=None, overrides={},
                                    environment={"IBAU_DATA": "x", "IBAU_ZOO_DIR": "y"})  # fmt: skip
     assert settings.gate.max_asr == 0.2
+    # empty, it means unset, as an empty IBAU_GATE__MAX_ASR does (CI templates leave variables blank)
+    settings, _ = resolve_settings(arch=None, model_preprocess=None, preset=None, config_file=None, overrides={},
+                                   environment={"IBAU_GATE_MAX_ASR": ""})  # fmt: skip
+    assert settings.gate.max_asr == 0.2

@@ -146,6 +146,7 @@ def _softmax(fn: Callable[[Tensor, int], Tensor]) -> Op:
     return run
 
 
+OUTPUTS_KEY = "__outputs__"  # how many outputs a node has, put among its attributes for Split
 OPSET_KEY = "__opset__"  # the graph's opset, put among a node's attributes by the ops that need it
 OPS["Softmax"] = _softmax(torch.softmax)
 OPS["LogSoftmax"] = _softmax(torch.log_softmax)
@@ -509,8 +510,5 @@ def unsupported_ops(model) -> list[str]:
     return sorted({n.op_type for n in model.graph.node if n.op_type not in OPS and n.op_type != "Constant"})
 
 
-# the operators of onnx_ops_more register themselves in OPS when imported
-from . import onnx_ops_more  # noqa: E402
-
-OUTPUTS_KEY = onnx_ops_more.OUTPUTS_KEY
-_FIXED_INPUTS.update(onnx_ops_more.FIXED_INPUTS)
+# the operators of onnx_ops_more register themselves in OPS (and their fixed inputs) when imported
+from . import onnx_ops_more  # noqa: E402, F401

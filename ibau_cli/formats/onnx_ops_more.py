@@ -11,9 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .onnx_graph import OPS, _ints, _reduce, op
-
-OUTPUTS_KEY = "__outputs__"  # how many outputs a node has, put among its attributes for Split
+from .onnx_graph import _FIXED_INPUTS, OPS, OUTPUTS_KEY, _ints, _reduce, op
 
 
 @op("LayerNormalization")
@@ -131,7 +129,7 @@ def _split(i, a) -> list[Tensor]:
 
 
 # inputs of these operators that are never weights, even when stored as float initializers
-FIXED_INPUTS = {
+_FIXED_INPUTS |= {
     "Where": (1, 2),  # the fill values of masks (0, -inf)
     "Equal": (0, 1),
     "Less": (0, 1),
