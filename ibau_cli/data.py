@@ -314,13 +314,13 @@ def stratified_split(labels: Tensor, holdout: float, seed: int, groups: Tensor |
         held: list[int] = []
         rest: list[int] = []
         for pos, g in enumerate(order):
-            # a whole group goes to the held-out part while it is short of k, the last one never if
-            # nothing is left for unlearning
-            # and only when that brings it nearer k (one image always does while short of k: with no
-            # copies the split is 0.4.5's; a group of ten copies does not overshoot k = 10 to 18)
+            # a whole group goes to the held-out part when that brings the part nearer k (a single
+            # image does exactly while the part is short of k: with no copies the split is 0.4.5's; a
+            # group of ten copies does not overshoot k = 10 to 18); the last group never, if nothing
+            # would be left for unlearning
             last = pos == len(order) - 1
             nearer = len(held) + len(members[g]) - k <= k - len(held)
-            (held if len(held) < k and nearer and not (last and not rest) else rest).extend(members[g])
+            (held if nearer and not (last and not rest) else rest).extend(members[g])
         hold.append(torch.tensor(held, dtype=torch.long))
         keep.append(torch.tensor(rest, dtype=torch.long))
     unlearn_idx = torch.cat(keep).sort().values
